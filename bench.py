@@ -1,0 +1,444 @@
+"""
+bench.py - how fast LCD's LUT layers are, and how fast they could be.
+
+On a GPU: every kernels.cu version against torch's fp16 F.linear on real LLM layer shapes, at batch 1, 4
+and 16: microseconds, achieved GB/s, % of peak bandwidth, speedup, and the roofline limit (a batch-1 GEMV
+is memory-bound, so the most a b-bit layer can gain over fp16 is 16 / effective bits per weight); then
+end-to-end decode speed of model.py's GPT with LUT layers vs fp16.
+On a CPU (where nothing can say how fast the GPU kernels are): bytes per weight and model footprint,
+quantization time, the PyTorch reference LUT layer against a dense F.linear, and the roofline table of
+what each layer could at best reach on common GPUs. `--emulate=1` runs every kernel through the CPU
+emulation of tests/ as a correctness check; `--quality=1` prints the quality table of baselines.py.
+
+    python bench.py                          # whatever this machine can measure honestly
+    python bench.py --json=out/bench.json    # ... and write the numbers
+    python bench.py --emulate=1 --bits=3     # defaults are overridden with --key=value
+"""
+
+import ast
+import copy
+import json as jsonlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lcd
+from model import GPT, SIZES
+
+# -----------------------------------------------------------------------------------------------------
+# config: each can be overridden on the command line as --key=value
+device = "auto"            # "auto" (cuda when available), "cuda" or "cpu"
+shapes = "4096x4096,11008x4096,4096x11008,8192x8192"   # GPU layer shapes N x K (out x in features)
+batches = "1,4,16"         # activation rows per call
+bits = 2                   # index bits of the benchmarked layers (2, 3 or 4)
+group_size = 0             # columns per codebook; 0 = one codebook per row
+reps = 50                  # timed repetitions per GPU measurement (the median is reported)
+warmup = 10                # untimed repetitions first
+flush_mb = 256             # MiB written between GPU repetitions so that L2 holds nothing of the layer
+model_size = "gpt2"        # model.py size for the end-to-end decode benchmark on a GPU
+decode_tokens = 32         # tokens generated in the end-to-end benchmark
+cpu_shape = "2048x2048"    # layer shape for the CPU reference-vs-dense timing
+cpu_batches = "1,16"       # batch sizes for the CPU timing
+cpu_reps = 10              # repetitions per CPU timing (the median is reported)
+cpu_model_size = "small"   # model.py size whose footprint and quantization time are measured on a CPU
+emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
+quality = 0                # 1: print baselines.quality_table() (built by the baselines issue)
+json = ""                  # write all numbers to this file
+seed = 1337
+# -----------------------------------------------------------------------------------------------------
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))
+               and k not in ("CONFIG_KEYS",)]
+
+# Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
+# RTX 4090 specifications). Matched against torch.cuda.get_device_name(); first match wins.
+GPU_PEAK_GBPS = [
+    ("H200", 4800),              # H200 SXM, 141 GB HBM3e
+    ("H100 PCIe", 2000),         # H100 PCIe, 80 GB HBM2e
+    ("H100 NVL", 3900),
+    ("H100", 3350),              # H100 SXM5, 80 GB HBM3
+    ("A100-SXM4-80GB", 2039),    # A100 80GB SXM
+    ("A100 80GB PCIe", 1935),    # A100 80GB PCIe
+    ("A100", 1555),              # A100 40GB (SXM and PCIe)
+    ("RTX 4090", 1008),          # GeForce RTX 4090, 24 GB GDDR6X
+]
+ROOFLINE_GPUS = [("H100 SXM", 3350), ("H200", 4800), ("A100 80GB SXM", 2039), ("RTX 4090", 1008)]
+TARGET_FRACTION = 0.8   # README target: v2 or v3 at >= 80 % of the roofline at batch 1, 2-bit, one codebook per row
+TARGET_SHAPE = (8192, 8192)
+
+
+def apply_overrides(argv):
+    """nanoGPT-style --key=value overrides of the config globals; unknown keys and bad values are errors."""
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"bench.py takes only --key=value arguments, got {arg!r}; keys: {', '.join(CONFIG_KEYS)}")
+        key, value = arg[2:].split("=", 1)
+        if key not in CONFIG_KEYS:
+            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(CONFIG_KEYS)}")
+        default = globals()[key]
+        if isinstance(default, str):
+            globals()[key] = value
+            continue
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--{key} needs a {type(default).__name__}, got {value!r}")
+        if isinstance(default, float) and isinstance(parsed, int):
+            parsed = float(parsed)
+        if type(parsed) is not type(default):
+            raise SystemExit(f"--{key} needs a {type(default).__name__}, got {value!r}")
+        globals()[key] = parsed
+    if bits not in (2, 3, 4):
+        raise SystemExit(f"--bits must be 2, 3 or 4, got {bits}")
+
+
+def parse_shapes(text):
+    try:
+        result = [tuple(int(d) for d in s.lower().split("x")) for s in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"shapes are written NxK separated by commas, e.g. 4096x4096,11008x4096; got {text!r}")
+    if any(len(s) != 2 or min(s) < 1 for s in result):
+        raise SystemExit(f"shapes are written NxK separated by commas, e.g. 4096x4096,11008x4096; got {text!r}")
+    return result
+
+
+def parse_ints(text):
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated integers, got {text!r}")
+
+
+def print_table(title, headers, rows):
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("  " + "  ".join(str(h).rjust(w) for h, w in zip(headers, widths)))
+    for r in rows:
+        print("  " + "  ".join(str(v).rjust(w) for v, w in zip(r, widths)))
+
+
+# ---- bytes: what a layer makes the GPU read and write ----
+
+def layer_group_size(K, group_size):
+    return group_size if group_size else K
+
+
+def lut_bytes(N, K, b, group_size, batch, x_bytes=2):
+    """Bytes a LUT GEMV must move at the least: packed indices, fp16 codebooks, activations in, fp16 out."""
+    n_words = -(-K // lcd.ENTRIES_PER_WORD[b])
+    G = -(-K // layer_group_size(K, group_size))
+    return 4 * N * n_words + 2 * N * G * 2 ** b + x_bytes * batch * K + 2 * batch * N
+
+
+def fp16_bytes(N, K, batch):
+    return 2 * N * K + 2 * batch * K + 2 * batch * N
+
+
+def effective_bits(N, K, b, group_size):
+    """Stored bits per weight: packed words (with padding) + codebooks."""
+    return 8 * (lut_bytes(N, K, b, group_size, 0)) / (N * K)
+
+
+def roofline_limit(N, K, b, group_size, batch=1):
+    """The largest speedup over fp16 a memory-bound kernel can reach: bytes(fp16) / bytes(LUT)."""
+    return fp16_bytes(N, K, batch) / lut_bytes(N, K, b, group_size, batch)
+
+
+def roofline(shape_list):
+    """The table of what each layer could at best reach at batch 1 on common GPUs."""
+    rows, numbers = [], []
+    for N, K in shape_list:
+        for b in (2, 3, 4):
+            limit = roofline_limit(N, K, b, group_size)
+            row = [f"{N}x{K}", b, f"{effective_bits(N, K, b, group_size):.3f}", f"{limit:.2f}x"]
+            entry = {"shape": [N, K], "bits": b, "group_size": layer_group_size(K, group_size),
+                     "effective_bits": effective_bits(N, K, b, group_size), "limit_speedup": limit, "gpus": {}}
+            for name, gbps in ROOFLINE_GPUS:
+                fp16_us = fp16_bytes(N, K, 1) / gbps / 1e3
+                lut_us = lut_bytes(N, K, b, group_size, 1) / gbps / 1e3
+                row.append(f"{fp16_us:.1f} / {lut_us:.1f}")
+                entry["gpus"][name] = {"peak_gbps": gbps, "fp16_us": fp16_us, "lut_us": lut_us}
+            rows.append(row)
+            numbers.append(entry)
+    gs_text = "one codebook per row" if not group_size else f"groups of {group_size}"
+    print_table(f"Roofline at batch 1 ({gs_text}): the best a memory-bound GEMV can do; "
+                "fp16 / LUT microseconds at peak bandwidth (vendor datasheets)",
+                ["layer", "bits", "eff. bits", "limit", *[f"{n} ({g / 1000:.2f} TB/s)" for n, g in ROOFLINE_GPUS]], rows)
+    N, K = TARGET_SHAPE
+    target = TARGET_FRACTION * roofline_limit(N, K, 2, 0)
+    print(f"\nTarget (README): batch 1, 2-bit, one codebook per row: v2 or v3 at >= {TARGET_FRACTION:.0%} of the "
+          f"roofline, i.e. >= {target:.2f}x over fp16 on {N}x{K} (limit {roofline_limit(N, K, 2, 0):.2f}x).")
+    return numbers
+
+
+# ---- GPU ----
+
+def gpu_peak_gbps():
+    """(GB/s, where the number comes from): the datasheet value for a known GPU, else a measured copy."""
+    name = torch.cuda.get_device_name()
+    for key, gbps in GPU_PEAK_GBPS:
+        if key in name:
+            return gbps, f"{name}: datasheet"
+    src = torch.empty(2 ** 28, dtype=torch.float32, device="cuda")   # 1 GiB
+    dst = torch.empty_like(src)
+    us = cuda_time_us(lambda: dst.copy_(src), 10, 3, None)
+    return 2 * src.numel() * 4 / us / 1e3, f"{name}: unknown GPU, measured device-to-device copy"
+
+
+def cuda_time_us(fn, n_reps, n_warmup, flush_buffer):
+    """Median microseconds of fn() by CUDA events, with L2 flushed (a big write) before each repetition."""
+    for _ in range(n_warmup):
+        fn()
+    events = []
+    for _ in range(n_reps):
+        if flush_buffer is not None:
+            flush_buffer.fill_(1)   # evicts the layer from L2; also gives the CPU time to queue the launch
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
+
+
+def random_lut_operands(N, K, b, gs, dev, generator):
+    """Random packed words (every bit pattern is a valid set of indices; 3-bit keeps its spare bits 0)
+    and fp16 codebooks: the kernels' speed does not depend on the values."""
+    n_words = -(-K // lcd.ENTRIES_PER_WORD[b])
+    words = torch.randint(-2 ** 31, 2 ** 31, (N, n_words), generator=generator, dtype=torch.int64)
+    if b == 3:
+        words &= 0x3FFFFFFF
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    codebook = torch.randn(N, -(-K // gs), 2 ** b, generator=generator).to(torch.float16)
+    return words.to(dev), codebook.to(dev)
+
+
+def bench_kernels_gpu(peak_gbps):
+    generator = torch.Generator().manual_seed(seed)
+    flush = torch.empty(flush_mb * 2 ** 20 // 4, dtype=torch.float32, device="cuda")
+    rows, numbers = [], []
+    for N, K in parse_shapes(shapes):
+        gs = layer_group_size(K, group_size)
+        packed, codebook = random_lut_operands(N, K, bits, gs, "cuda", generator)
+        W = torch.randn(N, K, generator=generator).to(torch.float16).cuda()
+        for batch in parse_ints(batches):
+            x = torch.randn(batch, K, generator=generator).to(torch.float16).cuda()
+            xq, x_scale = lcd.quantize_activations(x, 8)
+            fp16_us = cuda_time_us(lambda: F.linear(x, W), reps, warmup, flush)
+            limit = roofline_limit(N, K, bits, gs, batch)
+            rows.append([f"{N}x{K}", batch, "fp16 F.linear", f"{fp16_us:.1f}",
+                         f"{fp16_bytes(N, K, batch) / fp16_us / 1e3:.0f}",
+                         f"{100 * fp16_bytes(N, K, batch) / fp16_us / 1e3 / peak_gbps:.0f}", "1.00x", ""])
+            for version in lcd.KERNEL_VERSIONS:
+                if version == "v3":
+                    run = lambda: lcd.lut_matmul("v3", bits, gs, packed, codebook, xq, lcd.cuda_launch, x_scale=x_scale)
+                else:
+                    run = lambda: lcd.lut_matmul(version, bits, gs, packed, codebook, x, lcd.cuda_launch)
+                us = cuda_time_us(run, reps, warmup, flush)
+                moved = lut_bytes(N, K, bits, gs, batch, x_bytes=1 if version == "v3" else 2)
+                gbps = moved / us / 1e3
+                rows.append([f"{N}x{K}", batch, version, f"{us:.1f}", f"{gbps:.0f}", f"{100 * gbps / peak_gbps:.0f}",
+                             f"{fp16_us / us:.2f}x", f"{limit:.2f}x"])
+                numbers.append({"shape": [N, K], "batch": batch, "version": version, "us": us, "fp16_us": fp16_us,
+                                "gbps": gbps, "pct_peak": 100 * gbps / peak_gbps, "speedup": fp16_us / us,
+                                "limit_speedup": limit})
+    print_table(f"kernels.cu vs fp16 F.linear, {bits}-bit, "
+                f"{'one codebook per row' if not group_size else f'groups of {group_size}'} "
+                f"(GB/s counts the bytes a LUT layer must move at the least; v3 excludes quantizing x)",
+                ["layer", "batch", "kernel", "us", "GB/s", "% peak", "speedup", "limit"], rows)
+    N, K = TARGET_SHAPE
+    best = [r for r in numbers if tuple(r["shape"]) == TARGET_SHAPE and r["batch"] == 1 and r["version"] in ("v2", "v3")]
+    if best and group_size == 0 and bits == 2:
+        top = max(best, key=lambda r: r["speedup"])
+        need = TARGET_FRACTION * roofline_limit(N, K, 2, 0)
+        verdict = "MET" if top["speedup"] >= need else "NOT MET"
+        print(f"\nTarget {verdict}: best of v2/v3 at batch 1 on {N}x{K}: {top['version']} {top['speedup']:.2f}x "
+              f"(needs >= {need:.2f}x, {100 * top['speedup'] / roofline_limit(N, K, 2, 0):.0f}% of the roofline)")
+    return numbers
+
+
+def bench_decode_gpu():
+    """Tokens/s of model.py's GPT (random weights: speed does not depend on them) in fp16, with and without
+    LUT layers. model.py has no KV cache, so generate() reruns the whole context each step (LUT layers then
+    see many rows and take the dequant path); the single-token forward is the batch-1 regime a KV-cached
+    decode step runs through its linear layers."""
+    torch.manual_seed(seed)
+    config = dict(SIZES[model_size])
+    config.setdefault("vocab_size", 50257)
+    dense = GPT(config).cuda().half().eval()
+    t0 = time.perf_counter()
+    quantized = lcd.quantize(copy.deepcopy(dense).float().cpu(), bits, group_size=group_size or None, method="rtn")
+    quantize_seconds = time.perf_counter() - t0
+    quantized = quantized.cuda().half().eval()
+    rows, numbers = [], {"model_size": model_size, "quantize_seconds": quantize_seconds}
+    for name, model in (("fp16", dense), (f"LUT {bits}-bit", quantized)):
+        one = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        with torch.no_grad():
+            step_us = cuda_time_us(lambda: model(one), reps, warmup, None)
+            prompt = torch.zeros(1, 16, dtype=torch.long, device="cuda")
+            model.generate(prompt, 2)   # warm-up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(prompt, decode_tokens)
+            torch.cuda.synchronize()
+            generate_tps = decode_tokens / (time.perf_counter() - t0)
+        rows.append([name, f"{1e6 / step_us:.0f}", f"{generate_tps:.1f}"])
+        numbers[name] = {"single_token_forward_per_s": 1e6 / step_us, "generate_tokens_per_s": generate_tps}
+    print_table(f"End to end, model.py GPT '{model_size}' (random weights), batch 1",
+                ["model", "1-token forwards/s", "generate() tokens/s (no KV cache)"], rows)
+    return numbers
+
+
+# ---- CPU ----
+
+def bench_footprint_cpu():
+    """Bytes per weight and quantization time of a model.py GPT (random weights)."""
+    torch.manual_seed(seed)
+    config = dict(SIZES[cpu_model_size])
+    config.setdefault("vocab_size", 256)
+    model = GPT(config).eval()
+    n_quantizable = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    calib = [torch.randint(0, config["vocab_size"], (4, 64)) for _ in range(2)]
+    rows, numbers = [], {"model_size": cpu_model_size, "quantized_params": n_quantizable, "methods": []}
+    for method in ("rtn", "lcd"):
+        for b in (2, 3, 4):
+            t0 = time.perf_counter()
+            quantized = lcd.quantize(copy.deepcopy(model), b, group_size=group_size or None,
+                                     calib=calib if method == "lcd" else None, method=method)
+            seconds = time.perf_counter() - t0
+            fp = lcd.footprint(quantized)
+            rows.append([method, b, f"{fp['bits_per_weight']:.3f}", f"{fp['total_bytes'] / 1e6:.3f}",
+                         f"{2 * n_quantizable / 1e6:.3f}", f"{seconds:.2f}"])
+            numbers["methods"].append({"method": method, "bits": b, "bits_per_weight": fp["bits_per_weight"],
+                                       "bytes": fp["total_bytes"], "fp16_bytes": 2 * n_quantizable,
+                                       "seconds": seconds})
+    print_table(f"Footprint of the quantized linear layers, model.py GPT '{cpu_model_size}' "
+                f"({n_quantizable / 1e6:.2f}M weights, random init), and quantization time on this CPU",
+                ["method", "bits", "bits/weight", "MB", "fp16 MB", "quantize s"], rows)
+    return numbers
+
+
+def cpu_time_ms(fn):
+    fn()
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench_reference_cpu():
+    print("\nWARNING: CPU timings below time the PyTorch reference (unpack, gather, matmul); they say nothing "
+          "about the GPU kernels in kernels.cu.")
+    (N, K), = parse_shapes(cpu_shape)
+    gs = layer_group_size(K, group_size)
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
+    codebook = torch.randn(N, -(-K // gs), 2 ** bits, generator=generator)
+    layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, gs if group_size else None).eval()
+    W = layer.weight_dequantized()
+    rows, numbers = [], []
+    with torch.no_grad():
+        for batch in parse_ints(cpu_batches):
+            x = torch.randn(batch, K, generator=generator)
+            dense_ms = cpu_time_ms(lambda: F.linear(x, W))
+            lut_ms = cpu_time_ms(lambda: layer(x))
+            rows.append([f"{N}x{K}", batch, f"{dense_ms:.3f}", f"{lut_ms:.3f}", f"{lut_ms / dense_ms:.1f}x slower"])
+            numbers.append({"shape": [N, K], "batch": batch, "dense_ms": dense_ms, "lut_reference_ms": lut_ms})
+    print_table(f"CPU, {bits}-bit: dense F.linear (fp32) vs the LUTLinear PyTorch reference",
+                ["layer", "batch", "dense ms", "LUT ref ms", "ratio"], rows)
+    return numbers
+
+
+def bench_emulate():
+    """Every kernel through the CPU emulation against the dense reference: a correctness check."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
+    import cuda_emulation
+    print("\nCPU emulation of kernels.cu (g++ + OpenMP): a correctness check, this is NOT a speed measurement.")
+    emulated = cuda_emulation.EmulatedKernels()
+    generator = torch.Generator().manual_seed(seed)
+    N, K, batch = 45, 300, 3
+    rows, numbers = [], []
+    for b in (2, 3, 4):
+        for gs in (K, 32):
+            idx = torch.randint(0, 2 ** b, (N, K), generator=generator)
+            codebook = torch.randn(N, -(-K // gs), 2 ** b, generator=generator).to(torch.float16)
+            packed = lcd.pack_indices(idx, b)
+            W = lcd.dequantize(codebook.float(), idx, gs)   # (N, K)
+            x = torch.randn(batch, K, generator=generator).to(torch.float16)
+            for version in lcd.KERNEL_VERSIONS:
+                if version == "v3":
+                    q, scale = lcd.quantize_activations(x, 8)
+                    y = lcd.lut_matmul(version, b, gs, packed, codebook, q, emulated.launch, x_scale=scale)
+                    reference = (q.float() * scale[:, None]) @ W.T
+                else:
+                    y = lcd.lut_matmul(version, b, gs, packed, codebook, x, emulated.launch)
+                    reference = x.float() @ W.T
+                error = ((y.float() - reference).abs() / reference.abs().clamp(min=1.0)).max().item()
+                ok = error <= 2.0 ** -9
+                rows.append([f"{N}x{K}", gs, b, version, f"{error:.1e}", "ok" if ok else "WRONG"])
+                numbers.append({"shape": [N, K], "group_size": gs, "bits": b, "version": version,
+                                "max_rel_error": error, "ok": ok})
+    print_table("Emulated kernels vs reference (max error relative to max(|y|, 1); fp16 output rounding is ~5e-4)",
+                ["layer", "group", "bits", "kernel", "error", ""], rows)
+    return numbers
+
+
+# ---- quality (the baselines issue fills this in) ----
+
+def bench_quality():
+    try:
+        import baselines
+    except ImportError as e:
+        print(f"\n--quality: baselines.py could not be imported ({e}); not built yet.")
+        return None
+    quality_table = getattr(baselines, "quality_table", None)
+    if quality_table is None:
+        print("\n--quality: baselines.quality_table() is not built yet.")
+        return None
+    return quality_table()
+
+
+def write_json(path, results):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False, suffix=".tmp") as f:
+        jsonlib.dump(results, f, indent=2)
+    os.replace(f.name, path)   # atomic
+    print(f"\nwrote {path}")
+
+
+def main(argv):
+    apply_overrides(argv)
+    on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")
+    if on_gpu and not lcd.cuda_kernels_available():
+        raise SystemExit("the GPU benchmark needs CuPy and a CUDA GPU (pip install cupy-cuda12x); use --device=cpu")
+    results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "device": "cuda" if on_gpu else "cpu"}
+    results["roofline"] = roofline(parse_shapes(shapes))
+    if on_gpu:
+        peak, source = gpu_peak_gbps()
+        print(f"\nGPU: {source}, peak {peak:.0f} GB/s")
+        results["gpu"] = {"peak_gbps": peak, "peak_source": source}
+        results["kernels"] = bench_kernels_gpu(peak)
+        results["decode"] = bench_decode_gpu()
+    else:
+        results["footprint"] = bench_footprint_cpu()
+        results["cpu_reference"] = bench_reference_cpu()
+    if emulate:
+        results["emulation"] = bench_emulate()
+    if quality:
+        results["quality"] = bench_quality()
+    if json:
+        write_json(json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,350 @@
+/*
+kernels.cu - LUT (look-up table) GEMV kernels for LCD's packed layers, naive to fast.
+
+A quantized linear layer stores, for every weight W[n, k], a b-bit index into a small codebook of
+2^b fp16 centroids (one codebook per row, or per group of `group_size` columns of a row). Decoding a
+token (batch 1) is a matrix-vector product y = W x that is bound by memory bandwidth: reading b-bit
+indices instead of 16-bit weights is where the speed comes from. These kernels compute
+    y[b, n] = sum_k codebook[n, k / group_size, idx[n, k]] * x[b, k]
+straight from the packed indices, without ever writing W out (except the dequant kernel).
+
+Packed layout (the same as lcd.py section 3, exact):
+    E = entries per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero), b=4 -> 8.
+    n_words = ceil(K / E). The index of weight (n, k) lives in word packed[n, k / E] at bits
+    [(k % E) * b, (k % E) * b + b) (entry 0 in the lowest bits). Padding entries (k >= K) are 0.
+    packed is row-major (N, n_words) int32 (read here as the uint32 bit pattern).
+    codebook is (N, G, 2^b) fp16 row-major, G = ceil(K / group_size) (group_size = K when there is one
+    codebook per row); the weight is codebook[n, k / group_size, idx[n, k]].
+    x is (B, K) fp16 row-major, y is (B, N) fp16 row-major (v3 takes int8 x plus one float scale per row).
+
+The kernels (each entry point exists for b = 2, 3, 4: lut_gemv_v1_b2, ..., lut_dequant_b4):
+    v1       one thread per output (n, batch row): look the centroid up, multiply-add. Naive.
+    v2       one warp per row, split-K: lanes read consecutive 32-bit words (coalesced), look centroids up
+             in a per-thread column of a shared-memory table (each thread its own bank), activations
+             staged in shared memory, warp-shuffle reduction.
+    v3       multiplication-free: int8 activations are added into 2^b integer buckets by index, then
+             y = s_x * sum_j C[n, g, j] * S[n, g, j]: 2^b multiplies per row-group instead of K.
+    dequant  packed + codebook -> dense fp16 W (N, K), for batch > 1: a GEMV-style LUT kernel reads the
+             indices once per batch row chunk and its arithmetic grows with the batch, so past a handful of
+             rows an fp16 matmul (tensor cores) on the dequantized weight wins. lcd.py falls back to it.
+v2 and v3 take at most MAX_BATCH activation rows per launch; lcd.py splits bigger batches.
+
+Outliers, the smoothing scale (in_scale), the bias and activation quantization (a_bits) are applied in
+Python around these kernels (lcd.py section 6): the kernels only do the LUT product.
+
+How it is used:
+    lcd.py reads this file and compiles it with NVRTC at first use:
+        module = cupy.RawModule(code=open("kernels.cu").read(), options=("-std=c++17",))
+        module.get_function("lut_gemv_v2_b2")((grid,), (block,), (args...))
+    The tests compile the same file, unchanged, for the CPU: tests/cuda_emulation.h maps the CUDA
+    built-ins to C++ and OpenMP (a block is an OpenMP team, __syncthreads() a barrier):
+        g++ -O1 -fopenmp -shared -fPIC -include tests/cuda_emulation.h -x c++ kernels.cu ...
+    Check registers, spills and shared memory per kernel (tests/test_kernels.py does this too):
+        nvcc -cubin -arch=sm_90 -Xptxas -v kernels.cu -o /dev/null
+
+Rules this file keeps: plain CUDA C that NVRTC compiles (no host code, no C++ standard headers), fp32
+accumulation, and no thread ever returns before a __syncthreads() or a warp shuffle that others wait on.
+*/
+
+#ifndef LCD_CPU_EMULATION
+#include <cuda_fp16.h>   // __half, __half2float, __float2half (NVRTC and CuPy ship this header)
+#endif
+
+#define WARP_SIZE 32
+#define MAX_BATCH 8          // v2/v3: activation rows per launch (lcd.py splits bigger batches)
+#define V1_THREADS 128       // v1: outputs per block
+#define WARPS_PER_BLOCK 8    // v2/v3: one warp per row, 8 rows per block
+#define ROW_THREADS (WARPS_PER_BLOCK * WARP_SIZE)
+#define DEQUANT_THREADS 256  // dequant: packed words per block
+#define NO_BOUNDARY 0x7fffffff
+
+// compile-time facts of the packed format for b bits
+template <int BITS>
+struct Packing {
+    static constexpr int ENTRIES = 32 / BITS;          // indices per 32-bit word: 16, 10, 8
+    static constexpr int CENTROIDS = 1 << BITS;        // codebook size: 4, 8, 16
+    static constexpr unsigned int MASK = (1u << BITS) - 1u;
+};
+
+// index number e (0 = lowest bits) of a packed word
+template <int BITS>
+__device__ __forceinline__ int unpack_entry(unsigned int word, int e) {
+    return (int)((word >> (e * BITS)) & Packing<BITS>::MASK);
+}
+
+// first column of the group after group g (NO_BOUNDARY for the last group: nothing follows it)
+__device__ __forceinline__ int group_end(int g, int G, int group_size) {
+    return g == G - 1 ? NO_BOUNDARY : (g + 1) * group_size;
+}
+
+// sum of a float over the 32 lanes of a warp: every lane ends up with the total (butterfly)
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset /= 2) {
+        v += __shfl_xor_sync(0xffffffffu, v, offset);
+    }
+    return v;
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v1: one thread per output (n, batch row); grid (ceil(N / V1_THREADS), B). Idea: the obvious loop.
+// Neighbouring threads read different rows, so no load is coalesced and every centroid is fetched from
+// global memory (the L1 cache saves it). Any batch size (one grid row per batch row).
+
+template <int BITS>
+__device__ void lut_gemv_v1(const unsigned int* __restrict__ packed, const __half* __restrict__ codebook,
+                            const __half* __restrict__ x, __half* __restrict__ y,
+                            int N, int K, int group_size) {
+    const int E = Packing<BITS>::ENTRIES, C = Packing<BITS>::CENTROIDS;
+    int n = blockIdx.x * blockDim.x + threadIdx.x;   // output feature
+    int b = blockIdx.y;                              // batch row
+    if (n >= N) { return; }                          // fine here: v1 never synchronizes
+    int n_words = (K + E - 1) / E;
+    int G = (K + group_size - 1) / group_size;
+    const unsigned int* row = packed + (long long)n * n_words;   // (n_words,)
+    const __half* row_codebook = codebook + (long long)n * G * C; // (G, C)
+    const __half* xb = x + (long long)b * K;                      // (K,)
+    float acc = 0.0f;
+    for (int w = 0; w < n_words; w++) {
+        unsigned int word = row[w];
+        for (int e = 0; e < E; e++) {
+            int k = w * E + e;
+            if (k >= K) { break; }
+            float weight = __half2float(row_codebook[(k / group_size) * C + unpack_entry<BITS>(word, e)]);
+            acc += weight * __half2float(xb[k]);
+        }
+    }
+    y[(long long)b * N + n] = __float2half(acc);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v2: one warp per row, split-K; grid (ceil(N / WARPS_PER_BLOCK)), block ROW_THREADS.
+// Idea: make every memory access cheap.
+//  - packed indices: in each step lane l reads word (w0 + l) of its warp's row, so a warp reads 32
+//    consecutive 32-bit words = one 128-byte transaction.
+//  - centroids: a lookup table needs a dynamic index, and registers cannot be indexed dynamically (the
+//    compiler would move the array to slow local memory). So each thread gets its own column of a
+//    shared-memory table, centroid_s[j][threadIdx.x]: column t lies in bank t % 32 for every j, so the 32
+//    lanes' lookups never collide, whatever indices they read. A thread refills its column when it
+//    enters a new group (once per row when there is one codebook per row).
+//  - activations: the block stages a tile of x (32 words' worth of columns) in shared memory once for all
+//    its rows; x_s[b][e][l] holds the e-th column of word l, so lane l reading entry e touches bank
+//    (e * 33 + l) % 32: no conflicts (the +1 column is the classic padding against them).
+//  - each lane ends with partial sums over its words; a shuffle butterfly adds them across the warp.
+// Per element that leaves a shift-and-mask, two shared loads and one FMA.
+
+template <int BITS>
+__device__ void lut_gemv_v2(const unsigned int* __restrict__ packed, const __half* __restrict__ codebook,
+                            const __half* __restrict__ x, __half* __restrict__ y,
+                            int N, int K, int B, int group_size) {
+    const int E = Packing<BITS>::ENTRIES, C = Packing<BITS>::CENTROIDS;
+    const int TILE_K = WARP_SIZE * E;                                   // columns per tile
+    __shared__ float centroid_s[Packing<BITS>::CENTROIDS][ROW_THREADS]; // each thread's own codebook
+    __shared__ float x_s[MAX_BATCH][Packing<BITS>::ENTRIES][WARP_SIZE + 1];
+
+    int lane = threadIdx.x % WARP_SIZE;
+    int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / WARP_SIZE;   // this warp's row
+    bool row_valid = n < N;   // warps past the last row still help stage x and reach every barrier
+    int n_words = (K + E - 1) / E;
+    int G = (K + group_size - 1) / group_size;
+    const unsigned int* row = packed + (long long)n * n_words;
+    const __half* row_codebook = codebook + (long long)n * G * C;
+
+    float acc[MAX_BATCH];
+    #pragma unroll
+    for (int b = 0; b < MAX_BATCH; b++) { acc[b] = 0.0f; }
+    int next_group_start = 0;   // the first column this thread's table does not cover yet
+
+    for (int w0 = 0; w0 < n_words; w0 += WARP_SIZE) {
+        // 1. the whole block stages this tile of activations, reading x coalesced
+        for (int i = threadIdx.x; i < B * TILE_K; i += ROW_THREADS) {
+            int b = i / TILE_K, t = i % TILE_K;
+            int k = w0 * E + t;
+            x_s[b][t % E][t / E] = k < K ? __half2float(x[(long long)b * K + k]) : 0.0f;
+        }
+        __syncthreads();
+        // 2. every lane decodes one word of its row and multiplies-adds its E entries
+        int w = w0 + lane;
+        if (row_valid && w < n_words) {
+            unsigned int word = row[w];
+            int k0 = w * E;
+            if (k0 + E <= next_group_start) {
+                // fast path: the whole word lies in the group already in this thread's table
+                #pragma unroll
+                for (int e = 0; e < E; e++) {
+                    float weight = centroid_s[unpack_entry<BITS>(word, e)][threadIdx.x];
+                    #pragma unroll
+                    for (int b = 0; b < MAX_BATCH; b++) {
+                        if (b < B) { acc[b] += weight * x_s[b][e][lane]; }
+                    }
+                }
+            } else {
+                // slow path: the word enters a new group (at most a few times per row)
+                for (int e = 0; e < E; e++) {
+                    int k = k0 + e;
+                    if (k >= next_group_start) {
+                        int g = k / group_size < G ? k / group_size : G - 1;   // padding: any group will do
+                        for (int j = 0; j < C; j++) {
+                            centroid_s[j][threadIdx.x] = __half2float(row_codebook[g * C + j]);
+                        }
+                        next_group_start = group_end(g, G, group_size);
+                    }
+                    float weight = centroid_s[unpack_entry<BITS>(word, e)][threadIdx.x];
+                    #pragma unroll
+                    for (int b = 0; b < MAX_BATCH; b++) {
+                        if (b < B) { acc[b] += weight * x_s[b][e][lane]; }
+                    }
+                }
+            }
+        }
+        __syncthreads();   // the next tile overwrites x_s
+    }
+    // 3. split-K reduction: add the 32 lanes' partial sums
+    #pragma unroll
+    for (int b = 0; b < MAX_BATCH; b++) {
+        if (b < B) {
+            float total = warp_sum(acc[b]);
+            if (row_valid && lane == 0) { y[(long long)b * N + n] = __float2half(total); }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v3: multiplication-free; same grid as v2. Idea: with integer activations, sum_k C[idx_k] * x_k =
+// sum_j C[j] * (sum of the x_k whose index is j). So each thread adds its int8 activations into 2^b
+// integer buckets (a per-thread column of shared memory again, bank = thread) and multiplies only when a
+// group ends: 2^b multiplies per thread and group instead of one per weight. The activations arrive
+// quantized per token, x[b, k] ~ x_scale[b] * xq[b, k] with xq in [-127, 127]; buckets are int32 (a row
+// of 2^31 / 127 columns would be needed to overflow one). Batch rows are processed one after another,
+// re-reading the row's indices from cache.
+
+template <int BITS>
+__device__ void lut_gemv_v3(const unsigned int* __restrict__ packed, const __half* __restrict__ codebook,
+                            const signed char* __restrict__ xq, const float* __restrict__ x_scale,
+                            __half* __restrict__ y, int N, int K, int B, int group_size) {
+    const int E = Packing<BITS>::ENTRIES, C = Packing<BITS>::CENTROIDS;
+    const int TILE_K = WARP_SIZE * E;
+    __shared__ int bucket_s[Packing<BITS>::CENTROIDS][ROW_THREADS];   // each thread's own buckets
+    __shared__ int xq_s[Packing<BITS>::ENTRIES][WARP_SIZE + 1];        // one tile of one batch row
+
+    int lane = threadIdx.x % WARP_SIZE;
+    int n = blockIdx.x * WARPS_PER_BLOCK + threadIdx.x / WARP_SIZE;
+    bool row_valid = n < N;
+    int n_words = (K + E - 1) / E;
+    int G = (K + group_size - 1) / group_size;
+    const unsigned int* row = packed + (long long)n * n_words;
+    const __half* row_codebook = codebook + (long long)n * G * C;
+
+    for (int b = 0; b < B; b++) {
+        float acc = 0.0f;
+        int group = -1;              // the group the buckets are collecting (-1: none yet)
+        int next_group_start = 0;
+        for (int j = 0; j < C; j++) { bucket_s[j][threadIdx.x] = 0; }
+        for (int w0 = 0; w0 < n_words; w0 += WARP_SIZE) {
+            for (int i = threadIdx.x; i < TILE_K; i += ROW_THREADS) {
+                int k = w0 * E + i;
+                xq_s[i % E][i / E] = k < K ? (int)xq[(long long)b * K + k] : 0;
+            }
+            __syncthreads();
+            int w = w0 + lane;
+            if (row_valid && w < n_words) {
+                unsigned int word = row[w];
+                int k0 = w * E;
+                if (k0 + E <= next_group_start) {
+                    #pragma unroll
+                    for (int e = 0; e < E; e++) {   // the multiplication-free inner loop: one add
+                        bucket_s[unpack_entry<BITS>(word, e)][threadIdx.x] += xq_s[e][lane];
+                    }
+                } else {
+                    for (int e = 0; e < E; e++) {
+                        int k = k0 + e;
+                        if (k >= next_group_start) {
+                            // the finished group: 2^b multiplies, then empty buckets for the next one
+                            for (int j = 0; j < C; j++) {
+                                if (group >= 0) {
+                                    acc += __half2float(row_codebook[group * C + j]) * (float)bucket_s[j][threadIdx.x];
+                                }
+                                bucket_s[j][threadIdx.x] = 0;
+                            }
+                            group = k / group_size < G ? k / group_size : G - 1;
+                            next_group_start = group_end(group, G, group_size);
+                        }
+                        bucket_s[unpack_entry<BITS>(word, e)][threadIdx.x] += xq_s[e][lane];
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        if (row_valid && group >= 0) {   // the last group's buckets
+            for (int j = 0; j < C; j++) {
+                acc += __half2float(row_codebook[group * C + j]) * (float)bucket_s[j][threadIdx.x];
+            }
+        }
+        float total = warp_sum(acc);
+        if (row_valid && lane == 0) { y[(long long)b * N + n] = __float2half(x_scale[b] * total); }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// dequant: one thread per packed word; grid (ceil(N * n_words / DEQUANT_THREADS)). Idea: write the
+// dense fp16 weight once, then let an fp16 matmul handle big batches. Centroids are copied bit for bit.
+
+template <int BITS>
+__device__ void lut_dequant(const unsigned int* __restrict__ packed, const __half* __restrict__ codebook,
+                            __half* __restrict__ W, int N, int K, int group_size) {
+    const int E = Packing<BITS>::ENTRIES, C = Packing<BITS>::CENTROIDS;
+    int n_words = (K + E - 1) / E;
+    int G = (K + group_size - 1) / group_size;
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;   // flat word number
+    if (i >= (long long)N * n_words) { return; }                      // fine: no synchronization here
+    int n = (int)(i / n_words), w = (int)(i % n_words);
+    unsigned int word = packed[i];
+    for (int e = 0; e < E; e++) {
+        int k = w * E + e;
+        if (k >= K) { break; }
+        W[(long long)n * K + k] = codebook[((long long)n * G + k / group_size) * C + unpack_entry<BITS>(word, e)];
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// entry points: extern "C" keeps the names unmangled for CuPy's get_function (templates cannot be
+// extern "C", so each bit width gets a thin wrapper)
+
+extern "C" __global__ void __launch_bounds__(V1_THREADS)
+lut_gemv_v1_b2(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v1<2>(packed, codebook, x, y, N, K, group_size); }
+extern "C" __global__ void __launch_bounds__(V1_THREADS)
+lut_gemv_v1_b3(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v1<3>(packed, codebook, x, y, N, K, group_size); }
+extern "C" __global__ void __launch_bounds__(V1_THREADS)
+lut_gemv_v1_b4(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v1<4>(packed, codebook, x, y, N, K, group_size); }
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v2_b2(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v2<2>(packed, codebook, x, y, N, K, B, group_size); }
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v2_b3(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v2<3>(packed, codebook, x, y, N, K, B, group_size); }
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v2_b4(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v2<4>(packed, codebook, x, y, N, K, B, group_size); }
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v3_b2(const unsigned int* packed, const __half* codebook, const signed char* xq, const float* x_scale, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v3<2>(packed, codebook, xq, x_scale, y, N, K, B, group_size); }
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v3_b3(const unsigned int* packed, const __half* codebook, const signed char* xq, const float* x_scale, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v3<3>(packed, codebook, xq, x_scale, y, N, K, B, group_size); }
+extern "C" __global__ void __launch_bounds__(ROW_THREADS)
+lut_gemv_v3_b4(const unsigned int* packed, const __half* codebook, const signed char* xq, const float* x_scale, __half* y, int N, int K, int B, int group_size)
+{ lut_gemv_v3<4>(packed, codebook, xq, x_scale, y, N, K, B, group_size); }
+
+extern "C" __global__ void __launch_bounds__(DEQUANT_THREADS)
+lut_dequant_b2(const unsigned int* packed, const __half* codebook, __half* W, int N, int K, int group_size)
+{ lut_dequant<2>(packed, codebook, W, N, K, group_size); }
+extern "C" __global__ void __launch_bounds__(DEQUANT_THREADS)
+lut_dequant_b3(const unsigned int* packed, const __half* codebook, __half* W, int N, int K, int group_size)
+{ lut_dequant<3>(packed, codebook, W, N, K, group_size); }
+extern "C" __global__ void __launch_bounds__(DEQUANT_THREADS)
+lut_dequant_b4(const unsigned int* packed, const __half* codebook, __half* W, int N, int K, int group_size)
+{ lut_dequant<4>(packed, codebook, W, N, K, group_size); }

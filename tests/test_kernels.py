@@ -1,0 +1,227 @@
+"""
+kernels.cu without a GPU: every kernel, compiled unchanged for the CPU (tests/cuda_emulation.h), launched
+with the grids lcd.py uses, against a PyTorch reference written from the documented packed layout. Then
+the GPU compiler's verdict (registers, spills, shared memory) and, where a GPU exists, the real thing.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(TESTS))
+sys.path.insert(0, TESTS)
+import cuda_emulation  # noqa: E402
+import lcd  # noqa: E402
+
+VERSIONS = ("v1", "v2", "v3", "dequant")
+ENTRIES = {2: 16, 3: 10, 4: 8}   # the layout in the notes, restated here on purpose
+
+
+@pytest.fixture(scope="module")
+def emulated():
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed: the CPU emulation of kernels.cu needs it")
+    return cuda_emulation.EmulatedKernels()
+
+
+def pack_by_layout(idx, bits):
+    """The documented layout, written independently of lcd.py: index (n, k) in word k // E at bit
+    (k % E) * bits, entry 0 lowest, padding 0, words as int32 bit patterns."""
+    E = ENTRIES[bits]
+    N, K = idx.shape
+    n_words = -(-K // E)
+    padded = torch.zeros(N, n_words * E, dtype=torch.int64)
+    padded[:, :K] = idx
+    words = (padded.view(N, n_words, E) << (torch.arange(E) * bits)).sum(-1)   # (N, n_words) in [0, 2^32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+def random_layer(N, K, bits, group_size, generator, identity=False):
+    """(packed, codebook fp16 (N, G, 2^b), W float32 (N, K)) for random indices."""
+    C, G = 2 ** bits, -(-K // group_size)
+    idx = torch.randint(0, C, (N, K), generator=generator)
+    if identity:   # centroid j has the value j: integer arithmetic that must come out exact
+        codebook = torch.arange(C, dtype=torch.float16).expand(N, G, C).contiguous()
+    else:
+        codebook = torch.randn(N, G, C, generator=generator).to(torch.float16)
+    W = codebook.float()[torch.arange(N)[:, None], torch.arange(K)[None, :] // group_size, idx]
+    return lcd.pack_indices(idx, bits), codebook, W
+
+
+def assert_close_to_fp16_rounding(y, reference, magnitude):
+    """y (fp16) may differ from the exact result by one fp16 rounding plus fp32 summation error."""
+    tolerance = reference.abs() * 2.0 ** -10 + magnitude * 1e-5 + 1e-6
+    error = (y.float() - reference).abs()
+    assert (error <= tolerance).all(), f"max error {error.max().item():.3g} (tolerance {tolerance.min().item():.3g}+)"
+
+
+def run_version(version, bits, group_size, packed, codebook, x, emulated, exact_int8=None):
+    """Run one version through lcd.lut_matmul on the emulator; returns (y, activations it used)."""
+    if version == "v3":
+        q, scale = exact_int8 if exact_int8 is not None else lcd.quantize_activations(x, 8)
+        y = lcd.lut_matmul("v3", bits, group_size, packed, codebook, q, emulated.launch, x_scale=scale)
+        return y, q.float() * scale[:, None]
+    return lcd.lut_matmul(version, bits, group_size, packed, codebook, x, emulated.launch), x.float()
+
+
+# ---- the layout and the fp16 emulation ----
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("K", [1, 15, 16, 17, 100, 333])
+def test_lcd_packing_is_the_documented_layout(bits, K):
+    generator = torch.Generator().manual_seed(K * 10 + bits)
+    idx = torch.randint(0, 2 ** bits, (5, K), generator=generator)
+    packed = lcd.pack_indices(idx, bits)
+    assert packed.dtype == torch.int32
+    assert torch.equal(packed, pack_by_layout(idx, bits))
+
+
+def test_emulated_float2half_rounds_like_torch(emulated):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.cat([
+        torch.randn(2000, generator=generator) * 10.0 ** torch.randint(-9, 6, (2000,), generator=generator),
+        torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e6, -1e6, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26,
+                      2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -12), 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11,
+                      float("inf"), float("-inf")]),
+    ])
+    expected = values.half().view(torch.int16).to(torch.int64) & 0xFFFF
+    got = torch.tensor([emulated.float_to_half_bits(v) for v in values.tolist()])
+    assert torch.equal(got, expected), values[got != expected][:5]
+
+
+# ---- every kernel against the reference ----
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+# one codebook per row; groups of 32 (not a multiple of the 3-bit word); groups that end inside a
+# lane's second word, and a last group shorter than the others
+@pytest.mark.parametrize("N, K, group_size", [(37, 100, 100), (37, 333, 32), (13, 1000, 600)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernel_matches_reference(emulated, version, bits, N, K, group_size, batch):
+    generator = torch.Generator().manual_seed(N + K + bits + batch)
+    packed, codebook, W = random_layer(N, K, bits, group_size, generator)
+    x = torch.randn(batch, K, generator=generator).to(torch.float16)
+    y, x_used = run_version(version, bits, group_size, packed, codebook, x, emulated)
+    assert y.shape == (batch, N) and y.dtype == torch.float16
+    assert_close_to_fp16_rounding(y, x_used @ W.T, x_used.abs() @ W.abs().T)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_identity_codebook_is_exact(emulated, version, bits):
+    # codebook[n, g, j] = j and integer activations: every product and sum is an exact integer in fp32,
+    # so the only rounding is the final one to fp16, the same on both sides
+    N, K, group_size, batch = 37, 333, 32, 3
+    generator = torch.Generator().manual_seed(bits)
+    packed, codebook, W = random_layer(N, K, bits, group_size, generator, identity=True)
+    xi = torch.randint(-3, 4, (batch, K), generator=generator)
+    exact_int8 = (xi.to(torch.int8), torch.ones(batch))
+    y, _ = run_version(version, bits, group_size, packed, codebook, xi.half(), emulated, exact_int8)
+    assert torch.equal(y, (xi.double() @ W.double().T).half())
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_batch_above_max_batch_is_split(emulated, version):
+    max_batch = lcd.kernel_constants()["MAX_BATCH"]
+    N, K, bits, group_size, batch = 19, 200, 3, 200, max_batch + 2
+    generator = torch.Generator().manual_seed(7)
+    packed, codebook, W = random_layer(N, K, bits, group_size, generator)
+    x = torch.randn(batch, K, generator=generator).to(torch.float16)
+    assert len(lcd.kernel_launches(version, bits, group_size, packed, codebook,
+                                   x if version == "v2" else x.to(torch.int8), torch.empty(batch, N).half(),
+                                   torch.ones(batch))) == 2
+    y, x_used = run_version(version, bits, group_size, packed, codebook, x, emulated)
+    assert_close_to_fp16_rounding(y, x_used @ W.T, x_used.abs() @ W.abs().T)
+
+
+def test_bad_operands_are_refused():
+    packed = torch.zeros(4, 7, dtype=torch.int32)   # K = 100 at 2 bits needs 7 words
+    codebook = torch.zeros(4, 1, 4, dtype=torch.float16)
+    x = torch.zeros(1, 100, dtype=torch.float16)
+    out = torch.empty(1, 4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="packed"):
+        lcd.kernel_launches("v2", 2, 100, packed[:, :6].contiguous(), codebook, x, out)
+    with pytest.raises(ValueError, match="codebook"):
+        lcd.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
+    with pytest.raises(ValueError, match="unknown kernel version"):
+        lcd.kernel_launches("v9", 2, 100, packed, codebook, x, out)
+
+
+# ---- the GPU compiler: registers, spills, shared memory ----
+
+def ptxas_report(arch):
+    """{kernel: {"registers", "spill_bytes", "stack_bytes", "smem_bytes"}} from nvcc -Xptxas -v."""
+    with tempfile.TemporaryDirectory() as tmp:
+        command = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", cuda_emulation.KERNELS_CU,
+                   "-o", os.path.join(tmp, "kernels.cubin")]
+        result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, f"nvcc failed for {arch}:\n{result.stderr}"
+    report, kernel = {}, None
+    for line in result.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)'", line):
+            kernel = m.group(1)
+            report[kernel] = {"registers": None, "spill_bytes": 0, "stack_bytes": 0, "smem_bytes": 0}
+        elif kernel and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            report[kernel]["stack_bytes"] = int(m.group(1))
+            report[kernel]["spill_bytes"] = int(m.group(2)) + int(m.group(3))
+        elif kernel and (m := re.search(r"Used (\d+) registers", line)):
+            report[kernel]["registers"] = int(m.group(1))
+            if s := re.search(r"(\d+) bytes smem", line):
+                report[kernel]["smem_bytes"] = int(s.group(1))
+    return report
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_ptxas_no_spills(arch, capsys):
+    report = ptxas_report(arch)
+    with open(cuda_emulation.KERNELS_CU) as f:
+        assert sorted(report) == sorted(cuda_emulation.kernel_names(f.read())), "ptxas output not understood"
+    with capsys.disabled():
+        print(f"\nkernels.cu on {arch}:  kernel  registers  spill bytes  stack bytes  static smem bytes")
+        for name, r in sorted(report.items()):
+            print(f"  {name:16s} {r['registers']:4d} {r['spill_bytes']:6d} {r['stack_bytes']:6d} {r['smem_bytes']:8d}")
+    spilling = {name: r for name, r in report.items() if r["spill_bytes"] > 0}
+    assert not spilling, f"register spills on {arch}: {spilling}"
+    assert all(r["smem_bytes"] <= 48 * 1024 for r in report.values()), "static shared memory is capped at 48 KiB"
+
+
+# ---- the real GPU, through CuPy ----
+
+def gpu_with_cupy():
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not gpu_with_cupy(), reason="needs a CUDA GPU and CuPy")
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_cupy_kernels_on_gpu(version, bits):
+    N, K, group_size, batch = 300, 1000, 32, 3
+    generator = torch.Generator().manual_seed(bits)
+    packed, codebook, W = random_layer(N, K, bits, group_size, generator)
+    x = torch.randn(batch, K, generator=generator).to(torch.float16)
+    if version == "v3":
+        q, scale = lcd.quantize_activations(x, 8)
+        y = lcd.lut_matmul("v3", bits, group_size, packed.cuda(), codebook.cuda(), q.cuda(), lcd.cuda_launch,
+                           x_scale=scale.cuda())
+        x_used = q.float() * scale[:, None]
+    else:
+        y = lcd.lut_matmul(version, bits, group_size, packed.cuda(), codebook.cuda(), x.cuda(), lcd.cuda_launch)
+        x_used = x.float()
+    torch.cuda.synchronize()
+    reference = x_used @ W.T
+    # dequant ends in cuBLAS's fp16 matmul, whose rounding is not ours: allow a little more there
+    slack = 4 if version == "dequant" else 1
+    tolerance = slack * (reference.abs() * 2.0 ** -10 + (x_used.abs() @ W.abs().T) * 1e-5) + 1e-6
+    assert ((y.float().cpu() - reference).abs() <= tolerance).all()
