@@ -1,0 +1,548 @@
+"""
+The seed systems and the standard quantizers LCD is measured against, each a per-layer function
+
+    layer = METHODS[name](W, stats, bits, group_size, **kw)     # W: (N, K) float32
+
+that returns an inference layer with forward(x) and storage_bits() (every stored bit, honestly counted).
+lcd.quantize(model, bits, method=name) calls them for every selected nn.Linear; NEEDS_HESSIAN names the
+methods that want the full input Hessian H = X^T X / n (stats["H"]) rather than only its diagonal h.
+
+  1. shared pieces       - nearest centroid, the Hessian, the layer output error, RTN's grid
+  2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation
+  3. SqueezeLLM-like     - importance-weighted k-means per row (k-means++ seeds, weighted Lloyd)
+  4. CLAQ                - per-column k-means inside the GPTQ loop, adaptive precision, outlier reservation
+  5. LCQ                 - rank-r codebooks C = S V - B learned on the layer output error
+  6. LBLLM               - W(1+1): sign bit + bitmap bit choosing one of two group scales; A4 clipping
+
+RTN (uniform min/max grid per row or group) and plain k-means are built into lcd.py ("rtn", "kmeans");
+they are not repeated here. Uniform grids are codebooks too (C = s * v + lo for v = 0 .. 2^b - 1), so
+GPTQ's output is an ordinary lcd.LUTLinear and its bits are LUTLinear's (fp16 codebook entries).
+Definitions: ../shared/LCD_DESIGN.md, "The baselines". Weight matrices are (N, K): y = x W^T.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lcd
+
+# GPTQ
+GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
+GPTQ_BLOCK = 128         # columns per lazy batch update
+GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
+# CLAQ
+CLAQ_OUTLIER_RATIO = 13.0     # a weight is an outlier when |w| >= this times mean|W| of the layer
+CLAQ_HEAVY_FRACTION = 0.10    # this fraction of columns (most outliers) reserves more full-precision values
+CLAQ_RESERVE_HEAVY = 0.014    # fraction of each heavy column's weights kept in fp16
+CLAQ_RESERVE_REST = 0.004     # fraction of every other column's weights kept in fp16
+# LCQ
+LCQ_RANK = 2             # rank r of the codebook C = S V - B (r = 1 is a uniform grid)
+LCQ_STEPS = 300          # Adam steps on the layer output error
+LCQ_LR = 1e-2            # Adam learning rate (parameters are normalized by the initial grid step)
+# LBLLM
+LBLLM_STEPS = 200        # stage 2: layer-wise distillation steps (reduced budget)
+LBLLM_LR = 1e-2          # stage 2 learning rate, relative to mean|W|
+LBLLM_A_BITS = 4         # stage 3: activation bits (None = weight-only, stage 3 skipped)
+LBLLM_ACT_STEPS = 100    # stage 3: steps for the learned activation clipping factor
+LBLLM_ACT_SAMPLES = 512  # stage 3: surrogate calibration rows drawn when stats carry no inputs
+
+# ==== 1. shared pieces =============================================================================
+
+
+def column_groups(K, group_size):
+    """(K,) group index of every input column: k // group_size (group_size None = one group per row)."""
+    return torch.arange(K) // (group_size or K)
+
+
+def nearest(W, codebook, group_size):
+    """(N, K) index of the centroid of its row/group nearest to each weight (a loop over the 2^b levels)."""
+    g = column_groups(W.shape[1], group_size).to(W.device)
+    best = torch.full_like(W, float("inf"))
+    idx = torch.zeros(W.shape, dtype=torch.long, device=W.device)
+    for level in range(codebook.shape[2]):
+        dist = (W - codebook[:, g, level]).abs()              # (N, K)
+        closer = dist < best
+        best = torch.where(closer, dist, best)
+        idx[closer] = level
+    return idx
+
+
+def hessian(stats, K):
+    """The layer's input Hessian H = X^T X / n, (K, K); diag(h) when only the diagonal was collected."""
+    H = stats.get("H")
+    if H is None:
+        H = torch.diag(stats["h"].float())
+    if H.shape != (K, K):
+        raise ValueError(f"stats Hessian has shape {tuple(H.shape)}, the layer needs ({K}, {K})")
+    return H.float()
+
+
+def output_error(W, W_hat, H):
+    """Layer output error tr((W - W_hat) H (W - W_hat)^T) = mean over tokens of ||x W^T - x W_hat^T||^2."""
+    E = (W - W_hat).double()
+    return float(((E @ H.double()) * E).sum())
+
+
+def _check(W, bits):
+    if W.dim() != 2:
+        raise ValueError(f"W must be (N, K), got shape {tuple(W.shape)}")
+    lcd.check_bits(bits)
+    lcd.check_weight(W)
+    return W.detach().float()
+
+
+def uniform_codebook(W, bits, group_size):
+    """RTN's min/max grid of every row/group as a codebook (N, G, 2^b): lcd.py's 'rtn' init, not a copy."""
+    return lcd.cluster(W, torch.ones(W.shape[1]), 2 ** bits, group_size=group_size, init="uniform",
+                       max_iters=0)["codebook"]
+
+
+def bits_of(*tensors):
+    """Bits the given tensors occupy as stored (None counts nothing)."""
+    return sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
+
+
+# ==== 2. GPTQ ======================================================================================
+# "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers",
+# Frantar, Ashkboos, Hoefler, Alistarh, arXiv:2210.17323.
+# Quantize the columns of W one at a time. The error of column j, divided by [H^-1]_jj, is spread over
+# the columns not yet quantized through row j of the upper Cholesky factor of H^-1, which keeps the layer
+# output x W^T close (the Optimal Brain Surgeon update). Act-order visits columns with large diag(H) first;
+# damping keeps H invertible; the update of far columns is deferred to once per block of columns (lazy
+# batching: same result, fewer memory passes).
+
+
+def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP):
+    """Run GPTQ's compensation loop; the caller decides how one column is quantized.
+
+    quantize_column(k, w, current) gets the ORIGINAL index k of the column, its current (compensated)
+    values w (N,), and current(ks) -> (N, len(ks)) the current values of any not-yet-quantized original
+    columns ks (for grids fit when a group starts); it returns the quantized column (N,).
+    Returns the quantized W (N, K) in the original column order.
+    """
+    W = W.clone().double()
+    H = H.clone().double()
+    N, K = W.shape
+    dead = torch.diag(H) == 0                                 # inputs never active: weights irrelevant
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    position = torch.argsort(perm)                            # position[k] = step at which column k is done
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()                              # this block, kept up to date column by column
+        Err1 = torch.zeros_like(W1)                           # scaled errors, applied to later blocks at once
+
+        def current(ks, i):
+            p = position[torch.as_tensor(ks)]
+            vals = W[:, p].clone()
+            inside = (p >= i1) & (p < i2)
+            vals[:, inside] = W1[:, p[inside] - i1]
+            later = p >= i2                                   # pending lazy updates of this block so far
+            vals[:, later] -= Err1[:, :i] @ Hinv[i1:i1 + i][:, p[later]]
+            return vals.float()
+
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = quantize_column(int(perm[i1 + i]), w.float(), lambda ks: current(ks, i)).double()
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv[i1 + i, i1 + i]
+            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, position].float()
+
+
+def gptq_quantize(W, H, bits, group_size=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
+                  damp=GPTQ_DAMP):
+    """GPTQ onto RTN's uniform grid. Returns (codebook (N, G, 2^b) float32, idx (N, K)); the errors it
+    compensates are those of the fp16 codebook values inference will use.
+
+    The grid of group g (original columns g*gs .. g*gs+gs-1, LUTLinear's layout) is fit on the group's
+    compensated weights when the first of its columns comes up (GPTQ fits it when the group starts); with
+    act-order the group's columns are visited in act order, not contiguously, which is why the grid is fit
+    on the group's original columns, not on the next group_size columns of the permuted order.
+    """
+    W = _check(W, bits)
+    N, K = W.shape
+    gs = group_size or K
+    G = math.ceil(K / gs)
+    grid = torch.zeros(N, G, 2 ** bits)                     # RTN's grid, fp32: it decides the rounding
+    fitted = torch.zeros(G, dtype=torch.bool)
+    idx = torch.zeros(N, K, dtype=torch.long)
+
+    def quantize_column(k, w, current):
+        g = k // gs
+        if not fitted[g]:
+            cols = list(range(g * gs, min(g * gs + gs, K)))
+            grid[:, g] = uniform_codebook(current(cols), bits, None)[:, 0]
+            fitted[g] = True
+        idx[:, k] = nearest(w[:, None], grid[:, g:g + 1], None)[:, 0]
+        return grid[torch.arange(N), g, idx[:, k]].half().float()     # the stored (fp16) value
+
+    gptq_loop(W, H, quantize_column, act_order, block_size, damp)
+    return grid, idx
+
+
+def gptq(W, stats, bits, group_size=None, bias=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
+         damp=GPTQ_DAMP):
+    codebook, idx = gptq_quantize(W, hessian(stats, W.shape[1]), bits, group_size, act_order, block_size,
+                                  damp)
+    return lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
+
+
+# ==== 3. SqueezeLLM-like k-means ====================================================================
+# "SqueezeLLM: Dense-and-Sparse Quantization", Kim et al., arXiv:2306.07629: per-row non-uniform
+# codebooks from k-means weighted by each weight's sensitivity. SqueezeLLM weights by the Fisher
+# information; here, as everywhere in this project, by h_k = mean x_k^2 (the Hessian diagonal). Differs
+# from LCD's init only in the seeds: k-means++ instead of the density-based bins.
+
+
+def squeezellm(W, stats, bits, group_size=None, bias=None, outlier_frac=0.0, generator=None):
+    W = _check(W, bits)
+    c = lcd.cluster(W, stats["h"].float(), 2 ** bits, group_size=group_size, init="kmeans++",
+                    outlier_frac=outlier_frac, generator=generator)
+    return lcd.LUTLinear.from_clustered(c["codebook"], c["idx"], bits, group_size, bias=bias,
+                                        outliers=c["outliers"])
+
+
+# ==== 4. CLAQ =======================================================================================
+# "CLAQ: Pushing the Limits of Low-Bit Post-Training Quantization for LLMs", Wang et al.,
+# arXiv:2405.17233. A column is one input channel: the N weights W[:, k]. Inside GPTQ's loop each column
+# gets its own k-means codebook, fit on its compensated values. Columns rich in outliers get more bits
+# (adaptive precision) and keep their most extreme values in fp16 (outlier reservation).
+
+
+def claq_column_bits(W, target_bits, outlier_ratio=CLAQ_OUTLIER_RATIO):
+    """Bits of each column for an average of target_bits, more bits where outliers are many.
+
+    Outlier order: count per column the weights with |w| >= outlier_ratio * mean|W|. For 2 <= T < 3 the
+    top (T - 2) / 2 of the columns get 4 bits and the rest 2; for 3 <= T <= 4 the top T - 3 get 4 and the
+    rest 3. Ties in the count are broken by the column's largest |w|. Returns ((K,) bits, (K,) counts).
+    """
+    if not 2.0 <= target_bits <= 4.0:
+        raise ValueError(f"CLAQ target_bits must lie in [2, 4], got {target_bits}")
+    A = W.abs()
+    counts = (A >= outlier_ratio * A.mean()).sum(0)                                       # (K,)
+    order = torch.argsort(counts.double() + 0.5 * A.amax(0).double() / A.max().clamp_min(1e-30),
+                          descending=True)
+    K = W.shape[1]
+    low, top_fraction = (2, (target_bits - 2) / 2) if target_bits < 3 else (3, target_bits - 3)
+    col_bits = torch.full((K,), low, dtype=torch.long)
+    col_bits[order[:round(top_fraction * K)]] = 4
+    return col_bits, counts
+
+
+def claq_quantize(W, H, target_bits, outliers=True, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
+                  damp=GPTQ_DAMP, generator=None):
+    """Returns dict(col_bits (K,), codebooks [ (2^b_k,) per column ], idx (N, K), outliers (rows, cols,
+    vals) or None, W_hat (N, K)). The outlier fractions are fixed before the loop from the original W."""
+    N, K = W.shape
+    col_bits, counts = claq_column_bits(W, target_bits)
+    reserve = torch.full((K,), CLAQ_RESERVE_REST if outliers else 0.0)
+    if outliers:
+        heavy = torch.argsort(counts, descending=True, stable=True)[:round(CLAQ_HEAVY_FRACTION * K)]
+        reserve[heavy] = CLAQ_RESERVE_HEAVY
+    n_keep = (reserve * N).round().long()                     # fp16 values kept per column
+    codebooks = [None] * K
+    idx = torch.zeros(N, K, dtype=torch.long)
+    out_rows, out_cols, out_vals = [], [], []
+
+    def quantize_column(k, w, current):
+        keep = torch.topk(w.abs(), int(n_keep[k])).indices                # the most extreme values
+        rest = torch.ones(N, dtype=torch.bool)
+        rest[keep] = False                                     # reserved values do not pull the centroids
+        c = lcd.cluster(w[rest][None, :], torch.ones(int(rest.sum())), 2 ** int(col_bits[k]),
+                        init="kmeans++", generator=generator)
+        codebooks[k] = c["codebook"][0, 0].half().float()
+        idx[:, k] = nearest(w[:, None], codebooks[k][None, None, :], None)[:, 0]
+        q = codebooks[k][idx[:, k]]
+        q[keep] = w[keep].half().float()
+        out_rows.append(keep), out_cols.append(torch.full_like(keep, k)), out_vals.append(q[keep])
+        return q
+
+    W_hat = gptq_loop(W, H, quantize_column, act_order, block_size, damp)
+    rows = torch.cat(out_rows)
+    kept = (rows, torch.cat(out_cols), torch.cat(out_vals)) if rows.numel() else None
+    return dict(col_bits=col_bits, codebooks=codebooks, idx=idx, outliers=kept, W_hat=W_hat)
+
+
+class CLAQLinear(nn.Module):
+    """CLAQ's stored format: per column k a codebook of 2^{b_k} fp16 values shared by the column's N
+    weights, b_k-bit indices (columns of equal width packed together, lcd.pack_indices' layout), the
+    width of every column (uint8), and reserved outliers (flat position n*K + k as int32, value fp16).
+    forward: dequantize, then F.linear. storage_bits counts every buffer; the bias, kept as in the
+    original layer, is not counted (as in lcd.LUTLinear). lcd.save_quantized does not take this layer."""
+
+    def __init__(self, N, K, col_bits, codebooks, idx, outliers=None, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = K, N
+        self.register_buffer("col_bits", col_bits.to(torch.uint8))
+        for b in (2, 3, 4):
+            cols = (col_bits == b).nonzero()[:, 0]
+            if len(cols):
+                self.register_buffer(f"packed{b}", lcd.pack_indices(idx[:, cols], b))
+                self.register_buffer(f"codebook{b}", torch.stack([codebooks[k] for k in cols]).half())
+        if outliers is not None:
+            rows, cols, vals = outliers
+            self.register_buffer("outlier_pos", (rows * K + cols).to(torch.int32))
+            self.register_buffer("outlier_vals", vals.half())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
+
+    def weight_dequantized(self):
+        W = torch.zeros(self.out_features, self.in_features, device=self.col_bits.device)
+        for b in (2, 3, 4):
+            if hasattr(self, f"packed{b}"):
+                cols = (self.col_bits == b).nonzero()[:, 0]
+                codebook = getattr(self, f"codebook{b}").float()                   # (K_b, 2^b)
+                idx = lcd.unpack_indices(getattr(self, f"packed{b}"), b, len(cols))  # (N, K_b)
+                W[:, cols] = codebook[torch.arange(len(cols), device=W.device)[None, :], idx]
+        if hasattr(self, "outlier_pos"):
+            W.view(-1)[self.outlier_pos.long()] = self.outlier_vals.float()
+        return W
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight_dequantized().to(x.dtype), bias)
+
+    def storage_bits(self):
+        return bits_of(*self.buffers())       # the buffers are the stored format (bias: see LUTLinear)
+
+
+def claq(W, stats, bits, group_size=None, bias=None, target_bits=None, outliers=True,
+         act_order=GPTQ_ACT_ORDER, generator=None):
+    """CLAQ at an average of target_bits index bits per weight (default: bits). Column codebooks have no
+    groups: group_size must be None."""
+    W = _check(W, bits)
+    if group_size is not None:
+        raise ValueError("claq fits one codebook per column (all N rows); call it with group_size=None")
+    c = claq_quantize(W, hessian(stats, W.shape[1]), float(bits if target_bits is None else target_bits),
+                      outliers, act_order, generator=generator)
+    return CLAQLinear(*W.shape, c["col_bits"], c["codebooks"], c["idx"], c["outliers"], bias)
+
+
+# ==== 5. LCQ ========================================================================================
+# "LCQ: Low-Rank Codebook based Quantization for Large Language Models", Cai, Li, Li, arXiv:2405.20973.
+# A uniform quantizer with scale s and offset lo per row has the codebook s * v + lo, v = (0, 1, ..,
+# 2^b - 1): a rank-one matrix over rows minus a bias. LCQ lets it have rank r: the codebook of row/group
+# n is C[n] = S[n] V - B[n] with S (rows, r), V (r, 2^b) shared by the layer, B (rows,). The parameters
+# are learned by Adam on the layer output error tr(E H E^T), E = W - C[idx]. The assignment idx (nearest
+# centroid) has no gradient: it is recomputed every step and passed straight through, the gradient of a
+# weight going to the parameters of the centroid it uses. S, V, B are stored in fp16 (LCQ's storage);
+# the inference layer materializes C from them for the LUT kernel, but storage_bits counts S, V, B.
+
+
+def lcq_levels(bits, rank):
+    """V at init (r, 2^b): row 0 the integer levels 0 .. 2^b - 1, further rows centered, scaled powers of
+    the levels (zero-weighted at init by S, so the start is exactly RTN's grid)."""
+    v = torch.arange(2 ** bits, dtype=torch.float32)
+    rows = [v]
+    for j in range(2, rank + 1):
+        p = (v - v.mean()) ** j
+        p = p - p.mean()
+        rows.append(p / p.abs().max() * v.max())
+    return torch.stack(rows)
+
+
+def lcq_codebook(S, V, B, scale):
+    """C = scale * (S V - B): (N, G, r) x (r, L) -> (N, G, L). scale (N, G, 1) is the init grid step."""
+    return scale * (torch.einsum("ngr,rl->ngl", S, V) - B[..., None])
+
+
+@torch.enable_grad()                   # lcd.quantize runs under no_grad
+def lcq_fit(W, H, bits, group_size=None, rank=LCQ_RANK, steps=LCQ_STEPS, lr=LCQ_LR, fp16=True):
+    """Returns (codebook (N, G, 2^b), idx (N, K), params dict S, V, B (as stored)). With steps=0 and
+    rank=1 the codebook is RTN's uniform grid."""
+    W = _check(W, bits)
+    grid = uniform_codebook(W, bits, group_size)                        # (N, G, L)
+    step = (grid[..., 1:2] - grid[..., 0:1]).clamp_min(1e-8)            # (N, G, 1) grid step s
+    S = torch.zeros(*grid.shape[:2], rank)
+    S[..., 0] = 1.0                                                     # s = step * 1
+    B = -grid[..., 0] / step[..., 0]                                    # lo = -step * B
+    V = lcq_levels(bits, rank)
+    params = [S.requires_grad_(), V.requires_grad_(), B.requires_grad_()]
+    opt = torch.optim.Adam(params, lr=lr)
+    H = H.float()
+    best, best_loss = [p.detach().clone() for p in params], float("inf")
+    for it in range(steps + 1):
+        C = lcq_codebook(S, V, B, step)
+        with torch.no_grad():
+            idx = nearest(W, C, group_size)
+        E = W - lcd.dequantize(C, idx, group_size)
+        loss = ((E @ H) * E).sum()
+        if loss.item() < best_loss:
+            best_loss, best = loss.item(), [p.detach().clone() for p in params]
+        if it == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    S, V, B = best
+    # what is stored: the actual parameters in fp16 (scale folded into S and B)
+    S_stored, B_stored, V_stored = S * step, B * step[..., 0], V
+    if fp16:
+        S_stored, B_stored, V_stored = (t.half().float() for t in (S_stored, B_stored, V_stored))
+    C = torch.einsum("ngr,rl->ngl", S_stored, V_stored) - B_stored[..., None]
+    idx = nearest(W, C, group_size)
+    return C, idx, dict(S=S_stored, V=V_stored, B=B_stored)
+
+
+class LCQLinear(lcd.LUTLinear):
+    """A LUTLinear whose codebook is rebuilt from LCQ's fp16 parameters S (N, G, r), V (r, 2^b), B (N, G).
+    storage_bits counts what LCQ stores: the packed indices and S, V, B (not the 2^b materialized
+    entries of every row, which the LUT kernel derives from them at load time). lcd.save_quantized
+    writes it as the plain LUTLinear it also is: same outputs, but the file holds the materialized
+    codebook."""
+
+    def storage_bits(self):
+        return bits_of(self.packed, self.lcq_S, self.lcq_V, self.lcq_B)
+
+
+def lcq(W, stats, bits, group_size=None, bias=None, rank=LCQ_RANK, steps=LCQ_STEPS, lr=LCQ_LR):
+    C, idx, p = lcq_fit(W, hessian(stats, W.shape[1]), bits, group_size, rank, steps, lr)
+    layer = LCQLinear.from_clustered(C, idx, bits, group_size, bias=bias)
+    for name, value in p.items():           # not in the state_dict: save_quantized keeps the codebook
+        layer.register_buffer(f"lcq_{name}", value.half(), persistent=False)
+    return layer
+
+
+# ==== 6. LBLLM ======================================================================================
+# "LBLLM: Lightweight Binarization of Large Language Models via Three-Stage Distillation", Song, Wang,
+# Lang, Yang, Zhang, arXiv:2604.19167. W(1+1)A4: every weight is a sign bit and one bitmap bit that picks
+# which of its group's two scales a1 < a2 applies: values in {-a2, -a1, +a1, +a2}. Stored: 2 bits per
+# weight + 2 fp16 scales per group (+ one fp16 activation clip per layer with A4). Three stages, reduced
+# budget: (1) PTQ init: bitmap = magnitude above/below a threshold, a1, a2 = mean |w| of each side (a
+# 2-means of |w| weighted by h, lcd.cluster); (2) layer-wise distillation with FP activations: latent
+# weights (sign and bitmap through a straight-through estimator) and the scales learned on the layer
+# output error tr(E H E^T); (3) a learned clipping factor of the per-token symmetric 4-bit activation
+# quantizer, trained on the layer output error over calibration inputs: stats["X"] (rows of real inputs)
+# when the caller collected them, otherwise Gaussian rows with covariance H (same second moments as the
+# real inputs, lighter tails: the clip learned then is a surrogate, documented as such).
+
+
+def lbllm_codebook(scales):
+    """(N, G, 2) scales a1, a2 -> (N, G, 4) codebook (-a2, -a1, +a1, +a2); index = 2 * sign + bitmap
+    with the bitmap mirrored on the negative side so that the codebook stays sorted."""
+    a1, a2 = scales[..., 0], scales[..., 1]
+    return torch.stack([-a2, -a1, a1, a2], dim=-1)
+
+
+def lbllm_index(W, scales, group_size):
+    """Sign bit from the sign of W, bitmap bit from the magnitude's nearer scale."""
+    bitmap = nearest(W.abs(), scales, group_size)                     # 0: a1, 1: a2
+    return torch.where(W >= 0, 2 + bitmap, 1 - bitmap)
+
+
+def fake_quantize_clipped(x, a_bits, clip):
+    """Per-token symmetric fake quantization to a_bits (levels -(2^(a-1) - 1) .. 2^(a-1) - 1, as
+    lcd.quantize_activations), range clip * max|x| of the token, so values beyond it saturate. The rounding
+    is passed straight through (its gradient reaches clip, as in learned step size quantization)."""
+    qmax = 2 ** (a_bits - 1) - 1
+    step = (clip * x.abs().amax(-1, keepdim=True)).clamp_min(1e-8) / qmax
+    u = x / step
+    u = u + (u.round() - u).detach()
+    return u.clamp(-qmax, qmax) * step
+
+
+@torch.enable_grad()                   # lcd.quantize runs under no_grad
+def lbllm_fit(W, H, group_size=None, steps=LBLLM_STEPS, lr=LBLLM_LR, h=None):
+    """Stages 1 and 2. Returns (scales (N, G, 2) fp16-exact, idx (N, K) in 0..3)."""
+    W = _check(W, 2)
+    h = torch.diag(H) if h is None else h
+    init = lcd.cluster(W.abs(), h.float(), 2, group_size=group_size, init="density")   # stage 1
+    scales = init["codebook"].sort(-1).values.clamp_min(1e-8)                         # (N, G, 2)
+    H = H.float()
+    latent = W.clone().requires_grad_()
+    scales = scales.clone().requires_grad_()
+    unit = W.abs().mean().item()
+    opt = torch.optim.Adam([latent, scales], lr=lr * unit)
+    best, best_loss = scales.detach().clone(), float("inf")
+    best_latent = latent.detach().clone()
+    for it in range(steps + 1):
+        with torch.no_grad():
+            idx = lbllm_index(latent, scales, group_size)
+        W_hat = lcd.dequantize(lbllm_codebook(scales), idx, group_size)
+        W_hat = W_hat + latent - latent.detach()                      # straight-through to the latent weights
+        E = W - W_hat
+        loss = ((E @ H) * E).sum()
+        if loss.item() < best_loss:
+            best_loss, best, best_latent = loss.item(), scales.detach().clone(), latent.detach().clone()
+        if it == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    scales = best.abs().sort(-1).values.half().float()
+    return scales, lbllm_index(best_latent, scales, group_size)
+
+
+@torch.enable_grad()                   # lcd.quantize runs under no_grad
+def lbllm_clip(W_hat, X, a_bits=LBLLM_A_BITS, steps=LBLLM_ACT_STEPS, lr=1e-2):
+    """Stage 3: the clip factor in (0, 1] minimizing ||Q(X) W_hat^T - X W_hat^T||^2 on calibration rows X."""
+    clip = torch.ones((), requires_grad=True)
+    opt = torch.optim.Adam([clip], lr=lr)
+    target = X @ W_hat.t()
+    best, best_loss = 1.0, float("inf")
+    for it in range(steps + 1):
+        loss = (fake_quantize_clipped(X, a_bits, clip) @ W_hat.t() - target).pow(2).mean()
+        if loss.item() < best_loss:
+            best_loss, best = loss.item(), float(clip.detach())
+        if it == steps:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.clamp_(0.05, 1.0)
+    return best
+
+
+class LBLLMLinear(lcd.LUTLinear):
+    """A 2-bit LUTLinear whose codebook (-a2, -a1, a1, a2) is stored as its two fp16 scales per group;
+    with act_bits set, the input is fake-quantized per token to act_bits with the learned clip first.
+    lcd.save_quantized writes it as a plain LUTLinear: the weights survive, the activation clip does not."""
+    act_bits = None
+
+    def forward(self, x):
+        if self.act_bits is not None:
+            x = fake_quantize_clipped(x, self.act_bits, self.act_clip.float())
+        return super().forward(x)
+
+    def storage_bits(self):
+        a1_a2 = self.codebook[..., 2:]                      # the two scales of every group, fp16
+        return bits_of(self.packed, a1_a2, self.act_clip if self.act_bits is not None else None)
+
+
+def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bits=LBLLM_A_BITS,
+          act_steps=LBLLM_ACT_STEPS, generator=None):
+    """W(1+1) at 2 bits per weight, the only width the format has."""
+    if bits != 2:
+        raise ValueError(f"lbllm is W(1+1): 2 bits per weight (a sign and a bitmap bit), got bits={bits}")
+    W = _check(W, 2)
+    H = hessian(stats, W.shape[1])
+    scales, idx = lbllm_fit(W, H, group_size, steps, h=stats["h"])
+    codebook = lbllm_codebook(scales)
+    layer = LBLLMLinear.from_clustered(codebook, idx, 2, group_size, bias=bias)
+    layer.act_bits = a_bits
+    clip = 1.0
+    if a_bits is not None:
+        X = stats.get("X")
+        if X is None:                                      # surrogate inputs with the right covariance
+            K = H.shape[0]
+            L = torch.linalg.cholesky(H.double() + 1e-6 * H.diag().mean() * torch.eye(K, dtype=torch.double))
+            z = torch.randn(LBLLM_ACT_SAMPLES, H.shape[0], generator=generator, dtype=torch.double)
+            X = (z @ L.t()).float()
+        clip = lbllm_clip(lcd.dequantize(codebook, idx, group_size), X.float(), a_bits, act_steps)
+    layer.register_buffer("act_clip", torch.tensor(clip).half(), persistent=False)   # see LBLLMLinear
+    return layer
+
+
+# ==== the registry lcd.quantize looks names up in ===================================================
+
+METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
+NEEDS_HESSIAN = {"gptq", "claq", "lcq", "lbllm"}
