@@ -14,15 +14,804 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 """
 
 # ==== 1. calibration ============================================================================ [A]
+import math
+import os
+import tempfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row stops changing long before
+DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search (exact up to 128 wide)
+ENTRIES_PER_WORD = {2: 16, 3: 10, 4: 8}  # b-bit indices per 32-bit word (3-bit: 10 a word, 2 bits spare)
+FORMAT_VERSION = 1      # version of the file written by save_quantized
+
+
+def model_logits(output):
+    """The logits in what a model's forward returned: a tensor, a tuple starting with them, or `.logits`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}: forward must "
+                    "return a tensor, a tuple starting with the logits, or an object with a .logits tensor")
+
+
+def find_linears(model, skip=None):
+    """{qualified name: nn.Linear} of the layers to quantize, in module order.
+
+    Always left out: the output head (a Linear named lm_head) and every Linear whose weight is shared with
+    an nn.Embedding (tied embeddings). `skip` leaves out more: a name substring or a list of them."""
+    skip = [skip] if isinstance(skip, str) else list(skip or [])
+    embedding_weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"
+            and m.weight.data_ptr() not in embedding_weights and not any(s in name for s in skip)}
+
+
+def check_calib_batch(batch):
+    """Calibration data is token ids: 2-D int64 tensors (B, T). Anything else is a clear error."""
+    if not (isinstance(batch, torch.Tensor) and batch.dim() == 2 and batch.dtype == torch.int64):
+        got = f"{batch.dtype} of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor) \
+            else type(batch).__name__
+        raise ValueError(f"calibration batches must be 2-D int64 token ids of shape (B, T), got {got}; "
+                         "pass a list of such tensors, e.g. [get_batch(...)[0] for _ in range(8)]")
+
+
+@torch.no_grad()
+def collect_stats(model, calib, names, full_hessian=False):
+    """Run the model on the calibration batches and record, with forward hooks, the input statistics of
+    the named linear layers: {name: {"h": (K,), "H": (K, K) or None, "n": tokens seen}}.
+    h_k = mean over tokens of x_k^2 (the diagonal of the layer Hessian X^T X / n); H = X^T X / n in full."""
+    calib = [calib] if isinstance(calib, torch.Tensor) else calib  # one (B, T) batch is fine too
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"collect_stats: the model has no modules named {missing}")
+    sums = {}
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
+            s = sums.setdefault(name, {"h": 0.0, "H": 0.0 if full_hessian else None, "n": 0})
+            s["h"] = s["h"] + (x * x).sum(0)
+            if full_hessian:
+                s["H"] = s["H"] + x.T @ x
+            s["n"] += x.shape[0]
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+    was_training, n_batches = model.training, 0
+    model.eval()
+    try:
+        for batch in calib:
+            check_calib_batch(batch)
+            model(batch.to(device))
+            n_batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if n_batches == 0:
+        raise ValueError("calibration data is empty: pass at least one (B, T) batch of token ids")
+    unused = [n for n in names if n not in sums]
+    if unused:
+        raise ValueError(f"the calibration forward never reached layers {unused}: are they used by forward()?")
+    return {n: {"h": s["h"] / s["n"], "H": s["H"] / s["n"] if full_hessian else None, "n": s["n"]}
+            for n, s in sums.items()}
+
 
 # ==== 2. clustering ============================================================================= [A]
+# Every row n of W (or every group of `group_size` consecutive inputs of it) gets its own codebook of C
+# centroids. To do all rows and groups of a layer at once, W (N, K) is viewed as R = N * G short rows of
+# length group_size ("grouped rows", the last group zero-padded), and everything below works on (R, ...).
+# The error of a grouped row is sum_k h_k (w_k - c[idx_k])^2: h_k is the importance of input channel k.
+
+def check_group_size(group_size, K):
+    """None means one codebook per row (group_size = K). A last group shorter than group_size is padded."""
+    if group_size is None:
+        return K
+    if not isinstance(group_size, int) or not 0 < group_size <= K:
+        raise ValueError(f"group_size must be an int in 1..K={K} (None for one codebook per row), got "
+                         f"{group_size!r}")
+    return group_size
+
+
+def check_weight(W, name="weight"):
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{name} holds NaN or inf values: fix or retrain the model before quantizing it")
+
+
+def _grouped(t, group_size):
+    """(N, K) -> (N * G, group_size): row n * G + g holds group g of row n, the last group zero-padded."""
+    N, K = t.shape
+    G = math.ceil(K / group_size)
+    return F.pad(t, (0, G * group_size - K)).reshape(N * G, group_size)
+
+
+def _assign(w, codebook):
+    """Index of the nearest centroid for every weight: w (R, g), codebook (R, C) -> (R, g) int64.
+    Binary search among the midpoints of the sorted centroids: O(log C) a weight and no (R, g, C) tensor.
+    A weight exactly between two centroids goes to the smaller one."""
+    sorted_c, order = codebook.sort(dim=1)
+    midpoints = (sorted_c[:, 1:] + sorted_c[:, :-1]) / 2                     # (R, C-1)
+    return order.gather(1, torch.searchsorted(midpoints.contiguous(), w.contiguous()))
+
+
+def _weighted_means(w, mass, idx, old):
+    """Move each centroid to the weighted mean of its members; a centroid with no mass stays where it is."""
+    sums = torch.zeros_like(old).scatter_add_(1, idx, mass * w)
+    total = torch.zeros_like(old).scatter_add_(1, idx, mass)
+    return torch.where(total > 0, sums / total.clamp_min(1e-30), old)
+
+
+def _optimal_cuts(P, Q, S, C, chunk=2**22):
+    """1-D weighted k-means solved exactly by dynamic programming over M atoms, given prefix sums over the
+    atoms of mass P, mass * value Q and mass * value^2 S, each (R, M+1). Returns the boundaries (R, C+1)
+    of the C runs of atoms with the least total weighted SSE. cost[i, j] = SSE of atoms i..j-1 as one bin;
+    best_k[j] = least SSE of atoms 0..j-1 in k bins = min_i best_{k-1}[i] + cost[i, j]. O(C M^2) a row."""
+    R, M = P.shape[0], P.shape[1] - 1
+    cuts = torch.empty(R, C + 1, dtype=torch.long, device=P.device)
+    cuts[:, 0], cuts[:, C] = 0, M
+    not_a_bin = torch.ones(M + 1, M + 1, dtype=torch.bool, device=P.device).tril()  # j <= i
+    step = max(1, chunk // (M + 1) ** 2)                                            # rows at a time
+    for r in range(0, R, step):
+        m, q, s = (t[r:r + step, None, :] - t[r:r + step, :, None] for t in (P, Q, S))  # (rows, i, j)
+        cost = (s - q * q / m.clamp_min(1e-30)).masked_fill_(not_a_bin, math.inf)
+        best, choices = cost[:, 0], []
+        for _ in range(C - 1):
+            best, choice = (best[:, :, None] + cost).min(1)
+            choices.append(choice)
+        j = torch.full_like(cuts[r:r + step, :1], M)
+        for k in range(C - 1, 0, -1):                               # walk back from the last bin
+            j = choices[k - 1].gather(1, j)
+            cuts[r:r + step, k] = j[:, 0]
+    return cuts
+
+
+def density_init(w, mass, C, n_atoms=DENSITY_ATOMS):
+    """Density-based initialization: bins of the importance-weighted distribution of each grouped row, and
+    each centroid at the weighted mean of its bin. w, mass: (R, g) -> (R, C).
+
+    Measured on 128-wide rows (tests/test_lcd.py), C bins of equal weighted mass followed by Lloyd end
+    3 % (C=4) to 6x (C=16, Student-t) above the optimal weighted SSE: they give the tails too few
+    centroids and Lloyd stalls in a local minimum. So the bins are chosen better, in two steps:
+      1. cut the sorted row into M atoms of equal share of p^(1/3), where p is the importance-weighted
+         density of the weights (from the spacing of the sorted weights): p^(1/3) is the point density of
+         an optimal quantizer (Panter & Dite), denser than equal mass where weights are rare;
+      2. merge the atoms into the C runs with the least weighted SSE, exactly (_optimal_cuts).
+    A row of at most M weights is its own M atoms, and then the bins are the exact optimum."""
+    R, n = w.shape
+    v, order = w.sort(dim=1)
+    m = mass.gather(1, order)
+    mean = (m * v).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1e-30)
+    v = v - mean                                               # centred: the sums below stay well conditioned
+    M = max(C, min(n, n_atoms))
+    if n <= M:
+        atom = torch.arange(n, device=w.device).expand(R, n)   # one atom a weight
+    else:                                                      # compander: grows by p^(1/3) dx, p = dmass/dx
+        dG = ((m[:, 1:] + m[:, :-1]) / 2) ** (1 / 3) * (v[:, 1:] - v[:, :-1]) ** (2 / 3)
+        G = F.pad(dG.cumsum(1), (1, 0))                        # (R, n)
+        atom = (G / G[:, -1:].clamp_min(1e-30) * M).long().clamp(max=M - 1)
+
+    def prefix(t):                                             # per-atom totals, then prefix sums: (R, M+1)
+        return F.pad(torch.zeros(R, M, device=w.device).scatter_add_(1, atom, t).cumsum(1), (1, 0))
+
+    P, Q = prefix(m), prefix(m * v)
+    cuts = _optimal_cuts(P, Q, prefix(m * v * v), C)           # (R, C+1)
+    bin_mass = P.gather(1, cuts[:, 1:]) - P.gather(1, cuts[:, :-1])
+    bin_sum = Q.gather(1, cuts[:, 1:]) - Q.gather(1, cuts[:, :-1])
+    return bin_sum / bin_mass.clamp_min(1e-30) + mean
+
+
+def uniform_init(w, keep, C):
+    """RTN's grid: C evenly spaced points from the smallest to the largest weight of each grouped row."""
+    lo = torch.where(keep, w, torch.inf).amin(1, keepdim=True)
+    hi = torch.where(keep, w, -torch.inf).amax(1, keepdim=True)
+    lo, hi = lo.nan_to_num(0.0, 0.0, 0.0), hi.nan_to_num(0.0, 0.0, 0.0)       # rows with nothing kept
+    return lo + (hi - lo) * torch.linspace(0, 1, C, device=w.device)
+
+
+def kmeanspp_init(w, mass, C, generator):
+    """k-means++ seeding: each next centroid is a weight drawn with probability ~ mass * distance^2."""
+    def draw(p):
+        p = torch.where(p.sum(1, keepdim=True) > 0, p, torch.ones_like(p))   # all distances 0: any will do
+        return w.gather(1, torch.multinomial(p, 1, generator=generator))      # (R, 1)
+    centroids = [draw(mass)]
+    d2 = (w - centroids[0]) ** 2
+    for _ in range(C - 1):
+        centroids.append(draw(mass * d2))
+        d2 = torch.minimum(d2, (w - centroids[-1]) ** 2)
+    return torch.cat(centroids, 1)
+
+
+def _lloyd_grouped(w, mass, codebook, idx, max_iters):
+    """Weighted Lloyd on grouped rows: centroids to the weighted means of their members, weights to their
+    nearest centroid, repeated until no assignment changes. Rows that have converged drop out."""
+    codebook, idx = codebook.clone(), idx.clone()
+    active = torch.arange(w.shape[0], device=w.device)
+    for _ in range(max_iters):
+        if len(active) == 0:
+            break
+        w_a, idx_a = w[active], idx[active]
+        c = _weighted_means(w_a, mass[active], idx_a, codebook[active])
+        new_idx = _assign(w_a, c)
+        codebook[active], idx[active] = c, new_idx
+        active = active[(new_idx != idx_a).any(1)]
+    return codebook, idx
+
+
+def select_outliers(W, h, frac):
+    """Dense-and-sparse: the top `frac` of weights by importance-weighted magnitude h_k * w^2, kept in full
+    precision. Returns (rows, cols, values) sorted by position, or None."""
+    n = round(frac * W.numel())
+    if n == 0:
+        return None
+    flat = (h * W * W).flatten().topk(n).indices.sort().values
+    rows, cols = flat // W.shape[1], flat % W.shape[1]
+    return rows, cols, W[rows, cols]
+
+
+def cluster(W, h, n_centroids, group_size=None, init="density", max_iters=LLOYD_MAX_ITERS,
+            outlier_frac=0.0, generator=None):
+    """Cluster every row (or group) of W (N, K) into n_centroids, minimizing sum_k h_k (w_k - c)^2.
+
+    init: "density" (equal weighted-mass bins, LCD), "uniform" (min/max grid, RTN) or "kmeans++".
+    Weighted Lloyd refinement follows (max_iters=0: none, plain nearest-centroid rounding).
+    Returns dict(codebook=(N, G, C) float32, idx=(N, K) int64, outliers=(rows, cols, vals) or None)."""
+    N, K = W.shape
+    group_size = check_group_size(group_size, K)
+    if not (isinstance(n_centroids, int) and n_centroids >= 2 and n_centroids & (n_centroids - 1) == 0):
+        raise ValueError(f"n_centroids must be a power of two >= 2, got {n_centroids!r}")
+    check_weight(W)
+    W = W.detach().float()
+    h = torch.as_tensor(h).detach().float().to(W.device)
+    if h.shape != (K,) or not torch.isfinite(h).all() or (h < 0).any():
+        raise ValueError(f"importance h must be a finite non-negative tensor of shape ({K},), got "
+                         f"shape {tuple(h.shape)}")
+    outliers = select_outliers(W, h, outlier_frac) if outlier_frac > 0 else None
+    keep = torch.ones_like(W, dtype=torch.bool)                      # weights the codebook has to fit
+    if outliers is not None:
+        keep[outliers[0], outliers[1]] = False
+    w, keep = _grouped(W, group_size), _grouped(keep, group_size)    # (R, g); padding is not kept
+    mass = _grouped(h.expand(N, K), group_size) * keep
+    # a group that carries no importance at all (dead input channels) falls back to equal weights
+    mass = torch.where(mass.sum(1, keepdim=True) > 0, mass, keep.float())
+    if init == "density":
+        codebook = density_init(w, mass, n_centroids)
+    elif init == "uniform":
+        codebook = uniform_init(w, keep, n_centroids)
+    elif init == "kmeans++":
+        if generator is None:
+            generator = torch.Generator(W.device).manual_seed(0)     # deterministic by default
+        codebook = kmeanspp_init(w, mass, n_centroids, generator)
+    else:
+        raise ValueError(f"unknown init {init!r}: use 'density', 'uniform' or 'kmeans++'")
+    codebook, idx = _lloyd_grouped(w, mass, codebook, _assign(w, codebook), max_iters)
+    G = math.ceil(K / group_size)
+    return dict(codebook=codebook.view(N, G, n_centroids), idx=idx.view(N, -1)[:, :K].contiguous(),
+                outliers=outliers)
+
+
+def lloyd(W, h, codebook, idx, group_size, max_iters=LLOYD_MAX_ITERS, outliers=None):
+    """Weighted Lloyd refinement from a given codebook (N, G, C) and assignment idx (N, K): the first step
+    moves the centroids to the weighted means of the given assignment. Returns (codebook, idx)."""
+    N, K = W.shape
+    group_size = check_group_size(group_size, K)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    if outliers is not None:
+        keep[outliers[0], outliers[1]] = False
+    mass = _grouped(h.float().expand(N, K) * keep, group_size)
+    mass = torch.where(mass.sum(1, keepdim=True) > 0, mass, _grouped(keep.float(), group_size))
+    C = codebook.shape[-1]
+    c, i = _lloyd_grouped(_grouped(W.detach().float(), group_size), mass, codebook.detach().float().reshape(-1, C),
+                          _grouped(idx, group_size), max_iters)
+    return c.view(codebook.shape), i.view(N, -1)[:, :K].contiguous()
+
+
+def dequantize(codebook, idx, group_size):
+    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) -> (N, K)."""
+    N, G, C = codebook.shape
+    K = idx.shape[1]
+    group_size = check_group_size(group_size, K)
+    group_of = torch.arange(K, device=idx.device) // group_size                    # (K,)
+    return codebook.float().reshape(N, G * C).gather(1, group_of * C + idx)
+
+
+def weighted_sse(W, h, codebook, idx, group_size, outliers=None):
+    """sum_k h_k (w - w_hat)^2 per row and group: (N, G). Outliers, if given, are exact (zero error)."""
+    W_hat = dequantize(codebook, idx, group_size)
+    if outliers is not None:
+        W_hat[outliers[0], outliers[1]] = outliers[2].float()
+    err = h.float() * (W.float() - W_hat) ** 2                                     # (N, K)
+    return _grouped(err, check_group_size(group_size, W.shape[1])).sum(1).view(W.shape[0], -1)
+
 
 # ==== 3. packed format ========================================================================== [A]
+# The stored layout, shared exactly by this file and kernels.cu:
+#
+#   E = ENTRIES_PER_WORD[b] indices per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero),
+#   b=4 -> 8.  n_words = ceil(K / E).  packed: (N, n_words) int32, row-major, read as uint32 bit patterns.
+#   The index of weight (n, k) sits in word packed[n, k // E] at bits [(k % E) * b, (k % E) * b + b):
+#   entry 0 in the lowest bits. Entries past the end of a row (k >= K) are 0.
+#
+#       b = 2:  bit 31 ........................................ bit 0
+#               | k=15 | k=14 | ... | k=2 | k=1 | k=0 |           (16 x 2 bits)
+#       b = 3:  | 00 | k=9 | k=8 | ... | k=1 | k=0 |               (2 spare + 10 x 3 bits)
+#       b = 4:  | k=7 | k=6 | ... | k=1 | k=0 |                    (8 x 4 bits)
+#
+#   codebook: (N, G, 2^b) fp16 row-major, G = ceil(K / group_size); weight (n, k) is
+#   codebook[n, k // group_size, idx[n, k]]. Unpacking: idx = (word >> ((k % E) * b)) & (2^b - 1).
+
+def check_bits(bits):
+    if bits not in ENTRIES_PER_WORD:
+        raise ValueError(f"bits must be 2, 3 or 4 (2^bits centroids a codebook), got {bits!r}")
+
+
+def pack_indices(idx, bits):
+    """(N, K) integer indices in [0, 2^bits) -> (N, ceil(K / E)) int32 words in the layout above."""
+    check_bits(bits)
+    N, K = idx.shape
+    if idx.numel() and (idx.min() < 0 or idx.max() >= 2 ** bits):
+        raise ValueError(f"indices must lie in [0, {2 ** bits}) for {bits}-bit packing, got "
+                         f"[{idx.min().item()}, {idx.max().item()}]")
+    E = ENTRIES_PER_WORD[bits]
+    n_words = math.ceil(K / E)
+    entries = F.pad(idx.long(), (0, n_words * E - K)).view(N, n_words, E)          # padding entries are 0
+    shifts = torch.arange(E, device=idx.device) * bits                             # (E,)
+    words = (entries << shifts).sum(-1)       # disjoint bit fields, so the sum is their OR: in [0, 2^32)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # same bits as uint32
+
+
+def unpack_indices(packed, bits, K):
+    """(N, n_words) int32 words -> (N, K) int64 indices: the inverse of pack_indices."""
+    check_bits(bits)
+    E = ENTRIES_PER_WORD[bits]
+    if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != math.ceil(K / E):
+        raise ValueError(f"packed must be int32 (N, {math.ceil(K / E)}) for K={K}, b={bits}; got "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    words = packed.long() & 0xFFFFFFFF                                             # uint32 value
+    shifts = torch.arange(E, device=packed.device) * bits
+    entries = (words[:, :, None] >> shifts) & (2 ** bits - 1)                      # (N, n_words, E)
+    return entries.reshape(packed.shape[0], -1)[:, :K]
+
 
 # ==== 4. LUTLinear ============================================================================== [A]
 
+def fake_quantize_per_token(x, bits):
+    """Symmetric per-token activation quantization, kept in floating point: round(x / s) * s with
+    s = max|x| / (2^(bits-1) - 1) over the last dimension. The gradient passes straight through."""
+    q_max = 2 ** (bits - 1) - 1
+    scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / q_max
+    x_q = (x / scale).round().clamp(-q_max, q_max) * scale
+    return x + (x_q - x).detach()
+
+
+class LUTLinear(nn.Module):
+    """A linear layer served from look-up tables: y = x W_hat^T + bias with
+    W_hat[n, k] = codebook[n, k // group_size, idx[n, k]], the indices packed as in section 3.
+
+    Buffers: packed (N, n_words) int32, codebook (N, G, 2^b) fp16; optional: outlier_rows, outlier_cols
+    int32 and outlier_vals fp16 (sparse weights kept exactly: they replace the codebook value there),
+    in_scale (K,) fp16 (smoothing: the layer computes LUT(x / in_scale); round s to fp16 before folding it
+    into W). bias is an ordinary parameter. a_bits (None, 8 or 4): per-token activation fake-quant."""
+
+    def __init__(self, in_features, out_features, bits, group_size=None, bias=True, n_outliers=0,
+                 in_scale=False, a_bits=None, device=None):
+        super().__init__()
+        check_bits(bits)
+        if a_bits not in (None, 4, 8):
+            raise ValueError(f"a_bits must be None (weight-only), 8 or 4, got {a_bits!r}")
+        self.in_features, self.out_features, self.bits, self.a_bits = in_features, out_features, bits, a_bits
+        self.group_size = check_group_size(group_size, in_features)
+        n_words = math.ceil(in_features / ENTRIES_PER_WORD[bits])
+        G = math.ceil(in_features / self.group_size)
+        self.register_buffer("packed", torch.zeros(out_features, n_words, dtype=torch.int32, device=device))
+        self.register_buffer("codebook", torch.zeros(out_features, G, 2 ** bits, dtype=torch.float16,
+                                                     device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+        has_outliers = n_outliers > 0
+        self.register_buffer("outlier_rows", torch.zeros(n_outliers, dtype=torch.int32, device=device)
+                             if has_outliers else None)
+        self.register_buffer("outlier_cols", torch.zeros(n_outliers, dtype=torch.int32, device=device)
+                             if has_outliers else None)
+        self.register_buffer("outlier_vals", torch.zeros(n_outliers, dtype=torch.float16, device=device)
+                             if has_outliers else None)
+        self.register_buffer("in_scale", torch.ones(in_features, dtype=torch.float16, device=device)
+                             if in_scale else None)
+
+    @classmethod
+    def from_clustered(cls, codebook, idx, bits, group_size, bias=None, outliers=None, in_scale=None,
+                       a_bits=None):
+        """Build the layer from cluster()'s output: codebook (N, G, 2^bits), idx (N, K)."""
+        N, K = idx.shape
+        layer = cls(K, N, bits, group_size, bias=bias is not None,
+                    n_outliers=0 if outliers is None else len(outliers[0]), in_scale=in_scale is not None,
+                    a_bits=a_bits, device=idx.device)
+        if codebook.shape != layer.codebook.shape:
+            raise ValueError(f"codebook has shape {tuple(codebook.shape)}, expected "
+                             f"{tuple(layer.codebook.shape)} for K={K}, group_size={layer.group_size}, b={bits}")
+        layer.packed.copy_(pack_indices(idx, bits))
+        layer.codebook.copy_(codebook)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        if outliers is not None:
+            layer.outlier_rows.copy_(outliers[0])
+            layer.outlier_cols.copy_(outliers[1])
+            layer.outlier_vals.copy_(outliers[2])
+        if in_scale is not None:
+            layer.in_scale.copy_(in_scale)
+        return layer
+
+    def weight_dequantized(self):
+        """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back."""
+        idx = unpack_indices(self.packed, self.bits, self.in_features)
+        W = dequantize(self.codebook, idx, self.group_size)
+        if self.outlier_vals is not None:
+            W[self.outlier_rows.long(), self.outlier_cols.long()] = self.outlier_vals.float()
+        return W
+
+    def storage_bits(self):
+        """Every bit stored for the weight: the packed words as they are (b=3 holds 10 indices in 32 bits,
+        so 3.2 bits an index), fp16 codebooks, outliers (fp16 value + two int32 positions = 80 bits each)
+        and the fp16 input scale. The bias is not counted: it is kept as in the original layer."""
+        bits = 32 * self.packed.numel() + 16 * self.codebook.numel()
+        if self.outlier_vals is not None:
+            bits += (16 + 32 + 32) * self.outlier_vals.numel()
+        if self.in_scale is not None:
+            bits += 16 * self.in_scale.numel()
+        return bits
+
+    def forward(self, x):                                                   # x: (..., K)
+        if self.in_scale is not None:
+            x = x / self.in_scale.to(x.dtype)
+        if self.a_bits:
+            x = fake_quantize_per_token(x, self.a_bits)
+        # On a GPU, section 6 serves the layer from the packed format (kernels.cu): lut_forward_cuda(layer,
+        # x) gets x after the input scale and activation quantization and returns x W_hat^T + bias
+        # (outliers included), or None when it cannot (no CuPy, a case it does not cover): then the
+        # PyTorch reference below runs.
+        cuda_forward = globals().get("lut_forward_cuda")
+        if x.is_cuda and cuda_forward is not None:
+            y = cuda_forward(self, x)
+            if y is not None:
+                return y
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, outliers={0 if self.outlier_vals is None else len(self.outlier_vals)}"
+                f", a_bits={self.a_bits}")
+
+
 # ==== 5. quantize(), footprint, save / load ===================================================== [A]
+BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own; other names come from baselines.METHODS
+
+
+def _set_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
+def _baseline(method):
+    """Look a baseline up in baselines.METHODS: (function, whether it needs the full Hessian)."""
+    try:
+        import baselines
+    except ModuleNotFoundError as e:
+        if e.name != "baselines":
+            raise
+        baselines = None
+    methods = getattr(baselines, "METHODS", {})
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}: use one of {list(BUILTIN_METHODS) + sorted(methods)}")
+    return methods[method], method in getattr(baselines, "NEEDS_HESSIAN", ())
+
+
+def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier_frac=0.0, **kw):
+    """One nn.Linear -> LUTLinear. "lcd": density init + importance-weighted Lloyd (h: mean x_k^2 from
+    calibration, None for all ones); "rtn": uniform min/max grid, rounding only, unweighted; "kmeans":
+    k-means++ + Lloyd, unweighted. kw go to cluster() (max_iters, generator)."""
+    W = linear.weight.detach().float()
+    ones = torch.ones(W.shape[1], device=W.device)
+    if method == "lcd":
+        init, h = "density", ones if h is None else h
+    elif method == "kmeans":
+        init, h = "kmeans++", ones
+    elif method == "rtn":
+        init, h, kw = "uniform", ones, {**kw, "max_iters": 0}
+    else:
+        raise ValueError(f"quantize_linear knows methods {list(BUILTIN_METHODS)}, got {method!r}")
+    out = cluster(W, h, 2 ** bits, group_size, init, outlier_frac=outlier_frac, **kw)
+    return LUTLinear.from_clustered(out["codebook"], out["idx"], bits, group_size, bias=linear.bias,
+                                    outliers=out["outliers"])
+
+
+@torch.no_grad()
+def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, outlier_frac=0.0, **kw):
+    """Replace the model's linear layers (find_linears: all but embeddings and the output head, minus
+    `skip`) with quantized layers, in place; returns the model.
+
+    bits: 2, 3 or 4; group_size: inputs per codebook (None: one codebook per row); calib: an iterable of
+    (B, T) int64 token-id tensors for the importance h_k = mean x_k^2 (None: h = 1, plain magnitude);
+    method: "lcd", "rtn", "kmeans" or a name in baselines.METHODS; outlier_frac: fraction of weights kept
+    exactly (dense-and-sparse). Works on any model whose forward takes token ids."""
+    check_bits(bits)
+    if not 0.0 <= outlier_frac < 1.0:
+        raise ValueError(f"outlier_frac must be in [0, 1), got {outlier_frac!r}")
+    linears = find_linears(model, skip)
+    if not linears:
+        raise ValueError("no nn.Linear layers to quantize (embeddings and the output head are always kept)")
+    for name, linear in linears.items():                         # check everything before changing anything
+        check_group_size(group_size, linear.in_features)
+        check_weight(linear.weight, f"layer {name!r}")
+    baseline, needs_hessian = (None, False) if method in BUILTIN_METHODS else _baseline(method)
+    stats = None
+    if calib is not None and method not in ("rtn", "kmeans"):     # the plain baselines ignore importance
+        stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian)
+    for name, linear in linears.items():
+        if baseline is None:
+            h = stats[name]["h"] if stats else None
+            layer = quantize_linear(linear, bits, group_size, h, method, outlier_frac, **kw)
+        else:
+            K = linear.in_features
+            layer_stats = stats[name] if stats else {"h": torch.ones(K), "H": None, "n": 0}
+            layer = baseline(linear.weight.detach().float(), layer_stats, bits, group_size, **kw)
+        _set_module(model, name, layer)
+    return model
+
+
+def footprint(model):
+    """Bytes and effective bits per weight of every quantized layer (any module with storage_bits()) and
+    in total. params = in_features * out_features of the layer."""
+    layers, counted = {}, []
+    for name, m in model.named_modules():
+        if hasattr(m, "storage_bits") and not any(name.startswith(c + ".") for c in counted):
+            counted.append(name)
+            bits, params = m.storage_bits(), m.in_features * m.out_features
+            layers[name] = {"bytes": math.ceil(bits / 8), "bits_per_weight": bits / params, "params": params}
+    total_bits = sum(l["bits_per_weight"] * l["params"] for l in layers.values())
+    total_params = sum(l["params"] for l in layers.values())
+    return {"layers": layers, "total_bytes": sum(l["bytes"] for l in layers.values()),
+            "bits_per_weight": total_bits / total_params if total_params else 0.0}
+
+
+def _layer_header(layer):
+    return {"in_features": layer.in_features, "out_features": layer.out_features, "bits": layer.bits,
+            "group_size": layer.group_size, "bias": layer.bias is not None, "a_bits": layer.a_bits,
+            "n_outliers": 0 if layer.outlier_vals is None else len(layer.outlier_vals),
+            "in_scale": layer.in_scale is not None}
+
+
+def save_quantized(model, path):
+    """Write the quantized model's state_dict and a header describing each LUTLinear (atomically)."""
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LUTLinear):
+            layers[name] = _layer_header(m)
+        elif hasattr(m, "storage_bits"):
+            raise ValueError(f"save_quantized stores LUTLinear layers only; {name!r} is a {type(m).__name__}")
+    header = {"format": "lcd-quantized", "version": FORMAT_VERSION, "layers": layers}
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save({"header": header, "state_dict": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_quantized(model, path):
+    """Load save_quantized's file into `model`, a freshly built copy of the original architecture: its
+    nn.Linear layers named in the header become LUTLinear of the stored shape first. Returns the model."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    header = blob.get("header") if isinstance(blob, dict) else None
+    if not isinstance(header, dict) or header.get("format") != "lcd-quantized" or "state_dict" not in blob:
+        raise ValueError(f"{path} is not a file written by lcd.save_quantized")
+    if header.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {header.get('version')!r}; this lcd.py reads "
+                         f"version {FORMAT_VERSION}: re-save it with a matching lcd.py")
+    modules = dict(model.named_modules())
+    for name, spec in header["layers"].items():
+        old = modules.get(name)
+        if not isinstance(old, (nn.Linear, LUTLinear)) or (old.in_features, old.out_features) != \
+                (spec["in_features"], spec["out_features"]):
+            raise ValueError(f"{path}: layer {name!r} ({spec['out_features']}x{spec['in_features']}) does not "
+                             f"match the model's {old!r}: build the same architecture before loading")
+        device = next(old.buffers() if isinstance(old, LUTLinear) else old.parameters()).device
+        _set_module(model, name, LUTLinear(spec["in_features"], spec["out_features"], spec["bits"],
+                                           spec["group_size"], spec["bias"], spec["n_outliers"],
+                                           spec["in_scale"], spec["a_bits"], device=device))
+    model.load_state_dict(blob["state_dict"])
+    return model
+
 
 # ==== 6. CUDA path ============================================================================== [B]
+# On a GPU, LUTLinear.forward hands its work to lut_forward_cuda(): kernels.cu, compiled by CuPy (NVRTC) at
+# first use, runs on torch's own CUDA tensors and stream (raw pointers, no copies). Only the LUT product
+# runs in kernels.cu; the rest stays in torch: LUTLinear.forward applies the smoothing scale and the
+# activation fake-quantization before it calls us, lut_forward adds the outlier corrections and the bias.
+# The launch geometry is plain Python (kernel_launches), so tests/cuda_emulation.py replays on the CPU
+# exactly the launches CuPy makes on the GPU. Without CuPy or a GPU, LUTLinear keeps its PyTorch reference.
+import functools
+import re
+
+import numpy as np
+
+KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+KERNEL_VERSIONS = ("v1", "v2", "v3", "dequant")   # naive to fast; dequant = dense fp16 W, then a matmul
+CUDA_KERNEL = "v2"        # the GEMV kernel LUTLinear uses on a GPU for fp16 activations
+CUDA_KERNEL_INT8 = "v3"   # ... and when the layer quantizes its activations to 8 bits (same result, no multiplies)
+GEMV_BATCH_LIMIT = 8      # more activation rows than this: dequant + fp16 matmul (an unmeasured guess: bench.py)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_constants():
+    """The #define'd integers of kernels.cu (MAX_BATCH, WARPS_PER_BLOCK, ...): one source of truth."""
+    with open(KERNELS_CU) as f:
+        constants = {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)\b", f.read(), re.M)}
+    constants["ROW_THREADS"] = constants["WARPS_PER_BLOCK"] * constants["WARP_SIZE"]
+    return constants
+
+
+def _check_kernel_operands(bits, group_size, packed, codebook, K):
+    if bits not in ENTRIES_PER_WORD:
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int (K for one codebook per row), got {group_size!r}")
+    N, n_words = packed.shape
+    if packed.dtype != torch.int32 or n_words != -(-K // ENTRIES_PER_WORD[bits]):
+        raise ValueError(f"packed must be int32 (N, ceil(K / {ENTRIES_PER_WORD[bits]})) for K={K}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    G = -(-K // group_size)
+    if codebook.dtype != torch.float16 or tuple(codebook.shape) != (N, G, 2 ** bits):
+        raise ValueError(f"codebook must be fp16 (N, G, 2^b) = {(N, G, 2 ** bits)}, got {codebook.dtype} "
+                         f"{tuple(codebook.shape)}")
+    if not (packed.is_contiguous() and codebook.is_contiguous()):
+        raise ValueError("packed and codebook must be contiguous")
+
+
+def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale=None):
+    """The launches [(kernel name, grid, block, args)] that make one kernels.cu version compute
+        v1, v2:   out (B, N) fp16 = x (B, K) fp16 @ W^T
+        v3:       out (B, N) fp16 = x_scale[:, None] * (x (B, K) int8 @ W^T), x_scale (B,) float32
+        dequant:  out (N, K) fp16 = W
+    with W[n, k] = codebook[n, k // group_size, index of (n, k) in packed]. Args are tensors (passed by
+    pointer) and ints (C int), all on one device and contiguous."""
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"unknown kernel version {version!r}; choose one of {KERNEL_VERSIONS}")
+    c = kernel_constants()
+    N, K = packed.shape[0], (out.shape[1] if version == "dequant" else x.shape[1])
+    _check_kernel_operands(bits, group_size, packed, codebook, K)
+    if version == "dequant":
+        n_words = packed.shape[1]
+        grid = (-(-N * n_words // c["DEQUANT_THREADS"]), 1, 1)
+        return [(f"lut_dequant_b{bits}", grid, (c["DEQUANT_THREADS"], 1, 1), (packed, codebook, out, N, K, group_size))]
+    B = x.shape[0]
+    want_dtype = torch.int8 if version == "v3" else torch.float16
+    if x.dtype != want_dtype or not x.is_contiguous() or tuple(out.shape) != (B, N) or not out.is_contiguous():
+        raise ValueError(f"{version} takes x contiguous {want_dtype} (B, K) and out contiguous fp16 (B, N)")
+    if version == "v3" and (x_scale is None or x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (B,)):
+        raise ValueError("v3 takes x_scale, a float32 (B,) tensor: one scale per activation row")
+    if version == "v1":   # one thread per output, one grid row per batch row
+        grid = (-(-N // c["V1_THREADS"]), B, 1)
+        return [(f"lut_gemv_v1_b{bits}", grid, (c["V1_THREADS"], 1, 1), (packed, codebook, x, out, N, K, B, group_size))]
+    grid, block = (-(-N // c["WARPS_PER_BLOCK"]), 1, 1), (c["ROW_THREADS"], 1, 1)
+    launches = []
+    for start in range(0, B, c["MAX_BATCH"]):   # a launch takes at most MAX_BATCH rows
+        rows = slice(start, start + c["MAX_BATCH"])
+        b = x[rows].shape[0]
+        if version == "v2":
+            args = (packed, codebook, x[rows], out[rows], N, K, b, group_size)
+        else:
+            args = (packed, codebook, x[rows], x_scale[rows], out[rows], N, K, b, group_size)
+        launches.append((f"lut_gemv_{version}_b{bits}", grid, block, args))
+    return launches
+
+
+def quantize_activations(x, a_bits):
+    """Per-token symmetric quantization with the rule of fake_quantize_per_token (section 4), returning the
+    integers: x (B, K) ~ scale[:, None] * q, q int8 in [-(2^(a-1) - 1), 2^(a-1) - 1], scale (B,) float32."""
+    q_max = 2 ** (a_bits - 1) - 1
+    scale = x.float().abs().amax(dim=1).clamp_min(1e-8) / q_max
+    q = (x.float() / scale[:, None]).round().clamp(-q_max, q_max).to(torch.int8)
+    return q, scale
+
+
+def lut_matmul(version, bits, group_size, packed, codebook, x, launch, x_scale=None):
+    """y (B, N) fp16 from x (B, K) (fp16; int8 with x_scale for v3) through one kernels.cu version.
+    `launch(name, grid, block, args)` runs a kernel: cuda_launch on a GPU, the CPU emulation in tests."""
+    N, device = packed.shape[0], packed.device
+    if version == "dequant":
+        W = torch.empty(N, x.shape[1], dtype=torch.float16, device=device)   # (N, K)
+        for name, grid, block, args in kernel_launches(version, bits, group_size, packed, codebook, None, W):
+            launch(name, grid, block, args)
+        return F.linear(x, W)
+    y = torch.empty(x.shape[0], N, dtype=torch.float16, device=device)       # (B, N)
+    for name, grid, block, args in kernel_launches(version, bits, group_size, packed, codebook, x, y, x_scale):
+        launch(name, grid, block, args)
+    return y
+
+
+def lut_forward(layer, x, launch, version=None):
+    """A LUTLinear's output from its packed format, x (..., K) -> (..., N). x arrives as LUTLinear.forward
+    leaves it: already divided by in_scale and, with a_bits, fake-quantized per token. `version` None
+    picks the kernel: dequant + fp16 matmul past GEMV_BATCH_LIMIT rows, else v3 when the activations are
+    quantized (a_bits), else v2; forcing v3 on unquantized activations rounds them to int8 first. The
+    kernels take fp16 activations and give fp16 outputs (fp32 accumulation); outlier corrections and the
+    bias are added here, in fp32."""
+    N, K = layer.out_features, layer.in_features
+    x2 = x.reshape(-1, K)                                                     # (B, K)
+    if version is None:
+        quantized = layer.a_bits is not None
+        version = "dequant" if x2.shape[0] > GEMV_BATCH_LIMIT else (CUDA_KERNEL_INT8 if quantized else CUDA_KERNEL)
+    if version == "v3":   # fake-quantized activations come back as their exact integers and scale
+        q, scale = quantize_activations(x2, layer.a_bits or 8)
+        y = lut_matmul("v3", layer.bits, layer.group_size, layer.packed, layer.codebook, q, launch, x_scale=scale)
+    else:
+        x16 = x2.to(torch.float16).contiguous()
+        y = lut_matmul(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x16, launch)
+    y = y.float()                                                             # (B, N)
+    if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
+        rows, cols = layer.outlier_rows.long(), layer.outlier_cols.long()
+        E = ENTRIES_PER_WORD[layer.bits]
+        words = layer.packed[rows, cols // E].long() & 0xFFFFFFFF
+        j = (words >> ((cols % E) * layer.bits)) & (2 ** layer.bits - 1)
+        delta = layer.outlier_vals.float() - layer.codebook[rows, cols // layer.group_size, j].float()
+        y.index_add_(1, rows, x2[:, cols].float() * delta)                    # (B, n_outliers) into (B, N)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+_cuda_module = None      # kernels.cu compiled by CuPy (NVRTC), loaded on first use
+_cuda_functions = {}     # (device index, kernel name) -> CuPy kernel
+_cuda_available = None   # cuda_kernels_available(), asked once
+
+
+def cuda_kernels_available():
+    """True when kernels.cu can run here: torch sees a CUDA GPU and CuPy is installed."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_launch(name, grid, block, args):
+    """Launch one kernels.cu kernel on torch's current CUDA stream. Tensors go in as raw device pointers
+    (no copies, torch keeps ownership), ints as C int."""
+    global _cuda_module
+    import cupy
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if any(isinstance(a, torch.Tensor) and a.device != device for a in args):
+        raise ValueError(f"all tensors of {name} must be on {device}")
+    with cupy.cuda.Device(device.index):
+        if (device.index, name) not in _cuda_functions:
+            if _cuda_module is None:
+                with open(KERNELS_CU) as f:
+                    _cuda_module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+            _cuda_functions[device.index, name] = _cuda_module.get_function(name)
+        values = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            _cuda_functions[device.index, name](tuple(grid), tuple(block), values)
+
+
+def lut_forward_cuda(layer, x):
+    """LUTLinear.forward on a GPU: the best kernels.cu kernel for the batch (see lut_forward); None when
+    CuPy is missing, and LUTLinear runs its PyTorch reference instead."""
+    global _cuda_available
+    if _cuda_available is None:
+        _cuda_available = cuda_kernels_available()
+    return lut_forward(layer, x, cuda_launch) if _cuda_available else None
+
 
 # ==== 7. distillation =========================================================================== [D]

@@ -141,6 +141,45 @@ def test_batch_above_max_batch_is_split(emulated, version):
     assert_close_to_fp16_rounding(y, x_used @ W.T, x_used.abs() @ W.abs().T)
 
 
+def lut_layer_with_everything(N, K, bits, group_size, generator):
+    """A LUTLinear with groups, outliers, a bias and a smoothing scale, and its dense weight (N, K)."""
+    C, G = 2 ** bits, -(-K // group_size)
+    idx = torch.randint(0, C, (N, K), generator=generator)
+    codebook = torch.randn(N, G, C, generator=generator)
+    rows = torch.randint(0, N, (12,), generator=generator)
+    cols = torch.randperm(K, generator=generator)[:12]   # distinct positions
+    vals = 5 * torch.randn(12, generator=generator)
+    layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator),
+                                         outliers=(rows, cols, vals),
+                                         in_scale=torch.rand(K, generator=generator) + 0.5)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("version, a_bits", [("v1", None), ("v2", None), ("dequant", None), (None, None),
+                                             ("v2", 8), ("v3", 8), (None, 8), ("v3", 4)])
+def test_lut_forward_matches_lutlinear_reference(emulated, version, a_bits):
+    # lcd.lut_forward is what LUTLinear runs on a GPU (with cuda_launch); here the same launches run on
+    # the emulator and must agree with LUTLinear's PyTorch reference, outliers, bias, in_scale and a_bits
+    # included. None lets lut_forward choose (10 rows > GEMV_BATCH_LIMIT picks dequant).
+    N, K, bits, group_size = 29, 150, 3, 32
+    generator = torch.Generator().manual_seed(11)
+    layer = lut_layer_with_everything(N, K, bits, group_size, generator)
+    layer.a_bits = a_bits
+    x = torch.randn(2, 5, K, generator=generator)   # (B, T, K)
+    with torch.no_grad():
+        reference = layer(x)
+        # lut_forward receives x as LUTLinear.forward hands it over on a GPU: smoothed, fake-quantized
+        x_in = x / layer.in_scale.float()
+        if a_bits:
+            x_in = lcd.fake_quantize_per_token(x_in, a_bits)
+        y = lcd.lut_forward(layer, x_in, emulated.launch, version)
+    assert y.shape == reference.shape == (2, 5, N) and y.dtype == x.dtype
+    W = layer.weight_dequantized() / layer.in_scale   # what multiplies x
+    magnitude = x.abs() @ W.abs().T + reference.abs()
+    # the kernels see fp16 activations and round their sum to fp16: a few fp16 ulps of the magnitude
+    assert ((y - reference).abs() <= magnitude * 2.0 ** -9 + 1e-4).all()
+
+
 def test_bad_operands_are_refused():
     packed = torch.zeros(4, 7, dtype=torch.int32)   # K = 100 at 2 bits needs 7 words
     codebook = torch.zeros(4, 1, 4, dtype=torch.float16)
