@@ -130,7 +130,10 @@ __device__ void lut_gemv_v1(const unsigned int* __restrict__ packed, const __hal
 //    its rows; x_s[b][e][l] holds the e-th column of word l, so lane l reading entry e touches bank
 //    (e * 33 + l) % 32: no conflicts (the +1 column is the classic padding against them).
 //  - each lane ends with partial sums over its words; a shuffle butterfly adds them across the warp.
-// Per element that leaves a shift-and-mask, two shared loads and one FMA.
+// Per element that leaves a shift-and-mask, two shared loads and one FMA: about 4 instructions per
+// weight, which at 2 bits may cost more issue slots than the memory system needs (unmeasured here).
+// Where to go next if a GPU says so: several rows per warp reusing each x load, 128-bit index loads,
+// half2 arithmetic, or v3's adds.
 
 template <int BITS>
 __device__ void lut_gemv_v2(const unsigned int* __restrict__ packed, const __half* __restrict__ codebook,
