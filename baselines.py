@@ -13,6 +13,7 @@ methods that want the full input Hessian H = X^T X / n (stats["H"]) rather than 
   4. CLAQ                - per-column k-means inside the GPTQ loop, adaptive precision, outlier reservation
   5. LCQ                 - rank-r codebooks C = S V - B learned on the layer output error
   6. LBLLM               - W(1+1): sign bit + bitmap bit choosing one of two group scales; A4 clipping
+  7. quality_table       - every method on train_kd's teacher at 2, 3, 4 bits (bench.py --quality)
 
 RTN (uniform min/max grid per row or group) and plain k-means are built into lcd.py ("rtn", "kmeans");
 they are not repeated here. Uniform grids are codebooks too (C = s * v + lo for v = 0 .. 2^b - 1), so
@@ -20,6 +21,7 @@ GPTQ's output is an ordinary lcd.LUTLinear and its bits are LUTLinear's (fp16 co
 Definitions: ../shared/LCD_DESIGN.md, "The baselines". Weight matrices are (N, K): y = x W^T.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -56,16 +58,11 @@ def column_groups(K, group_size):
 
 
 def nearest(W, codebook, group_size):
-    """(N, K) index of the centroid of its row/group nearest to each weight (a loop over the 2^b levels)."""
-    g = column_groups(W.shape[1], group_size).to(W.device)
-    best = torch.full_like(W, float("inf"))
-    idx = torch.zeros(W.shape, dtype=torch.long, device=W.device)
-    for level in range(codebook.shape[2]):
-        dist = (W - codebook[:, g, level]).abs()              # (N, K)
-        closer = dist < best
-        best = torch.where(closer, dist, best)
-        idx[closer] = level
-    return idx
+    """(N, K) index of the nearest centroid of its row/group for each weight: lcd.py's assignment (a
+    binary search among the midpoints of the sorted centroids; a tie goes to the smaller centroid)."""
+    N, K = W.shape
+    grouped = lcd._grouped(W, group_size or K)                                 # (N * G, group_size)
+    return lcd._assign(grouped, codebook.reshape(grouped.shape[0], -1)).view(N, -1)[:, :K]
 
 
 def hessian(stats, K):
@@ -260,7 +257,7 @@ def claq_quantize(W, H, target_bits, outliers=True, act_order=GPTQ_ACT_ORDER, bl
         c = lcd.cluster(w[rest][None, :], torch.ones(int(rest.sum())), 2 ** int(col_bits[k]),
                         init="kmeans++", generator=generator)
         codebooks[k] = c["codebook"][0, 0].half().float()
-        idx[:, k] = nearest(w[:, None], codebooks[k][None, None, :], None)[:, 0]
+        idx[:, k] = nearest(w[None, :], codebooks[k][None, None, :], None)[0]      # the column as one row
         q = codebooks[k][idx[:, k]]
         q[keep] = w[keep].half().float()
         out_rows.append(keep), out_cols.append(torch.full_like(keep, k)), out_vals.append(q[keep])
@@ -539,11 +536,80 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
         if X is None:                                      # surrogate inputs with the right covariance
             K = H.shape[0]
             L = torch.linalg.cholesky(H.double() + 1e-6 * H.diag().mean() * torch.eye(K, dtype=torch.double))
-            z = torch.randn(LBLLM_ACT_SAMPLES, H.shape[0], generator=generator, dtype=torch.double)
+            generator = generator or torch.Generator().manual_seed(0)    # deterministic by default
+            z = torch.randn(LBLLM_ACT_SAMPLES, K, generator=generator, dtype=torch.double)
             X = (z @ L.t()).float()
         clip = lbllm_clip(lcd.dequantize(codebook, idx, group_size), X.float(), a_bits, act_steps)
     layer.register_buffer("act_clip", torch.tensor(clip).half(), persistent=False)   # see LBLLMLinear
     return layer
+
+
+# ==== 7. the quality comparison (bench.py --quality) ================================================
+# Every method on the same teacher, calibration data and validation windows (train_kd's), one row each:
+# validation loss, perplexity, effective bits per weight (lcd.footprint: everything stored), seconds.
+# `trained` is true only for end-to-end distillation on the training split with the teacher (plain KD and
+# LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
+# statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
+# from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
+QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
+
+
+def quality_rows(bits):
+    """(row name, lcd.quantize method, group_size, kwargs) of the post-training rows at `bits`."""
+    g = QUALITY_GROUP
+    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
+            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
+            ("lcq", "lcq", None, {})]
+    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
+        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
+    return rows
+
+
+def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
+    """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
+    post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
+    train_kd's budget (kd_steps). methods: row names to keep (None: all). overrides: train_kd config keys
+    (out_dir, preset, kd_steps, ...); the teacher is loaded from out_dir, or trained first if missing."""
+    import copy
+    import time
+
+    import train_kd
+    config = dict({k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}, **overrides)
+    teacher, meta = train_kd.ensure_teacher(**overrides)
+    train, val = train_kd.load_tokens(meta["dir"], "train"), train_kd.load_tokens(meta["dir"], "val")
+    T = teacher.config.block_size
+    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)                 # as train_kd does
+    calib = [train_kd.get_batch(train, config["batch_size"], T, calib_gen)[0]
+             for _ in range(config["calib_batches"])]
+    calib_x = train_kd.get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    wanted = (lambda name: True) if methods is None else (lambda name: name in methods)
+
+    def row(method, bits, model, seconds, was_trained, bits_per_weight=None):
+        loss = train_kd.evaluate(model, val, T, config["batch_size"], config["eval_batches"])
+        bpw = lcd.footprint(model)["bits_per_weight"] if bits_per_weight is None else bits_per_weight
+        log(f"{method:>12} b={bits}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {bpw:6.3f} bits/w  "
+            f"{seconds:6.1f} s")
+        return dict(method=method, bits=bits, bits_per_weight=bpw, val_loss=loss, ppl=math.exp(loss),
+                    trained=was_trained, seconds=seconds)
+
+    fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
+    rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
+    for bits in bits_list:
+        for name, method, group_size, kw in quality_rows(bits):
+            if wanted(name):
+                t0 = time.time()
+                model = lcd.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
+                rows.append(row(name, bits, model, time.time() - t0, False))
+        for method in ("kd", "lcd") if trained else ():
+            if wanted(method):
+                run = dict(config, bits=bits)
+                student, _, seconds, path = train_kd.run_distillation(method, teacher, run, train, calib,
+                                                                      calib_x, 0, 1, config["device"])
+                if os.path.exists(path):          # the run is complete: its resume checkpoint has served
+                    os.remove(path)
+                rows.append(row(method, bits, student, seconds, True))
+    return rows
 
 
 # ==== the registry lcd.quantize looks names up in ===================================================

@@ -1,10 +1,13 @@
 """Tests of baselines.py: each baseline does what its paper's method says, on tiny shapes (seconds)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import baselines
 import lcd
+import train_kd
 from model import GPT, SIZES
 
 
@@ -242,3 +245,20 @@ def test_lcq_counts_its_parameters_not_the_materialized_codebook():
     assert layer.storage_bits() == 2 * N * K + 16 * (N * G * rank + rank * 2 ** bits + N * G)
     C = torch.einsum("ngr,rl->ngl", layer.lcq_S.float(), layer.lcq_V.float()) - layer.lcq_B.float()[..., None]
     assert torch.allclose(layer.codebook.float(), C.half().float())      # the codebook comes from S, V, B
+
+
+# ---- the quality comparison -----------------------------------------------------------------------
+
+def test_quality_table_rows(tiny_teacher, tmp_path):
+    teacher, meta = tiny_teacher
+    train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))        # quality_table loads it from out_dir
+    rows = baselines.quality_table(bits_list=(2,), methods=("teacher", "rtn", "gptq"), trained=False,
+                                   log=lambda *a: None, dataset=meta["dir"], out_dir=str(tmp_path),
+                                   preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
+    assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
+    for r in rows:
+        assert set(r) == {"method", "bits", "bits_per_weight", "val_loss", "ppl", "trained", "seconds"}
+        assert r["val_loss"] > 0 and r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["trained"] is False
+    assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
+    assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
