@@ -57,6 +57,11 @@ accumulation, and no thread ever returns before a __syncthreads() or a warp shuf
 #define ROW_THREADS (WARPS_PER_BLOCK * WARP_SIZE)
 #define DEQUANT_THREADS 256  // dequant: packed words per block
 #define NO_BOUNDARY 0x7fffffff
+#define V4_WARPS_PER_BLOCK 4  // v4: warps per block
+#define V4_ROWS_PER_WARP 4    // v4: rows a warp computes together, sharing each activation load
+#define V4_THREADS (V4_WARPS_PER_BLOCK * WARP_SIZE)
+#define V4_MIN_BLOCKS 4       // v4: blocks per SM ptxas must fit (it then keeps everything in registers)
+#define V4_COLUMNS 64         // v4: columns per 128-bit load of 2-bit indices (4 words x 16)
 
 // compile-time facts of the packed format for b bits
 template <int BITS>
@@ -288,6 +293,154 @@ __device__ void lut_gemv_v3(const unsigned int* __restrict__ packed, const __hal
 }
 
 // ----------------------------------------------------------------------------------------------------
+// v4: 2-bit, one warp per V4_ROWS_PER_WARP rows; grid (ceil(N / (V4_WARPS_PER_BLOCK * V4_ROWS_PER_WARP)), B),
+// block V4_THREADS. Idea: look centroids up in registers, two at a time, with the byte-permute instruction.
+// At batch 1 and 2 bits a weight costs 1/4 byte of DRAM traffic, and an H100 moves about 3.35 TB/s but
+// issues only about 3e13 thread-instructions/s (132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz): to run at
+// 80 % of the memory roofline a kernel may spend at most ~2.8 instructions per weight, all included.
+// (v2 needs 21.7 at batch 1: its fast path is unrolled for MAX_BATCH rows and predicated instructions
+// still take issue slots; `python bench.py --sass=1` prints the static counts.)
+//  - lookup: a 2-bit codebook is 4 fp16 = 8 bytes, exactly what PRMT (__byte_perm) selects from. Stored as
+//    two registers, low_bytes = the low bytes of c0..c3 and high_bytes = their high bytes, one PRMT with the
+//    selector nibbles (i, i + 4, j, j + 4) returns the half2 (c[i], c[j]): two weights per instruction,
+//    no shared memory, no bank conflicts.
+//  - selectors: four 2-bit indices, one per byte of t (bits 0-1), become two selectors with one 64-bit
+//    multiply-add: t * 0x110011 copies each index into both nibbles of its byte (t * 0x11) and the copy
+//    shifted by 16 puts bytes 2-3 into the high word; + 0x4040 in each word sets the "+ 4". No byte carries
+//    into another (each is at most 0x33 + 0x33).
+//  - arithmetic: __hfma2, two products per instruction, summed in fp16 over one load (16 products per
+//    half of each of two accumulators), then added to an fp32 sum: fp32 across the row keeps the error of a
+//    long K small, fp16 inside a chunk is what makes it cheap. (An fp16 partial sum overflows past 65504:
+//    activations times centroids that large would need v2.)
+//  - memory: lane l reads the 128-bit load l, l + 32, ... of each row (4 words = 64 weights; a warp reads
+//    512 contiguous bytes), and the 64 activations of those columns once, straight from global memory
+//    (x is small and stays in L1), reordered with PRMT into the pairs the selectors produce and reused for
+//    all V4_ROWS_PER_WARP rows. No shared memory, no barrier.
+// Per word of 16 weights and row that is 4 LOP3 + 3 shifts (the masks), 4 IMAD.WIDE (selectors), 8 PRMT
+// (lookups), 8 HFMA2: 27 instructions, 1.7 per weight, plus the per-load work (index and codebook loads,
+// activation reordering amortized over the rows, the fp32 sums).
+// Requirements (lut_forward falls back to v2 otherwise): 2 bits; K a multiple of V4_COLUMNS (so rows of
+// packed words and of x start 16-byte aligned, and no load reads past x); one codebook per row, or
+// group_size a multiple of V4_COLUMNS (a load never straddles two groups). 3 and 4 bits: no such trick (8
+// or 16 centroids do not fit one PRMT's 8 bytes), v2 serves them. Batch rows are grid rows that re-read
+// the indices (from L2): lcd.py uses v4 at batch 1 only.
+
+// a register's 32 bits as a half2 (no instruction: the same register)
+__device__ __forceinline__ __half2 bits_as_half2(unsigned int bits) { return *reinterpret_cast<__half2*>(&bits); }
+
+// PTX prmt.b32: byte n of the result is byte (selector nibble n) of the 8 bytes (hi:lo), for n = 0..3.
+// __byte_perm is the same instruction but promises to ignore bit 3 of each nibble (prmt's sign-replicate
+// flag), so the compiler masks every selector with 0x7777 first: one more instruction per lookup. Our
+// selectors never set bit 3, so we ask for prmt directly. (tests/cuda_emulation.h defines prmt for the CPU.)
+#ifndef LCD_CPU_EMULATION
+__device__ __forceinline__ unsigned int prmt(unsigned int lo, unsigned int hi, unsigned int selector) {
+    unsigned int result;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(result) : "r"(lo), "r"(hi), "r"(selector));
+    return result;
+}
+#endif
+
+// the 4 centroids of a codebook (c.x = c0 | c1 << 16, c.y = c2 | c3 << 16, fp16 bit patterns) as two byte
+// tables: low_bytes = the low bytes of (c0, c1, c2, c3), high_bytes = their high bytes
+struct PairTable { unsigned int low_bytes, high_bytes; };
+
+__device__ __forceinline__ PairTable pair_table(uint2 c) {
+    PairTable table;
+    table.low_bytes = __byte_perm(c.x, c.y, 0x6420);    // bytes 0, 2, 4, 6 of (c.x, c.y)
+    table.high_bytes = __byte_perm(c.x, c.y, 0x7531);   // bytes 1, 3, 5, 7
+    return table;
+}
+
+// one packed word (16 2-bit indices) times its 16 activations, added into acc. xp holds the activations
+// as the pairs the lookups produce: xp[2m] = (x[m], x[m + 4]), xp[2m + 1] = (x[m + 8], x[m + 12]).
+__device__ __forceinline__ __half2 dot_word_2bit(unsigned int word, PairTable table, const unsigned int* xp,
+                                                 __half2 acc) {
+    #pragma unroll
+    for (int m = 0; m < 4; m++) {
+        // indices m, m + 4, m + 8, m + 12, one a byte. The shift is written as a multiply-high (word >> 2m =
+        // hi32(word * 2^(32 - 2m))): the same one instruction, but on the FMA pipe, which has room, instead of
+        // the integer ALU pipe that the masks and PRMTs keep busy.
+        unsigned int four = (m == 0 ? word : __umulhi(word, 1u << (32 - 2 * m))) & 0x03030303u;
+        unsigned long long selectors = (unsigned long long)four * 0x110011ull + 0x0000404000004040ull;
+        __half2 low_pair = bits_as_half2(prmt(table.low_bytes, table.high_bytes, (unsigned int)selectors));
+        __half2 high_pair = bits_as_half2(prmt(table.low_bytes, table.high_bytes, (unsigned int)(selectors >> 32)));
+        acc = __hfma2(low_pair, bits_as_half2(xp[2 * m]), acc);        // (c[i_m], c[i_m+4]) * (x_m, x_m+4)
+        acc = __hfma2(high_pair, bits_as_half2(xp[2 * m + 1]), acc);   // (c[i_m+8], c[i_m+12]) * ...
+    }
+    return acc;
+}
+
+// the 16 activations of one word, 8 half2 in column order (X[q] = (x[2q], x[2q + 1])), into the pair order
+// of dot_word_2bit: PRMT 0x5410 pairs the low halves of two registers, 0x7632 the high halves
+__device__ __forceinline__ void pair_order(const unsigned int* X, unsigned int* xp) {
+    #pragma unroll
+    for (int m = 0; m < 4; m++) {
+        unsigned int halves = (m & 1) ? 0x7632u : 0x5410u;
+        xp[2 * m] = __byte_perm(X[m / 2], X[m / 2 + 2], halves);           // (x[m], x[m + 4])
+        xp[2 * m + 1] = __byte_perm(X[m / 2 + 4], X[m / 2 + 6], halves);   // (x[m + 8], x[m + 12])
+    }
+}
+
+// GROUPED: false when the row has one codebook (its two byte tables are then loaded once, before the loop)
+template <bool GROUPED>
+__device__ void lut_gemv_v4_2bit(const uint4* __restrict__ packed, const uint2* __restrict__ codebook,
+                                 const uint4* __restrict__ x, __half* __restrict__ y,
+                                 int N, int K, int group_size) {
+    const int R = V4_ROWS_PER_WARP;
+    int lane = threadIdx.x % WARP_SIZE;
+    int first_row = (blockIdx.x * V4_WARPS_PER_BLOCK + threadIdx.x / WARP_SIZE) * R;
+    int b = blockIdx.y;                                   // batch row
+    int n_loads = K / V4_COLUMNS;                         // 128-bit loads per row
+    int G = (K + group_size - 1) / group_size;
+    unsigned int loads_per_group = group_size / V4_COLUMNS;
+    const uint4* xb = x + (long long)b * n_loads * 8;     // this batch row: 8 uint4 (64 fp16) per load
+    const uint4* rows[V4_ROWS_PER_WARP];                  // this warp's rows of packed indices
+    const uint2* row_codebooks[V4_ROWS_PER_WARP];         // ... and of codebooks, (G,) each
+    PairTable tables[V4_ROWS_PER_WARP];
+    float acc[V4_ROWS_PER_WARP];
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        int n = first_row + r < N ? first_row + r : N - 1;   // rows past N compute row N-1, unstored
+        rows[r] = packed + (long long)n * n_loads;
+        row_codebooks[r] = codebook + (long long)n * G;
+        if (!GROUPED) { tables[r] = pair_table(__ldg(row_codebooks[r])); }
+        acc[r] = 0.0f;
+    }
+
+    for (int u = lane; u < n_loads; u += WARP_SIZE) {
+        // the rows' indices (and codebooks) first: the loads that wait on DRAM
+        uint4 words[V4_ROWS_PER_WARP];
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            words[r] = __ldg(rows[r] + u);
+            if (GROUPED) { tables[r] = pair_table(__ldg(row_codebooks[r] + (unsigned int)u / loads_per_group)); }
+        }
+        unsigned int xp[4][8];   // the 64 activations of load u in pair order, 16 per word
+        #pragma unroll
+        for (int i = 0; i < 4; i++) {
+            uint4 lo = __ldg(xb + u * 8 + 2 * i), hi = __ldg(xb + u * 8 + 2 * i + 1);
+            unsigned int X[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+            pair_order(X, xp[i]);
+        }
+        #pragma unroll
+        for (int r = 0; r < R; r++) {
+            __half2 sum01 = bits_as_half2(0u), sum23 = bits_as_half2(0u);   // two fp16 chains of 16 products
+            sum01 = dot_word_2bit(words[r].x, tables[r], xp[0], sum01);
+            sum01 = dot_word_2bit(words[r].y, tables[r], xp[1], sum01);
+            sum23 = dot_word_2bit(words[r].z, tables[r], xp[2], sum23);
+            sum23 = dot_word_2bit(words[r].w, tables[r], xp[3], sum23);
+            __half2 sum = __hadd2(sum01, sum23);
+            acc[r] += __low2float(sum) + __high2float(sum);
+        }
+    }
+    #pragma unroll
+    for (int r = 0; r < R; r++) {
+        float total = warp_sum(acc[r]);
+        if (lane == 0 && first_row + r < N) { y[(long long)b * N + first_row + r] = __float2half(total); }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
 // dequant: one thread per packed word; grid (ceil(N * n_words / DEQUANT_THREADS)). Idea: write the
 // dense fp16 weight once, then let an fp16 matmul handle big batches. Centroids are copied bit for bit.
 
@@ -341,6 +494,16 @@ lut_gemv_v3_b3(const unsigned int* packed, const __half* codebook, const signed 
 extern "C" __global__ void __launch_bounds__(ROW_THREADS)
 lut_gemv_v3_b4(const unsigned int* packed, const __half* codebook, const signed char* xq, const float* x_scale, __half* y, int N, int K, int B, int group_size)
 { lut_gemv_v3<4>(packed, codebook, xq, x_scale, y, N, K, B, group_size); }
+
+extern "C" __global__ void __launch_bounds__(V4_THREADS, V4_MIN_BLOCKS)
+lut_gemv_v4_b2(const unsigned int* packed, const __half* codebook, const __half* x, __half* y, int N, int K, int B, int group_size)
+{
+    const uint4* packed4 = reinterpret_cast<const uint4*>(packed);
+    const uint2* codebook4 = reinterpret_cast<const uint2*>(codebook);   // one uint2 = a codebook's 4 fp16
+    const uint4* x8 = reinterpret_cast<const uint4*>(x);                 // one uint4 = 8 fp16
+    if (group_size >= K) { lut_gemv_v4_2bit<false>(packed4, codebook4, x8, y, N, K, group_size); }
+    else { lut_gemv_v4_2bit<true>(packed4, codebook4, x8, y, N, K, group_size); }
+}
 
 extern "C" __global__ void __launch_bounds__(DEQUANT_THREADS)
 lut_dequant_b2(const unsigned int* packed, const __half* codebook, __half* W, int N, int K, int group_size)

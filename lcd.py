@@ -639,8 +639,9 @@ import re
 import numpy as np
 
 KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
-KERNEL_VERSIONS = ("v1", "v2", "v3", "dequant")   # naive to fast; dequant = dense fp16 W, then a matmul
-CUDA_KERNEL = "v2"        # the GEMV kernel LUTLinear uses on a GPU for fp16 activations
+KERNEL_VERSIONS = ("v1", "v2", "v3", "v4", "dequant")   # naive to fast; dequant = dense fp16 W, then a matmul
+CUDA_KERNEL = "v2"        # the GEMV kernel LUTLinear uses on a GPU for fp16 activations ...
+CUDA_KERNEL_2BIT = "v4"   # ... and at 2 bits and batch 1 where v4's shape rules hold (v4_supports)
 CUDA_KERNEL_INT8 = "v3"   # ... and when the layer quantizes its activations to 8 bits (same result, no multiplies)
 GEMV_BATCH_LIMIT = 8      # more activation rows than this: dequant + fp16 matmul (an unmeasured guess: bench.py)
 
@@ -651,7 +652,15 @@ def kernel_constants():
     with open(KERNELS_CU) as f:
         constants = {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)\b", f.read(), re.M)}
     constants["ROW_THREADS"] = constants["WARPS_PER_BLOCK"] * constants["WARP_SIZE"]
+    constants["V4_THREADS"] = constants["V4_WARPS_PER_BLOCK"] * constants["WARP_SIZE"]
     return constants
+
+
+def v4_supports(bits, group_size, K):
+    """Whether kernels.cu's v4 can serve a layer: 2 bits, K a multiple of V4_COLUMNS (64: one 128-bit load of
+    indices), one codebook per row or groups of a multiple of V4_COLUMNS. Else v2 does (see kernels.cu)."""
+    columns = kernel_constants()["V4_COLUMNS"]
+    return bits == 2 and K % columns == 0 and (group_size >= K or group_size % columns == 0)
 
 
 def _check_kernel_operands(bits, group_size, packed, codebook, K):
@@ -673,7 +682,7 @@ def _check_kernel_operands(bits, group_size, packed, codebook, K):
 
 def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale=None):
     """The launches [(kernel name, grid, block, args)] that make one kernels.cu version compute
-        v1, v2:   out (B, N) fp16 = x (B, K) fp16 @ W^T
+        v1, v2, v4: out (B, N) fp16 = x (B, K) fp16 @ W^T   (v4: only where v4_supports)
         v3:       out (B, N) fp16 = x_scale[:, None] * (x (B, K) int8 @ W^T), x_scale (B,) float32
         dequant:  out (N, K) fp16 = W
     with W[n, k] = codebook[n, k // group_size, index of (n, k) in packed]. Args are tensors (passed by
@@ -693,6 +702,17 @@ def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale
         raise ValueError(f"{version} takes x contiguous {want_dtype} (B, K) and out contiguous fp16 (B, N)")
     if version == "v3" and (x_scale is None or x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (B,)):
         raise ValueError("v3 takes x_scale, a float32 (B,) tensor: one scale per activation row")
+    if version == "v4":   # a warp per V4_ROWS_PER_WARP rows, one grid row per batch row (indices re-read)
+        if not v4_supports(bits, group_size, K):
+            raise ValueError(f"v4 takes 2-bit layers with K a multiple of {c['V4_COLUMNS']} and one codebook per row "
+                             f"or groups of a multiple of {c['V4_COLUMNS']}; got bits={bits}, K={K}, "
+                             f"group_size={group_size}: use v2")
+        if any(t.data_ptr() % 16 for t in (packed, x)) or codebook.data_ptr() % 8:
+            raise ValueError("v4 reads packed and x 16 bytes at a time and the codebook 8: their data must be "
+                             "16- and 8-byte aligned (pass a fresh .contiguous() copy)")
+        rows_per_block = c["V4_WARPS_PER_BLOCK"] * c["V4_ROWS_PER_WARP"]
+        grid = (-(-N // rows_per_block), B, 1)
+        return [(f"lut_gemv_v4_b{bits}", grid, (c["V4_THREADS"], 1, 1), (packed, codebook, x, out, N, K, B, group_size))]
     if version == "v1":   # one thread per output, one grid row per batch row
         grid = (-(-N // c["V1_THREADS"]), B, 1)
         return [(f"lut_gemv_v1_b{bits}", grid, (c["V1_THREADS"], 1, 1), (packed, codebook, x, out, N, K, B, group_size))]
@@ -737,19 +757,29 @@ def lut_forward(layer, x, launch, version=None):
     """A LUTLinear's output from its packed format, x (..., K) -> (..., N). x arrives as LUTLinear.forward
     leaves it: already divided by in_scale and, with a_bits, fake-quantized per token. `version` None
     picks the kernel: dequant + fp16 matmul past GEMV_BATCH_LIMIT rows, else v3 when the activations are
-    quantized (a_bits), else v2; forcing v3 on unquantized activations rounds them to int8 first. The
+    quantized (a_bits), else v4 for one row of a layer v4 supports, else v2; forcing v3 on unquantized
+    activations rounds them to int8 first. The
     kernels take fp16 activations and give fp16 outputs (fp32 accumulation); outlier corrections and the
     bias are added here, in fp32."""
     N, K = layer.out_features, layer.in_features
     x2 = x.reshape(-1, K)                                                     # (B, K)
     if version is None:
         quantized = layer.a_bits is not None
-        version = "dequant" if x2.shape[0] > GEMV_BATCH_LIMIT else (CUDA_KERNEL_INT8 if quantized else CUDA_KERNEL)
+        if x2.shape[0] > GEMV_BATCH_LIMIT:
+            version = "dequant"
+        elif quantized:
+            version = CUDA_KERNEL_INT8
+        elif x2.shape[0] == 1 and v4_supports(layer.bits, layer.group_size, K):
+            version = CUDA_KERNEL_2BIT   # v4 re-reads the indices per batch row: batch 1 only (v2 reads them once)
+        else:
+            version = CUDA_KERNEL
     if version == "v3":   # fake-quantized activations come back as their exact integers and scale
         q, scale = quantize_activations(x2, layer.a_bits or 8)
         y = lut_matmul("v3", layer.bits, layer.group_size, layer.packed, layer.codebook, q, launch, x_scale=scale)
     else:
         x16 = x2.to(torch.float16).contiguous()
+        if version == "v4" and x16.data_ptr() % 16:   # a view into a bigger tensor: v4 needs 16-byte rows
+            x16 = x16.clone()
         y = lut_matmul(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x16, launch)
     y = y.float()                                                             # (B, N)
     if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)

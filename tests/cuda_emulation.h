@@ -98,6 +98,65 @@ static inline __half __float2half(float f) {   // round to nearest, ties to even
     return __half{(uint16_t)(sign | half_bits)};
 }
 
+// ---- half2 (v4): two halves in one 32-bit register, .x in the low 16 bits as on the GPU ----
+struct __half2 { __half x, y; };
+
+// long double -> fp16, round to nearest even. HFMA2 and HADD2 round once, from the exact result: a sum of
+// two halves, or a product of two halves (22 significant bits) plus a half, spans at most 64 bits where it
+// matters, so long double (x86: 64-bit mantissa) holds the exact value and this is the only rounding.
+static inline __half half_from_exact(long double v) {
+    uint16_t sign = std::signbit(v) ? 0x8000u : 0u;
+    long double magnitude = std::fabs(v);
+    if (std::isnan(v)) { return __half{(uint16_t)(sign | 0x7e00u)}; }
+    if (magnitude >= 65520.0L) { return __half{(uint16_t)(sign | 0x7c00u)}; }          // inf
+    if (magnitude < 0x1p-14L) {   // subnormal (or zero): mantissa = round(|v| * 2^24); 1024 becomes 2^-14
+        return __half{(uint16_t)(sign | (uint16_t)std::nearbyint(magnitude * 0x1p24L))};
+    }
+    int exponent;
+    long double fraction = std::frexp(magnitude, &exponent);           // |v| = fraction * 2^exponent, [0.5, 1)
+    uint32_t mantissa = (uint32_t)std::nearbyint(fraction * 2048.0L);   // 11 bits with the leading one
+    if (mantissa == 2048u) { mantissa = 1024u; exponent += 1; }          // rounded up to the next power of two
+    uint32_t biased = (uint32_t)(exponent - 1 + 15);
+    if (biased >= 31u) { return __half{(uint16_t)(sign | 0x7c00u)}; }
+    return __half{(uint16_t)(sign | (biased << 10) | (mantissa - 1024u))};
+}
+
+static inline long double exact(__half h) { return (long double)__half2float(h); }
+
+static inline __half2 __hfma2(__half2 a, __half2 b, __half2 c) {   // fused: a * b + c, one rounding
+    return __half2{half_from_exact(exact(a.x) * exact(b.x) + exact(c.x)),
+                   half_from_exact(exact(a.y) * exact(b.y) + exact(c.y))};
+}
+static inline __half2 __hadd2(__half2 a, __half2 b) {
+    return __half2{half_from_exact(exact(a.x) + exact(b.x)), half_from_exact(exact(a.y) + exact(b.y))};
+}
+static inline float __low2float(__half2 h) { return __half2float(h.x); }
+static inline float __high2float(__half2 h) { return __half2float(h.y); }
+
+// ---- vector types, read-only loads and integer intrinsics (v4) ----
+struct uint2 { unsigned int x, y; };
+struct uint4 { unsigned int x, y, z, w; };
+template <typename T>
+static inline T __ldg(const T* pointer) { return *pointer; }
+static inline unsigned int __umulhi(unsigned int a, unsigned int b) { return (unsigned int)(((uint64_t)a * b) >> 32); }
+
+// PTX prmt.b32 (default mode): byte n of the result is byte (nibble n of the selector, bits 0-2) of the 8
+// bytes hi:lo; when bit 3 of the nibble is set, that byte's sign bit is replicated instead. Only the low 16
+// bits of the selector are read.
+static inline unsigned int prmt(unsigned int lo, unsigned int hi, unsigned int selector) {
+    uint64_t bytes = ((uint64_t)hi << 32) | lo;
+    unsigned int result = 0;
+    for (int n = 0; n < 4; n++) {
+        unsigned int nibble = (selector >> (4 * n)) & 0xfu;
+        unsigned int byte = (unsigned int)(bytes >> (8 * (nibble & 7u))) & 0xffu;
+        if (nibble & 8u) { byte = (byte & 0x80u) ? 0xffu : 0u; }
+        result |= byte << (8 * n);
+    }
+    return result;
+}
+// CUDA's __byte_perm: prmt with bit 3 of each nibble ignored
+static inline unsigned int __byte_perm(unsigned int x, unsigned int y, unsigned int s) { return prmt(x, y, s & 0x7777u); }
+
 // ---- the launcher ----
 template <typename... Args, size_t... I>
 static void emulated_call(void (*kernel)(Args...), void** args, std::index_sequence<I...>) {
@@ -142,6 +201,12 @@ static int emulated_launch(void (*kernel)(Args...), dim3 grid, dim3 block, int n
         return emulated_launch(name, dim3{gx, gy, gz}, dim3{bx, 1, 1}, n_args, args);               \
     }
 
-// fp16 conversions, exported so the tests can check them against torch
+// fp16 conversions and arithmetic, exported so the tests can check them against torch
 extern "C" uint16_t emulated_float2half_bits(float f) { return __float2half(f).bits; }
+extern "C" uint32_t emulated_hfma2_bits(uint32_t a, uint32_t b, uint32_t c) {
+    __half2 r = __hfma2(__half2{{(uint16_t)a}, {(uint16_t)(a >> 16)}}, __half2{{(uint16_t)b}, {(uint16_t)(b >> 16)}},
+                        __half2{{(uint16_t)c}, {(uint16_t)(c >> 16)}});
+    return (uint32_t)r.x.bits | ((uint32_t)r.y.bits << 16);
+}
+extern "C" uint32_t emulated_prmt(uint32_t lo, uint32_t hi, uint32_t selector) { return prmt(lo, hi, selector); }
 extern "C" float emulated_half_bits2float(uint16_t h) { return __half2float(__half{h}); }

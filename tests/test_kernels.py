@@ -4,6 +4,7 @@ with the grids lcd.py uses, against a PyTorch reference written from the documen
 the GPU compiler's verdict (registers, spills, shared memory) and, where a GPU exists, the real thing.
 """
 
+import ctypes
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +193,114 @@ def test_bad_operands_are_refused():
         lcd.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
     with pytest.raises(ValueError, match="unknown kernel version"):
         lcd.kernel_launches("v9", 2, 100, packed, codebook, x, out)
+
+
+# ---- v4: 2 bits, PRMT lookups, fp16 partial sums (tests/cuda_emulation.h emulates prmt and HFMA2) ----
+
+# one codebook per row; groups of 64 (one 128-bit load each); K = 33 loads, so lane 0 runs the loop twice
+# and a group starts in every load; N leaves the last block's warps with rows past the end
+V4_SHAPES = [(37, 128, 128), (37, 192, 64), (21, 2112, 2112), (13, 2112, 128)]
+
+
+def v4_error_bound(x, W):
+    """What fp16 partial sums may cost, at worst: in each 128-bit load a lane adds 16 products per half of
+    each of two half2 chains, then the two chains, every step rounded to fp16 (relative 2^-11 of a partial
+    sum, itself at most the sum of the absolute products): 17 * 2^-11 of sum |w x|, plus the final rounding
+    of y to fp16 and fp32 noise."""
+    magnitude = x.float().abs() @ W.abs().T
+    return 17 * 2.0 ** -11 * magnitude + 2.0 ** -10 * (x.float() @ W.T).abs() + 1e-6
+
+
+@pytest.mark.parametrize("N, K, group_size", V4_SHAPES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_v4_matches_reference(emulated, N, K, group_size, batch):
+    generator = torch.Generator().manual_seed(N + K + group_size + batch)
+    packed, codebook, W = random_layer(N, K, 2, group_size, generator)
+    x = torch.randn(batch, K, generator=generator).to(torch.float16)
+    y = lcd.lut_matmul("v4", 2, group_size, packed, codebook, x, emulated.launch)
+    assert y.shape == (batch, N) and y.dtype == torch.float16
+    error = (y.float() - x.float() @ W.T).abs()
+    assert (error <= v4_error_bound(x, W)).all(), f"max error {error.max().item():.3g}"
+
+
+@pytest.mark.parametrize("N, K, group_size", V4_SHAPES)
+def test_v4_integer_codebooks_are_exact(emulated, N, K, group_size):
+    # small integer centroids, different in every row and group, and integer activations: every fp16 partial
+    # sum is an integer below 2048, so v4 must be exact up to the final fp16 rounding. Any slip in the pair
+    # order, the selectors, the group or the row indexing changes the result.
+    generator = torch.Generator().manual_seed(K + group_size)
+    G = -(-K // group_size)
+    idx = torch.randint(0, 4, (N, K), generator=generator)
+    codebook = torch.randint(-4, 5, (N, G, 4), generator=generator).to(torch.float16)
+    W = lcd.dequantize(codebook.float(), idx, group_size)
+    xi = torch.randint(-3, 4, (2, K), generator=generator)
+    y = lcd.lut_matmul("v4", 2, group_size, lcd.pack_indices(idx, 2), codebook, xi.half(), emulated.launch)
+    assert torch.equal(y, (xi.double() @ W.double().T).half())
+
+
+def test_v4_refuses_what_it_cannot_serve():
+    N, K = 4, 128
+    packed = torch.zeros(N, K // 16, dtype=torch.int32)
+    codebook = torch.zeros(N, 1, 4, dtype=torch.float16)
+    out = torch.empty(1, N, dtype=torch.float16)
+    with pytest.raises(ValueError, match="use v2"):   # K not a multiple of 64
+        lcd.kernel_launches("v4", 2, 120, packed[:, :8].contiguous(), codebook, torch.zeros(1, 120).half(), out)
+    with pytest.raises(ValueError, match="use v2"):   # groups of 32 straddle a 128-bit load
+        lcd.kernel_launches("v4", 2, 32, packed, torch.zeros(N, 4, 4).half(), torch.zeros(1, K).half(), out)
+    with pytest.raises(ValueError, match="use v2"):   # 3 bits
+        lcd.kernel_launches("v4", 3, K, torch.zeros(N, 13, dtype=torch.int32), torch.zeros(N, 1, 8).half(),
+                            torch.zeros(1, K).half(), out)
+    x_unaligned = torch.zeros(K + 1, dtype=torch.float16)[1:].view(1, K)   # starts 2 bytes into its storage
+    with pytest.raises(ValueError, match="aligned"):
+        lcd.kernel_launches("v4", 2, K, packed, codebook, x_unaligned, out)
+
+
+def test_lut_forward_picks_v4_where_it_applies(emulated):
+    launched = []
+
+    def recording_launch(name, grid, block, args):
+        launched.append(name)
+        emulated.launch(name, grid, block, args)
+
+    generator = torch.Generator().manual_seed(5)
+    N, K = 24, 192
+    for bits, group_size, rows, expected in [(2, 64, 1, "v4"), (2, None, 1, "v4"), (2, 32, 1, "v2"),
+                                             (2, None, 2, "v2"), (3, None, 1, "v2")]:
+        idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
+        codebook = torch.randn(N, K // (group_size or K), 2 ** bits, generator=generator)
+        layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator))
+        x = torch.randn(rows, K, generator=generator)
+        launched.clear()
+        with torch.no_grad():
+            reference = layer(x)
+            y = lcd.lut_forward(layer, x, recording_launch)
+        assert launched == [f"lut_gemv_{expected}_b{bits}"], (bits, group_size, rows, launched)
+        W = layer.weight_dequantized()
+        assert ((y - reference).abs() <= v4_error_bound(x, W) + 2.0 ** -9 * reference.abs()).all()
+
+
+def test_emulated_prmt_and_hfma2(emulated):
+    lib = emulated.library
+    lib.emulated_prmt.restype = lib.emulated_hfma2_bits.restype = ctypes.c_uint32
+    prmt = lambda lo, hi, s: lib.emulated_prmt(ctypes.c_uint32(lo), ctypes.c_uint32(hi), ctypes.c_uint32(s))
+    # PTX ISA, prmt default mode: result byte n = byte (selector nibble n & 7) of hi:lo, bit 3 = sign fill
+    assert prmt(0x33221100, 0x77665544, 0x3210) == 0x33221100
+    assert prmt(0x33221100, 0x77665544, 0x7531) == 0x77553311
+    assert prmt(0x33221100, 0x77665544, 0xFFFF0000 | 0x0746) == 0x00774466   # high selector bits ignored
+    assert prmt(0x000080FF, 0, 0x9810) == 0xFFFF80FF                         # sign fill of bytes 0 and 1
+    # HFMA2: a * b + c rounded once to fp16, on each half, against numpy's correctly rounded float64 -> fp16
+    generator = torch.Generator().manual_seed(3)
+    a, b, c = ((torch.randn(3000, generator=generator) * 2.0 ** torch.randint(-6, 7, (3000,), generator=generator)).half()
+               for _ in range(3))
+    exact = (a.double() * b.double() + c.double()).numpy()   # exact: the exponents are close enough
+    expected = exact.astype(np.float16).view(np.uint16)
+    a16, b16, c16 = ((t.view(torch.int16).to(torch.int64) & 0xFFFF).tolist() for t in (a, b, c))
+    got = []
+    for i in range(0, 3000, 2):
+        pair = lambda t: ctypes.c_uint32(t[i] | t[i + 1] << 16)
+        r = lib.emulated_hfma2_bits(pair(a16), pair(b16), pair(c16))
+        got += [r & 0xFFFF, r >> 16]
+    assert (np.array(got) == expected).all()
 
 
 # ---- the GPU compiler: registers, spills, shared memory ----
