@@ -173,33 +173,32 @@ def _optimal_cuts(P, Q, S, C, chunk=2**22):
     return cuts
 
 
-def density_init(w, mass, C, n_atoms=DENSITY_ATOMS):
+def density_init(v, m, C, n_atoms=DENSITY_ATOMS):
     """Density-based initialization: bins of the importance-weighted distribution of each grouped row, and
-    each centroid at the weighted mean of its bin. w, mass: (R, g) -> (R, C).
+    each centroid at the weighted mean of its bin. v: (R, g) grouped rows sorted ascending, m: their mass.
 
-    Measured on 128-wide rows (tests/test_lcd.py), C bins of equal weighted mass followed by Lloyd end
-    3 % (C=4) to 6x (C=16, Student-t) above the optimal weighted SSE: they give the tails too few
-    centroids and Lloyd stalls in a local minimum. So the bins are chosen better, in two steps:
+    The plain reading, C bins of equal weighted mass, then Lloyd, ends 3 % (C=4, Gaussian) to 6x (C=16,
+    Student-t) above the optimal weighted SSE (measured: 64 rows of 128 weights, random importance; the
+    exact optimum by dynamic programming): equal mass gives the tails too few centroids, and Lloyd stalls
+    in a local minimum. So the bins are chosen better, in two steps:
       1. cut the sorted row into M atoms of equal share of p^(1/3), where p is the importance-weighted
          density of the weights (from the spacing of the sorted weights): p^(1/3) is the point density of
          an optimal quantizer (Panter & Dite), denser than equal mass where weights are rare;
       2. merge the atoms into the C runs with the least weighted SSE, exactly (_optimal_cuts).
     A row of at most M weights is its own M atoms, and then the bins are the exact optimum."""
-    R, n = w.shape
-    v, order = w.sort(dim=1)
-    m = mass.gather(1, order)
+    R, n = v.shape
     mean = (m * v).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1e-30)
     v = v - mean                                               # centred: the sums below stay well conditioned
     M = max(C, min(n, n_atoms))
     if n <= M:
-        atom = torch.arange(n, device=w.device).expand(R, n)   # one atom a weight
+        atom = torch.arange(n, device=v.device).expand(R, n)   # one atom a weight
     else:                                                      # compander: grows by p^(1/3) dx, p = dmass/dx
         dG = ((m[:, 1:] + m[:, :-1]) / 2) ** (1 / 3) * (v[:, 1:] - v[:, :-1]) ** (2 / 3)
         G = F.pad(dG.cumsum(1), (1, 0))                        # (R, n)
         atom = (G / G[:, -1:].clamp_min(1e-30) * M).long().clamp(max=M - 1)
 
     def prefix(t):                                             # per-atom totals, then prefix sums: (R, M+1)
-        return F.pad(torch.zeros(R, M, device=w.device).scatter_add_(1, atom, t).cumsum(1), (1, 0))
+        return F.pad(torch.zeros(R, M, device=v.device).scatter_add_(1, atom, t).cumsum(1), (1, 0))
 
     P, Q = prefix(m), prefix(m * v)
     cuts = _optimal_cuts(P, Q, prefix(m * v * v), C)           # (R, C+1)
@@ -229,20 +228,25 @@ def kmeanspp_init(w, mass, C, generator):
     return torch.cat(centroids, 1)
 
 
-def _lloyd_grouped(w, mass, codebook, idx, max_iters):
-    """Weighted Lloyd on grouped rows: centroids to the weighted means of their members, weights to their
-    nearest centroid, repeated until no assignment changes. Rows that have converged drop out."""
-    codebook, idx = codebook.clone(), idx.clone()
-    active = torch.arange(w.shape[0], device=w.device)
+def _lloyd_sorted(v, m, codebook, max_iters):
+    """Weighted Lloyd: weights to their nearest centroid, centroids to the weighted mean of their members,
+    until no assignment changes. On sorted rows v (R, g) with mass m, the members of sorted centroid j
+    are the run of weights between midpoints j-1 and j (a binary search) and their weighted mean comes
+    from prefix sums: O(C log g) a row and iteration instead of O(g). Returns the codebook (R, C)."""
+    P, Q = (F.pad(t.double().cumsum(1), (1, 0)) for t in (m, m * v))       # (R, g+1)
+    ends = None
     for _ in range(max_iters):
-        if len(active) == 0:
+        codebook = codebook.sort(dim=1).values
+        midpoints = (codebook[:, 1:] + codebook[:, :-1]) / 2               # as in _assign: ties go down
+        new_ends = torch.searchsorted(v, midpoints.contiguous(), right=True)  # (R, C-1): end of runs 0..C-2
+        if ends is not None and torch.equal(new_ends, ends):
             break
-        w_a, idx_a = w[active], idx[active]
-        c = _weighted_means(w_a, mass[active], idx_a, codebook[active])
-        new_idx = _assign(w_a, c)
-        codebook[active], idx[active] = c, new_idx
-        active = active[(new_idx != idx_a).any(1)]
-    return codebook, idx
+        ends = new_ends
+        bounds = F.pad(F.pad(ends, (1, 0)), (0, 1), value=v.shape[1])      # (R, C+1): run j = [b_j, b_j+1)
+        mass = P.gather(1, bounds[:, 1:]) - P.gather(1, bounds[:, :-1])
+        total = Q.gather(1, bounds[:, 1:]) - Q.gather(1, bounds[:, :-1])
+        codebook = torch.where(mass > 0, total / mass.clamp_min(1e-300), codebook.double()).float()
+    return codebook
 
 
 def _grouped_problem(W, h, group_size, outliers=None):
@@ -287,8 +291,10 @@ def cluster(W, h, n_centroids, group_size=None, init="density", max_iters=LLOYD_
                          f"shape {tuple(h.shape)}")
     outliers = select_outliers(W, h, outlier_frac) if outlier_frac > 0 else None
     w, keep, mass = _grouped_problem(W, h, group_size, outliers)     # (R, g) each
+    v, order = w.sort(dim=1)
+    m = mass.gather(1, order)                                        # density init and Lloyd work sorted
     if init == "density":
-        codebook = density_init(w, mass, n_centroids)
+        codebook = density_init(v, m, n_centroids)
     elif init == "uniform":
         codebook = uniform_init(w, keep, n_centroids)
     elif init == "kmeans++":
@@ -297,7 +303,8 @@ def cluster(W, h, n_centroids, group_size=None, init="density", max_iters=LLOYD_
         codebook = kmeanspp_init(w, mass, n_centroids, generator)
     else:
         raise ValueError(f"unknown init {init!r}: use 'density', 'uniform' or 'kmeans++'")
-    codebook, idx = _lloyd_grouped(w, mass, codebook, _assign(w, codebook), max_iters)
+    codebook = _lloyd_sorted(v, m, codebook, max_iters)
+    idx = _assign(w, codebook)
     G = math.ceil(K / group_size)
     return dict(codebook=codebook.view(N, G, n_centroids), idx=idx.view(N, -1)[:, :K].contiguous(),
                 outliers=outliers)
@@ -309,9 +316,12 @@ def lloyd(W, h, codebook, idx, group_size, max_iters=LLOYD_MAX_ITERS, outliers=N
     N, K = W.shape
     group_size = check_group_size(group_size, K)
     w, _, mass = _grouped_problem(W, h, group_size, outliers)
-    start = codebook.detach().float().reshape(w.shape[0], -1)                    # (R, C)
-    c, i = _lloyd_grouped(w, mass, start, _grouped(idx, group_size), max_iters)
-    return c.view(codebook.shape), i.view(N, -1)[:, :K].contiguous()
+    c = codebook.detach().float().reshape(w.shape[0], -1)                        # (R, C)
+    if max_iters > 0:                                                            # first: the given idx
+        c = _weighted_means(w, mass, _grouped(idx, group_size), c)
+        v, order = w.sort(dim=1)
+        c = _lloyd_sorted(v, mass.gather(1, order), c, max_iters - 1)
+    return c.view(codebook.shape), _assign(w, c).view(N, -1)[:, :K].contiguous()
 
 
 def dequantize(codebook, idx, group_size):
@@ -839,3 +849,504 @@ def lut_forward_cuda(layer, x):
 
 
 # ==== 7. distillation =========================================================================== [D]
+# The clustered model becomes a student that learns from the full-precision teacher (LCD_DESIGN.md 2-5):
+#   LCDLinear        - a trainable codebook layer: latent FP weights decide the assignments, learnable
+#                      centroids give the forward weight, a straight-through estimator trains both
+#   smoothing        - per-layer SmoothQuant scales with alpha chosen from a grid (only with a_bits)
+#   prepare_student  - deep-copy the teacher, swap its linears for LCDLinear (calibration + clustering)
+#   merge_codebook   - progressive schedule: halve the codebooks by the cheapest adjacent merges
+#   speculative step - every S steps try a few candidate students on a held-out batch, keep the best
+#   distill()        - the loop: KL(p_teacher || p_student) at temperature tau (+ lambda * CE)
+#   freeze()         - LCDLinear -> LUTLinear (packed, fp16 codebooks) for inference
+import copy
+import time
+
+import torch.distributed as dist
+
+SMOOTHING_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the per-layer grid of SmoothQuant's migration strength
+SPECULATIVE_PATHS = ("keep", "reassign", "lloyd", "bold")  # candidate students of a speculative step
+SPECULATIVE_LLOYD_ITERS = 3  # weighted Lloyd iterations of the "lloyd" candidate
+SMOOTHING_TOKENS = 4096      # calibration tokens per layer kept to choose the smoothing strength
+
+
+def _nearest(W, codebook, group_size):
+    """idx (N, K) of the centroid nearest to every weight of W (N, K) in its row/group's codebook (N, G, C)."""
+    N, K = W.shape
+    C = codebook.shape[-1]
+    idx = _assign(_grouped(W.detach().float(), group_size), codebook.detach().float().reshape(-1, C))
+    return idx.view(N, -1)[:, :K].contiguous()
+
+
+class LCDLinear(nn.Module):
+    """A linear layer being distilled into codebook form.
+
+    forward weight:  W_q[n, k] = codebook[n, k // group_size, idx[n, k]]                (the student's weight)
+    straight-through: W = W_q + W_lat - W_lat.detach()   (value W_q; gradient dL/dW reaches both the latent
+                      weight W_lat, as the identity, and every centroid, as the sum over the weights using it)
+    assignments:      idx = the centroid nearest to each latent weight; re-computed by `reassign_()`, which
+                      distill() calls every `reassign_every` steps (forward itself never changes state).
+    Centroids are rounded to fp16 in the forward (straight-through as well), so the trained layer computes
+    exactly what the stored LUTLinear will. Optional: input scale s (smoothing: y = x / s @ W^T, the latent
+    weight and codebook live in the smoothed space W * s) and per-token activation fake-quant to a_bits."""
+
+    def __init__(self, weight, codebook, idx, group_size, bias=None, importance=None, in_scale=None,
+                 a_bits=None):
+        super().__init__()
+        N, K = weight.shape
+        self.in_features, self.out_features, self.group_size = K, N, check_group_size(group_size, K)
+        if codebook.dim() != 3 or codebook.shape[:2] != (N, math.ceil(K / self.group_size)):
+            raise ValueError(f"codebook must have shape (N, G, C) = ({N}, {math.ceil(K / self.group_size)}, C),"
+                             f" got {tuple(codebook.shape)}")
+        self.weight = nn.Parameter(weight.detach().float().clone())       # (N, K) latent weight
+        self.codebook = nn.Parameter(codebook.detach().float().clone())   # (N, G, C) learnable centroids
+        self.register_buffer("idx", idx.detach().long().clone())          # (N, K) assignments
+        self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
+        if importance is None:
+            importance = torch.ones(K)
+        self.register_buffer("importance", importance.detach().float().clone())  # (K,) h of the input
+        # the smoothing scale is a parameter so that distill(train_scales=True) can learn it; off by default
+        self.in_scale = nn.Parameter(in_scale.detach().float().clone(), requires_grad=False) \
+            if in_scale is not None else None
+        self.a_bits = a_bits
+
+    @property
+    def n_centroids(self):
+        return self.codebook.shape[-1]
+
+    def quantized_weight(self):
+        """W_q with the straight-through estimator: (N, K), differentiable wrt codebook and latent weight."""
+        codebook = self.codebook + (self.codebook.half().float() - self.codebook).detach()  # fp16 as stored
+        W_q = dequantize(codebook, self.idx, self.group_size)
+        return W_q + self.weight - self.weight.detach()
+
+    def forward(self, x):
+        if self.in_scale is not None:
+            x = x / self.in_scale.to(x.dtype)
+        if self.a_bits:
+            x = fake_quantize_per_token(x, self.a_bits)        # what LUTLinear does; straight-through
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    @torch.no_grad()
+    def reassign_(self):
+        """Every weight to the centroid nearest its latent weight. Returns how many assignments changed."""
+        new = _nearest(self.weight, self.codebook, self.group_size)
+        changed = int((new != self.idx).sum())
+        self.idx.copy_(new)
+        return changed
+
+    @torch.no_grad()
+    def lloyd_(self, max_iters=SPECULATIVE_LLOYD_ITERS):
+        """Refit: weighted Lloyd on the latent weights, starting from the current centroids and assignments."""
+        codebook, idx = lloyd(self.weight, self.importance, self.codebook, self.idx, self.group_size,
+                              max_iters=max_iters)
+        self.codebook.copy_(codebook)
+        self.idx.copy_(idx)
+
+    @torch.no_grad()
+    def merge_(self):
+        """Halve the codebook (progressive schedule); the codebook parameter is replaced by a smaller one."""
+        codebook, idx = merge_codebook(self.codebook, self.idx, self.importance, self.group_size)
+        self.codebook = nn.Parameter(codebook, requires_grad=self.codebook.requires_grad)
+        self.idx = idx
+
+    @torch.no_grad()
+    def freeze(self):
+        """The packed inference layer (LUTLinear) computing what this layer computes in eval mode."""
+        bits = int(math.log2(self.n_centroids))
+        if 2 ** bits != self.n_centroids:
+            raise ValueError(f"cannot freeze a codebook of {self.n_centroids} centroids: not a power of two")
+        return LUTLinear.from_clustered(self.codebook.detach(), self.idx, bits, self.group_size,
+                                        bias=self.bias.detach() if self.bias is not None else None,
+                                        in_scale=self.in_scale.detach() if self.in_scale is not None else None,
+                                        a_bits=self.a_bits)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, centroids="
+                f"{self.n_centroids}, group_size={self.group_size}, a_bits={self.a_bits}, "
+                f"smoothed={self.in_scale is not None}")
+
+
+# ---- progressive schedule: halve the codebooks by merging the cheapest adjacent centroids --------------
+
+def merge_costs(centroids, masses):
+    """Cost of merging each adjacent pair of sorted centroids (R, L) of masses (R, L) into their weighted mean:
+    m1 m2 / (m1 + m2) (c1 - c2)^2, the importance-weighted squared change of the weights they quantize."""
+    m1, m2 = masses[:, :-1], masses[:, 1:]
+    return m1 * m2 / (m1 + m2).clamp_min(1e-30) * (centroids[:, 1:] - centroids[:, :-1]) ** 2  # (R, L-1)
+
+
+@torch.no_grad()
+def merge_codebook(codebook, idx, h, group_size, n_merges=None):
+    """Greedy agglomerative merging in 1-D, vectorized over all rows and groups: repeatedly merge the cheapest
+    adjacent pair of centroids (mass of a centroid = sum of h_k over the weights assigned to it) into their
+    weighted mean. n_merges defaults to C // 2 (halving). Returns (codebook (N, G, C - n_merges) sorted,
+    idx (N, K) remapped: the weights of a merged pair now share its new centroid)."""
+    N, G, C = codebook.shape
+    K = idx.shape[1]
+    n_merges = C // 2 if n_merges is None else n_merges
+    if not 0 <= n_merges < C:
+        raise ValueError(f"cannot merge {n_merges} times a codebook of {C} centroids")
+    gidx = _grouped(idx, group_size)                                                  # (R, g), padding -> 0
+    weight_mass = _grouped(h.float().expand(N, K), group_size)                        # padding has mass 0
+    masses = torch.zeros(N * G, C, device=idx.device).scatter_add_(1, gidx, weight_mass)  # (R, C)
+    c, order = codebook.detach().float().reshape(N * G, C).sort(dim=1)
+    m = masses.gather(1, order)
+    label = torch.arange(C, device=idx.device).expand(N * G, C).clone()  # sorted old centroid -> current slot
+    for _ in range(n_merges):
+        j = merge_costs(c, m).argmin(1, keepdim=True)                                 # (R, 1) cheapest pair
+        c1, c2, m1, m2 = c.gather(1, j), c.gather(1, j + 1), m.gather(1, j), m.gather(1, j + 1)
+        merged_m = m1 + m2
+        merged_c = torch.where(merged_m > 0, (m1 * c1 + m2 * c2) / merged_m.clamp_min(1e-30), (c1 + c2) / 2)
+        slots = torch.arange(c.shape[1] - 1, device=idx.device).expand(N * G, -1)
+        src = slots + (slots > j).long()                                              # drop slot j + 1
+        c, m = c.gather(1, src).scatter(1, j, merged_c), m.gather(1, src).scatter(1, j, merged_m)
+        label -= (label > j).long()
+    old_to_new = torch.empty_like(label).scatter_(1, order, label)                    # (R, C)
+    new_idx = old_to_new.gather(1, gidx).view(N, -1)[:, :K].contiguous()
+    return c.view(N, G, C - n_merges), new_idx
+
+
+# ---- adaptive smoothing (SmoothQuant with a per-layer alpha) -----------------------------------------
+
+@torch.no_grad()
+def collect_inputs(model, calib, names, max_tokens=SMOOTHING_TOKENS):
+    """{name: X (n, K)}: up to max_tokens input rows of each named linear layer, evenly subsampled."""
+    modules, rows = dict(model.named_modules()), {n: [] for n in names}
+    hooks = [modules[n].register_forward_hook(
+        lambda m, inputs, out, n=n: rows[n].append(inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()))
+        for n in names]
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    try:
+        for batch in ([calib] if isinstance(calib, torch.Tensor) else calib):
+            check_calib_batch(batch)
+            model(batch.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    out = {}
+    for n, xs in rows.items():
+        X = torch.cat(xs)
+        out[n] = X[torch.linspace(0, len(X) - 1, min(max_tokens, len(X))).long()]
+    return out
+
+
+def smoothing_scale(x_absmax, W, alpha):
+    """SmoothQuant's s_k = max|x_k|^alpha / max|W[:, k]|^(1 - alpha), kept away from 0 and inf and rounded
+    to fp16, as LUTLinear stores it (so W * s and the stored s describe exactly the same function)."""
+    w_absmax = W.abs().amax(0).clamp_min(1e-5)                                        # (K,)
+    return (x_absmax.clamp_min(1e-5) ** alpha / w_absmax ** (1 - alpha)).clamp(1e-3, 1e3).half().float()
+
+
+@torch.no_grad()
+def choose_smoothing(W, X, h, n_centroids, group_size, a_bits, alphas=SMOOTHING_ALPHAS, init="density"):
+    """The adaptive part: for each alpha of the grid (and for no smoothing at all), cluster W * s and quantize
+    x / s to a_bits, and measure the layer's output error on the calibration inputs X (n, K):
+    || fq(X / s) W_hat^T - X W^T ||^2. Returns (s or None, {alpha or 'off': relative error})."""
+    W = W.detach().float()
+    Y = X @ W.T                                                                       # (n, N) FP output
+    x_absmax = X.abs().amax(0)
+    errors, best = {}, (math.inf, None)
+    for alpha in (None, *alphas):
+        s = torch.ones(W.shape[1], device=W.device) if alpha is None else smoothing_scale(x_absmax, W, alpha)
+        cl = cluster(W * s, h / s ** 2, n_centroids, group_size, init=init)
+        W_hat = dequantize(cl["codebook"].half().float(), cl["idx"], group_size)
+        err = ((fake_quantize_per_token(X / s, a_bits) @ W_hat.T - Y) ** 2).sum().item() / (Y ** 2).sum().item()
+        errors["off" if alpha is None else alpha] = err
+        if err < best[0]:
+            best = (err, None if alpha is None else s)
+    return best[1], errors
+
+
+# ---- the student -------------------------------------------------------------------------------------
+
+def lcd_layers(model):
+    """{name: LCDLinear} of a student."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LCDLinear)}
+
+
+@torch.no_grad()
+def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=1, init="density",
+                    weighted=True, smoothing=True, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None):
+    """A trainable student: a deep copy of the teacher whose selected linear layers (lcd.find_linears) are
+    LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
+    (or group). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
+    importance h (plain k-means). With a_bits and smoothing, each layer gets the input scale of its best
+    alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights."""
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
+    if not (isinstance(progressive_p, int) and progressive_p >= 0):
+        raise ValueError(f"progressive_p must be an int >= 0, got {progressive_p!r}")
+    if a_bits not in (None, 8, 4):
+        raise ValueError(f"a_bits must be None (weight-only), 8 or 4, got {a_bits!r}")
+    if calib is None:
+        raise ValueError("prepare_student needs calibration batches (token ids (B, T)) for the importance h")
+    student = copy.deepcopy(teacher)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    names = list(find_linears(student, skip))
+    if not names:
+        raise ValueError("the model has no nn.Linear layers to quantize (after skip)")
+    stats = collect_stats(student, calib, names)
+    inputs = collect_inputs(student, calib, names) if (a_bits is not None and smoothing) else {}
+    modules = dict(student.named_modules())
+    for name in names:
+        linear = modules[name]
+        W, h = linear.weight.detach().float(), stats[name]["h"]
+        s = None
+        if name in inputs:
+            s, errors = choose_smoothing(W, inputs[name], h, 2 ** bits, group_size, a_bits, alphas, init)
+            if log:
+                choice = "off" if s is None else min((e, a) for a, e in errors.items())[1]
+                log(f"smoothing {name}: alpha {choice} (relative output error "
+                    + ", ".join(f"{a}: {e:.4f}" for a, e in errors.items()) + ")")
+        if s is not None:
+            W, h = W * s, h / s ** 2                      # y = (x / s) (W s)^T: the same function
+        cl = cluster(W, h if weighted else torch.ones_like(h), 2 ** (bits + progressive_p), group_size, init=init)
+        layer = LCDLinear(W, cl["codebook"], cl["idx"], group_size, bias=linear.bias, importance=h,
+                          in_scale=s, a_bits=a_bits)
+        _set_module(student, name, layer.to(linear.weight.device))
+    return student
+
+
+@torch.no_grad()
+def freeze(model):
+    """Swap every LCDLinear of a student for its packed LUTLinear (in place); returns the model."""
+    for name, layer in lcd_layers(model).items():
+        _set_module(model, name, layer.freeze())
+    return model.eval()
+
+
+# ---- the distillation loss ---------------------------------------------------------------------------
+
+def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0):
+    """tau^2 KL(p_teacher || p_student) at temperature tau, averaged over tokens, + ce_weight * CE(targets)."""
+    V = student_logits.shape[-1]
+    log_p_s = F.log_softmax(student_logits.float().reshape(-1, V) / tau, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float().reshape(-1, V) / tau, dim=-1)
+    loss = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau ** 2
+    if ce_weight and targets is not None:
+        loss = loss + ce_weight * F.cross_entropy(student_logits.float().reshape(-1, V), targets.reshape(-1))
+    return loss
+
+
+# ---- speculative optimization ------------------------------------------------------------------------
+
+def _trainable_state(student):
+    """A copy of everything a candidate may change: trainable parameters and the assignments."""
+    state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    state.update({f"{n}.idx": m.idx.clone() for n, m in lcd_layers(student).items()})
+    return state
+
+
+@torch.no_grad()
+def _load_trainable_state(student, state):
+    params, layers = dict(student.named_parameters()), lcd_layers(student)
+    for key, value in state.items():
+        if key.endswith(".idx") and key[:-4] in layers:
+            layers[key[:-4]].idx.copy_(value)
+        else:
+            params[key].copy_(value)
+
+
+@torch.no_grad()
+def _apply_candidate(student, path, previous):
+    """Turn the student into candidate `path` in place. False when the candidate equals the current student."""
+    layers = lcd_layers(student)
+    if path == "reassign":   # every weight to the centroid nearest its latent weight
+        return sum(layer.reassign_() for layer in layers.values()) > 0
+    if path == "lloyd":      # refit the centroids to the latent weights (weighted Lloyd), then re-assign
+        for layer in layers.values():
+            layer.lloyd_()
+        return True
+    if path == "bold":       # repeat the move of the last S steps once more (extrapolation), then re-assign
+        if previous is None:
+            return False
+        for name, p in student.named_parameters():
+            if p.requires_grad and name in previous and previous[name].shape == p.shape:
+                p.add_(p - previous[name])
+        for layer in layers.values():
+            layer.reassign_()
+        return True
+    raise ValueError(f"unknown speculative path {path!r}; choose from {SPECULATIVE_PATHS}")
+
+
+@torch.no_grad()
+def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PATHS, previous=None, rank0_decides=True):
+    """Build each candidate from the current student, score its distillation loss on the fixed held-out
+    batch (forward only), commit the best, roll the others back. 'keep' is always scored first and a
+    candidate must be strictly better to win, so this never commits a student worse than keeping.
+    Returns (winning path, {path: loss})."""
+    was_training = student.training
+    student.eval()
+    current = _trainable_state(student)
+    scores = {"keep": kd_loss(model_logits(student(calib_x)), teacher_logits, tau).item()}
+    for path in paths:
+        if path == "keep":
+            continue
+        if _apply_candidate(student, path, previous):
+            scores[path] = kd_loss(model_logits(student(calib_x)), teacher_logits, tau).item()
+        _load_trainable_state(student, current)
+    best = min(scores, key=lambda p: (scores[p], p != "keep"))   # ties go to keep
+    if dist.is_available() and dist.is_initialized() and rank0_decides:
+        choice = torch.tensor([list(SPECULATIVE_PATHS).index(best) if best in SPECULATIVE_PATHS else 0])
+        dist.broadcast(choice, src=0)                   # every rank commits rank 0's choice
+        best = SPECULATIVE_PATHS[int(choice)]
+    if best != "keep":
+        _apply_candidate(student, best, previous)
+    student.train(was_training)
+    return best, scores
+
+
+# ---- distill() ---------------------------------------------------------------------------------------
+
+def stage_plan(steps, n_stages, final_frac):
+    """Step at which each stage starts: the last stage gets final_frac of the steps, the others share the
+    rest equally. [0] when there is a single stage."""
+    if n_stages == 1:
+        return [0]
+    first = round(steps * (1 - final_frac))
+    return [round(first * i / (n_stages - 1)) for i in range(n_stages - 1)] + [first]
+
+
+def _make_optimizer(student, lr, latent_lr, other_lr):
+    """AdamW, no weight decay (decay would pull centroids and latent weights towards zero)."""
+    groups = {"codebook": [], "latent": [], "other": []}
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            kind = name.rsplit(".", 1)[-1]
+            groups["codebook" if kind == "codebook" else "latent" if kind == "weight" and
+                   isinstance(student.get_submodule(name.rsplit(".", 1)[0]), LCDLinear) else "other"].append(p)
+    lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
+    return torch.optim.AdamW([{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k}
+                              for k, ps in groups.items() if ps], betas=(0.9, 0.95), weight_decay=0.0)
+
+
+def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, ce_weight=0.0, lr=1e-3,
+            latent_lr=1e-4, other_lr=1e-4, warmup=20, final_frac=0.5, train_norms=True, train_scales=False,
+            speculative_every=0, speculative_paths=SPECULATIVE_PATHS, reassign_every=1, ddp=False,
+            state=None, checkpoint=None, checkpoint_every=0, log=None, on_step=None):
+    """Distill `teacher` into `student` (from prepare_student) for `steps` optimizer steps.
+
+    batches: an iterator yielding token ids x (B, T) or (x, y) pairs (y is used when ce_weight > 0).
+    Progressive: the student starts with 2^(bits + p) centroids and is halved by merge_codebook at each stage
+        boundary until 2^bits remain; the last stage gets final_frac of the steps (stage_plan). bits=None:
+        no merging (the student keeps its size).
+    Speculative: every speculative_every steps (0: off), speculative_step on the held-out batch calib_x.
+    Trainable: centroids (lr), latent weights (latent_lr), and with train_norms the norms and biases
+        (other_lr); with train_scales the smoothing scales. lr: warm-up then cosine, re-warmed after a merge.
+    ddp: wrap the student in DistributedDataParallel (gradients averaged over processes).
+    state / checkpoint: resume from a state dict returned to the `checkpoint(state)` callback, which is
+        called every checkpoint_every steps and at the end. log(str): progress messages;
+        on_step(step, loss, info): called after every step (a progress line).
+    Returns (student, history) with history = dict(loss, lr, stages: [(step, centroids)], spec_wins, ...)."""
+    device = next(student.parameters()).device
+    layers = lcd_layers(student)
+    if not layers:
+        raise ValueError("the student has no LCDLinear layers: build it with lcd.prepare_student")
+    start_c = next(iter(layers.values())).n_centroids
+    n_stages = 1 if bits is None else int(math.log2(start_c)) - bits + 1
+    if n_stages < 1:
+        raise ValueError(f"the student has {start_c} centroids, fewer than 2^bits = {2 ** bits}")
+    plan = stage_plan(steps, n_stages, final_frac)
+    if speculative_every and calib_x is None:
+        raise ValueError("speculative steps need a held-out calibration batch calib_x (B, T)")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    for name, p in student.named_parameters():   # what trains: centroids, latent weights (+ norms, biases)
+        leaf = name.rsplit(".", 1)[-1]
+        p.requires_grad_(leaf in ("codebook",) or (leaf == "weight" and name.rsplit(".", 1)[0] in layers)
+                         or (leaf == "in_scale" and train_scales)
+                         or (train_norms and p.dim() == 1 and leaf != "in_scale"))
+    history = dict(loss=[], lr=[], stages=[], spec_wins={p: 0 for p in speculative_paths}, spec_checks=0,
+                   spec_loss=[], reassigned=[])
+    step, stage = 0, 0
+    if state is not None:   # resume: the codebooks have the size of the stage the checkpoint was taken in
+        for name, layer in layers.items():
+            layer.codebook = nn.Parameter(state["student"][f"{name}.codebook"].clone().to(device),
+                                          requires_grad=True)
+        student.load_state_dict(state["student"])
+        step, stage, history = state["step"], state["stage"], state["history"]
+    optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    previous = state.get("previous") if state is not None else None
+    calib_logits = teacher_logits_of(teacher, calib_x) if speculative_every else None
+    model = _wrap_ddp(student, ddp)
+    if not history["stages"]:
+        history["stages"].append((0, start_c))
+    student.train()
+
+    def save_state():
+        return dict(student=student.state_dict(), optimizer=optimizer.state_dict(), step=step, stage=stage,
+                    history=history, previous=previous)
+
+    while step < steps:
+        if stage + 1 < n_stages and step >= plan[stage + 1]:   # progressive: halve the codebooks
+            for layer in layers.values():
+                layer.merge_()
+            stage += 1
+            optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
+            model = _wrap_ddp(student, ddp)
+            previous = None
+            history["stages"].append((step, next(iter(layers.values())).n_centroids))
+            if log:
+                log(f"progressive: step {step}, merged to {history['stages'][-1][1]} centroids")
+        stage_start = plan[stage]
+        stage_end = plan[stage + 1] if stage + 1 < n_stages else steps
+        if reassign_every and step % reassign_every == 0:
+            history["reassigned"].append(sum(layer.reassign_() for layer in layers.values()))
+        # lr: warm-up at the start of each stage, cosine to 10 % over the stage
+        progress = (step - stage_start) / max(1, stage_end - stage_start)
+        scale = min(1.0, (step - stage_start + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
+        batch = next(batches)
+        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        x = x.to(device)
+        with torch.no_grad():
+            t_logits = model_logits(teacher(x))
+        loss = kd_loss(model_logits(model(x)), t_logits, tau, y.to(device) if y is not None else None, ce_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history["loss"].append(loss.item())
+        history["lr"].append(scale)
+        info = ""
+        step += 1
+        if speculative_every and step % speculative_every == 0 and step < steps:
+            if reassign_every:
+                for layer in layers.values():
+                    layer.reassign_()
+            best, scores = speculative_step(student, calib_x.to(device), calib_logits, tau, speculative_paths,
+                                            previous)
+            history["spec_wins"][best] = history["spec_wins"].get(best, 0) + 1
+            history["spec_checks"] += 1
+            history["spec_loss"].append((step, scores))
+            previous = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+            info = f" | spec {best}"
+        if on_step:
+            on_step(step - 1, loss.item(), info)
+        if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            checkpoint(save_state())
+    if reassign_every:
+        for layer in layers.values():
+            layer.reassign_()
+    if checkpoint:
+        checkpoint(save_state())
+    return student, history
+
+
+def _wrap_ddp(student, ddp):
+    if not ddp:
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(student)
+
+
+@torch.no_grad()
+def teacher_logits_of(teacher, x):
+    return model_logits(teacher(x.to(next(teacher.parameters()).device)))
