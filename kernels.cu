@@ -17,13 +17,16 @@ Packed layout (the same as lcd.py section 3, exact):
     codebook per row); the weight is codebook[n, k / group_size, idx[n, k]].
     x is (B, K) fp16 row-major, y is (B, N) fp16 row-major (v3 takes int8 x plus one float scale per row).
 
-The kernels (each entry point exists for b = 2, 3, 4: lut_gemv_v1_b2, ..., lut_dequant_b4):
+The kernels (each entry point exists for b = 2, 3, 4: lut_gemv_v1_b2, ..., lut_dequant_b4; v4 for b = 2 only):
     v1       one thread per output (n, batch row): look the centroid up, multiply-add. Naive.
     v2       one warp per row, split-K: lanes read consecutive 32-bit words (coalesced), look centroids up
              in a per-thread column of a shared-memory table (each thread its own bank), activations
              staged in shared memory, warp-shuffle reduction.
     v3       multiplication-free: int8 activations are added into 2^b integer buckets by index, then
              y = s_x * sum_j C[n, g, j] * S[n, g, j]: 2^b multiplies per row-group instead of K.
+    v4       2-bit, for batch 1: centroids looked up two at a time in registers with the byte-permute
+             instruction, half2 multiply-adds, 128-bit index loads, activations shared by 4 rows per warp:
+             2.0 instructions per weight where v2 needs 21.7. Where shapes allow (lcd.v4_supports).
     dequant  packed + codebook -> dense fp16 W (N, K), for batch > 1: a GEMV-style LUT kernel reads the
              indices once per batch row chunk and its arithmetic grows with the batch, so past a handful of
              rows an fp16 matmul (tensor cores) on the dequantized weight wins. lcd.py falls back to it.
@@ -295,35 +298,50 @@ __device__ void lut_gemv_v3(const unsigned int* __restrict__ packed, const __hal
 // ----------------------------------------------------------------------------------------------------
 // v4: 2-bit, one warp per V4_ROWS_PER_WARP rows; grid (ceil(N / (V4_WARPS_PER_BLOCK * V4_ROWS_PER_WARP)), B),
 // block V4_THREADS. Idea: look centroids up in registers, two at a time, with the byte-permute instruction.
-// At batch 1 and 2 bits a weight costs 1/4 byte of DRAM traffic, and an H100 moves about 3.35 TB/s but
-// issues only about 3e13 thread-instructions/s (132 SMs x 4 schedulers x 32 lanes x ~1.75 GHz): to run at
-// 80 % of the memory roofline a kernel may spend at most ~2.8 instructions per weight, all included.
-// (v2 needs 21.7 at batch 1: its fast path is unrolled for MAX_BATCH rows and predicated instructions
-// still take issue slots; `python bench.py --sass=1` prints the static counts.)
-//  - lookup: a 2-bit codebook is 4 fp16 = 8 bytes, exactly what PRMT (__byte_perm) selects from. Stored as
-//    two registers, low_bytes = the low bytes of c0..c3 and high_bytes = their high bytes, one PRMT with the
-//    selector nibbles (i, i + 4, j, j + 4) returns the half2 (c[i], c[j]): two weights per instruction,
-//    no shared memory, no bank conflicts.
+// Why v2 cannot reach the roofline at batch 1: at 2 bits a weight is 1/4 byte of DRAM traffic, so an H100
+// (3.35 TB/s) streams 13.4e12 weights/s, while it issues about 3.0e13 thread-instructions/s (132 SMs x 4
+// schedulers x 32 lanes x ~1.755 GHz): 2.2 instructions per weight at 100 % of the roofline, 2.8 at 80 %,
+// everything included. v2's fast path is unrolled for MAX_BATCH batch rows and a predicated-off instruction
+// still takes an issue slot: 347 instructions per 16 weights, 21.7 a weight, at any batch up to 8.
+//  - lookup: a 2-bit codebook is 4 fp16 = 8 bytes, exactly what PRMT (prmt.b32) selects from. Kept as two
+//    registers, low_bytes = the low bytes of c0..c3 and high_bytes = their high bytes, one PRMT with the
+//    selector nibbles (i, i + 4, j, j + 4) returns the half2 (c[i], c[j]): two weights per instruction, no
+//    shared memory, no bank conflicts.
 //  - selectors: four 2-bit indices, one per byte of t (bits 0-1), become two selectors with one 64-bit
 //    multiply-add: t * 0x110011 copies each index into both nibbles of its byte (t * 0x11) and the copy
 //    shifted by 16 puts bytes 2-3 into the high word; + 0x4040 in each word sets the "+ 4". No byte carries
 //    into another (each is at most 0x33 + 0x33).
-//  - arithmetic: __hfma2, two products per instruction, summed in fp16 over one load (16 products per
-//    half of each of two accumulators), then added to an fp32 sum: fp32 across the row keeps the error of a
-//    long K small, fp16 inside a chunk is what makes it cheap. (An fp16 partial sum overflows past 65504:
-//    activations times centroids that large would need v2.)
-//  - memory: lane l reads the 128-bit load l, l + 32, ... of each row (4 words = 64 weights; a warp reads
-//    512 contiguous bytes), and the 64 activations of those columns once, straight from global memory
-//    (x is small and stays in L1), reordered with PRMT into the pairs the selectors produce and reused for
-//    all V4_ROWS_PER_WARP rows. No shared memory, no barrier.
-// Per word of 16 weights and row that is 4 LOP3 + 3 shifts (the masks), 4 IMAD.WIDE (selectors), 8 PRMT
-// (lookups), 8 HFMA2: 27 instructions, 1.7 per weight, plus the per-load work (index and codebook loads,
-// activation reordering amortized over the rows, the fp32 sums).
+//  - arithmetic: __hfma2, two products per instruction, summed in fp16 within one 128-bit load (two chains
+//    of 16 products per half), then added to an fp32 sum: fp32 across the row keeps a long K accurate, fp16
+//    inside a chunk is what makes it cheap. Worst case 17 * 2^-11 of sum |w x| (tests/test_kernels.py),
+//    typically ~1e-4 of it. (An fp16 partial sum overflows past 65504: activations times centroids that
+//    large would need v2.)
+//  - memory: lane l reads 128-bit loads l, l + 32, ... of each row (4 words = 64 weights; a warp reads 512
+//    contiguous bytes), and the 64 activations of those columns once, straight from global memory (x is
+//    small and stays in L1), reordered with PRMT into the pairs the selectors produce and reused for all
+//    V4_ROWS_PER_WARP rows. No shared memory, no barrier.
+// What the compiler makes of it (sm_90, `python bench.py --sass=1`): per word of 16 weights and row, 4 LOP3
+// (masks) + 3 IMAD.HI (shifts) + 4 IMAD.WIDE (selectors) + 8 PRMT (lookups) + 8 HFMA2 = 27; the whole loop
+// body is 517 instructions for 4 rows x 64 weights per thread = 2.02 per weight (2.21 with groups, where
+// the codebooks are reloaded every load), 126 registers, no spills, no shared memory.
+// Estimate for 8192 x 8192, batch 1, one codebook per row (unmeasured: no GPU here):
+//    bytes  16.9 MB (16.8 MB indices + 64 KB codebooks + x, y)  -> 5.04 us at 3.35 TB/s = the roofline
+//    issue  67.1e6 weights x 2.02 = 135.6e6 thread-instructions / (132 x 4 x 32 x 1.755e9 /s) = 4.57 us
+//    the 80 % target is 6.30 us (= 6.36x over fp16's 134 MB at the same bandwidth).
+// So the instruction stream fits under the memory time with ~10 % to spare at 100 % of the roofline and
+// needs ~73 % issue efficiency at 80 %. The integer ALU pipe (half rate, 16 lanes per scheduler) carries
+// 239 of the 517 (PRMT, LOP3): 478 pipe cycles per pass, under the 517 issue cycles, which is why the
+// shifts are IMAD.HI. With 16 warps per SM (4 blocks of 4 warps, 2 KB of index loads in flight per warp,
+// 32 KB per SM against ~17 KB that Little's law asks at 3.35 TB/s and ~700 ns) my estimate is 75-90 % of
+// the roofline, i.e. at or just above the target; a GPU run of bench.py decides. If it falls short, next
+// ideas: stage the reordered x in shared memory once per block (-32 PRMT per pass), 8 rows per warp (1.91
+// per weight, 158 registers), prefetching the next load's indices.
 // Requirements (lut_forward falls back to v2 otherwise): 2 bits; K a multiple of V4_COLUMNS (so rows of
 // packed words and of x start 16-byte aligned, and no load reads past x); one codebook per row, or
-// group_size a multiple of V4_COLUMNS (a load never straddles two groups). 3 and 4 bits: no such trick (8
-// or 16 centroids do not fit one PRMT's 8 bytes), v2 serves them. Batch rows are grid rows that re-read
-// the indices (from L2): lcd.py uses v4 at batch 1 only.
+// group_size a multiple of V4_COLUMNS (a load never straddles two groups). 3 and 4 bits: 8 or 16 centroids
+// do not fit one PRMT's 8 bytes, and v2 serves them (at ~22 instructions per weight at batch 1: a v4-style
+// kernel for them, e.g. two PRMTs and a select for 4 bits, is the next job). Batch rows are grid rows that
+// re-read the indices (from L2): lcd.py uses v4 at batch 1 only.
 
 // a register's 32 bits as a half2 (no instruction: the same register)
 __device__ __forceinline__ __half2 bits_as_half2(unsigned int bits) { return *reinterpret_cast<__half2*>(&bits); }

@@ -7,8 +7,9 @@
 // whole team). __syncthreads() is an OpenMP barrier. A warp shuffle goes through a shared slot per
 // thread between two barriers, which means every thread of the BLOCK must make the same shuffle calls
 // (kernels.cu keeps that rule: no thread leaves before a barrier or a shuffle). __half is a 16-bit
-// struct converted in software with round-to-nearest-even, like __float2half. This proves the kernels'
-// indexing and arithmetic; it measures nothing about GPU speed.
+// struct converted in software with round-to-nearest-even, like __float2half; __half2 arithmetic (HFMA2,
+// HADD2) rounds once from the exact result, and prmt follows the PTX ISA's default mode. This proves the
+// kernels' indexing and arithmetic; it measures nothing about GPU speed.
 //
 // The launcher at the bottom (EMULATE_KERNEL) exports `int launch_<kernel>(grid, block, void** args)`
 // for ctypes: args[i] points at the i-th kernel argument, as with cuLaunchKernel.

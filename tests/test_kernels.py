@@ -342,6 +342,36 @@ def test_ptxas_no_spills(arch, capsys):
     assert all(r["smem_bytes"] <= 48 * 1024 for r in report.values()), "static shared memory is capped at 48 KiB"
 
 
+# ---- bench.py --sass: the SASS reader, on a made-up listing; then on kernels.cu where cuobjdump exists ----
+
+def test_sass_loop_blocks_finds_the_loop_body():
+    import bench
+    listing = [(0x00, "MOV R1, c[0x0][0x28]"), (0x10, "@P0 BRA 0x60"),        # skips the loop
+               (0x20, "LDG.E R2, desc[UR4][R4.64]"), (0x30, "FFMA R3, R2, R2, R3"),
+               (0x40, "ISETP.GE.AND P1, PT, R5, R6, PT"), (0x50, "@!P1 BRA 0x20"),  # the loop: 0x20-0x50
+               (0x60, "EXIT"), (0x70, "BRA 0x70")]                             # the end; a self-loop pad
+    blocks = bench.loop_blocks(listing)
+    assert (0x20, ["LDG.E R2, desc[UR4][R4.64]", "FFMA R3, R2, R2, R3", "ISETP.GE.AND P1, PT, R5, R6, PT",
+                   "@!P1 BRA 0x20"]) in blocks
+    assert all(address != 0x00 for address, _ in blocks)
+    assert bench.opcode("@!P1 BRA 0x20") == "BRA"
+    assert bench.pipe_mix(["FFMA R3, R2, R2, R3", "HFMA2.MMA R1, R2, R3, RZ", "PRMT R1, R2, 0x5410, R3",
+                           "IMAD.WIDE.U32 R2, R3, 0x110011, R4", "LDG.E R2, desc[UR4][R4.64]"]) == \
+        {"alu": 1, "imad": 1, "fp": 1, "mma": 1, "mem": 1, "other": 0}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("cuobjdump") is None,
+                    reason="needs nvcc and cuobjdump")
+def test_sass_counts_of_v2_and_v4(capsys):
+    import bench
+    bench.apply_overrides(["--bits=2"])
+    with capsys.disabled():
+        result = bench.bench_sass()
+    per_weight = {k["kernel"]: k["instructions_per_weight"] for k in result["kernels"]}
+    assert set(per_weight) == {"lut_gemv_v2_b2", "lut_gemv_v4_b2"}
+    assert per_weight["lut_gemv_v4_b2"] < per_weight["lut_gemv_v2_b2"]
+
+
 # ---- the real GPU, through CuPy ----
 
 def gpu_with_cupy():
@@ -374,3 +404,16 @@ def test_cupy_kernels_on_gpu(version, bits):
     slack = 4 if version == "dequant" else 1
     tolerance = slack * (reference.abs() * 2.0 ** -10 + (x_used.abs() @ W.abs().T) * 1e-5) + 1e-6
     assert ((y.float().cpu() - reference).abs() <= tolerance).all()
+
+
+@pytest.mark.skipif(not gpu_with_cupy(), reason="needs a CUDA GPU and CuPy")
+@pytest.mark.parametrize("group_size", [64, 4096])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cupy_v4_on_gpu(group_size, batch):
+    N, K = 300, 4096
+    generator = torch.Generator().manual_seed(group_size + batch)
+    packed, codebook, W = random_layer(N, K, 2, group_size, generator)
+    x = torch.randn(batch, K, generator=generator).to(torch.float16)
+    y = lcd.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), lcd.cuda_launch)
+    torch.cuda.synchronize()
+    assert ((y.float().cpu() - x.float() @ W.T).abs() <= v4_error_bound(x, W)).all()
