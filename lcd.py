@@ -570,7 +570,8 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
             h = stats[name]["h"] if stats else None
             layer = quantize_linear(linear, bits, group_size, h, method, outlier_frac, **kw)
         else:
-            layer_stats = stats[name] if stats else {"h": torch.ones(linear.in_features), "H": None, "n": 0}
+            ones = torch.ones(linear.in_features, device=linear.weight.device)
+            layer_stats = stats[name] if stats else {"h": ones, "H": None, "n": 0}
             extra = {"outlier_frac": outlier_frac} if outlier_frac else {}
             layer = baseline(linear.weight.detach().float(), layer_stats, bits, group_size, bias=linear.bias,
                              **extra, **kw)

@@ -14,6 +14,7 @@ from the last one. Config values are module-level globals (nanoGPT style); `--ke
 type-checked, unknown keys rejected.
 """
 import ast
+import copy
 import json
 import math
 import os
@@ -23,6 +24,8 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+import lcd
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -36,7 +39,7 @@ dataset = "shakespeare"        # data/<dataset>/{train,val}.bin (or an absolute 
 tokenizer = "bytes"            # 'bytes' or 'gpt2' (used when the dataset must be prepared)
 init_from = "scratch"          # 'scratch' trains a teacher; a directory with model.safetensors loads GPT-2
 seed = 1337                    # everything random starts here
-stop_after = ""                # '' runs every stage; 'teacher' stops once the teacher is ready
+stop_after = ""                # '' runs every stage; or stop after 'teacher', 'baselines', 'kd' or 'lcd'
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where the tensors live
 # model (the preset fills these; an explicit --n_layer=... wins)
 preset = "baby"                # a size from model.SIZES: tiny, baby, small, gpt2
@@ -56,6 +59,28 @@ grad_clip = 1.0                # clip the global gradient norm (0: off)
 ckpt_interval = 250            # steps between resumable checkpoints
 eval_batches = 20              # validation batches (fixed windows, so every evaluation is comparable)
 log_interval = 10.0            # seconds between progress lines when the output is not a terminal
+# quantization and distillation (stages 3-7; lcd.py section 7)
+bits = 2                       # b: 2^b centroids per row (or group) in the quantized student
+group_size = None              # inputs sharing one codebook (None: one codebook per row)
+a_bits = None                  # activation bits: None (weight-only), 8 or 4 (per-token, symmetric)
+calib_batches = 4              # calibration batches (batch_size sequences each) for the statistics
+kd_steps = 600                 # distillation steps, the same for plain KD and LCD
+kd_batch_size = 16             # sequences per distillation step and process
+kd_lr = 1e-3                   # peak learning rate of the centroids
+kd_latent_lr = 1e-4            # peak learning rate of the latent weights (they decide the assignments)
+kd_other_lr = 1e-4             # peak learning rate of norms and biases (with kd_train_norms)
+kd_tau = 1.0                   # distillation temperature
+kd_ce = 0.0                    # weight of the cross-entropy on the next-token labels
+kd_warmup = 20                 # warm-up steps (again after each progressive merge)
+kd_train_norms = True          # train norms and biases along with the codebooks
+kd_ckpt_interval = 100         # distillation steps between resumable checkpoints
+lcd_init = "density"           # LCD's centroid initialization: density, kmeans++ or uniform
+progressive_p = 1              # LCD starts at 2^(bits + p) centroids, halved down to 2^bits (0: off)
+final_frac = 0.5               # share of the distillation steps for the last progressive stage
+speculative_every = 25         # steps between LCD's speculative steps (0: off)
+reassign_every = 1             # steps between re-assigning weights to the centroid nearest their latent
+smoothing = True               # LCD's adaptive smoothing (used only when a_bits is set)
+ablate = 0                     # 1: also run LCD with each piece switched off in turn
 
 CONFIG_KEYS = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
@@ -322,13 +347,196 @@ def load_teacher(path, device="cpu"):
 
 
 # -----------------------------------------------------------------------------------------------
+# Stages 3-7: calibration -> PTQ baselines -> plain KD and LCD distillation -> freeze -> report
+
+def fp_footprint(model):
+    """Bytes and bits per weight of the layers lcd.py quantizes, as the FP model holds them (fp32)."""
+    params = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    bits_fp = torch.finfo(next(model.parameters()).dtype).bits
+    return dict(bits_per_weight=float(bits_fp), bytes=params * bits_fp // 8)
+
+
+def result_row(method, model, config, val, seconds):
+    """One row of the report: validation loss, perplexity, effective bits per weight, bytes, seconds."""
+    fp = lcd.footprint(model)
+    loss = evaluate(model, val, model_block_size(model), config["batch_size"], config["eval_batches"])
+    return dict(method=method, bits=config["bits"], val_loss=loss, ppl=math.exp(loss),
+                bits_per_weight=fp["bits_per_weight"], bytes=fp["total_bytes"], seconds=seconds)
+
+
+def model_block_size(model):
+    return model.config.block_size
+
+
+def batch_stream(tokens, batch_size, block_size, generator, device):
+    """Endless random training windows (x, y); draws lazily, so a generator state pins the position."""
+    while True:
+        yield get_batch(tokens, batch_size, block_size, generator, device)
+
+
+def student_for(method, teacher, config, calib, log=None):
+    """The trainable student of a distillation run. 'kd': plain KD, k-means init at 2^bits, no extras;
+    'lcd': density init, progressive, smoothing (with a_bits); lcd-no-* variants switch one piece off."""
+    c = lcd_settings(method, config)
+    return lcd.prepare_student(teacher, config["bits"], config["group_size"], calib,
+                               progressive_p=c["progressive_p"], init=c["init"], weighted=c["weighted"],
+                               smoothing=c["smoothing"], a_bits=config["a_bits"], log=log)
+
+
+def lcd_settings(method, config):
+    """Which of LCD's pieces are on for a distillation run (the ablation turns one off at a time)."""
+    if method == "kd":
+        return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False)
+    c = dict(init=config["lcd_init"], weighted=True, progressive_p=config["progressive_p"],
+             speculative_every=config["speculative_every"], smoothing=config["smoothing"])
+    off = dict(**{"lcd-no-density": dict(init="kmeans++"), "lcd-no-progressive": dict(progressive_p=0),
+                  "lcd-no-speculative": dict(speculative_every=0), "lcd-no-smoothing": dict(smoothing=False)})
+    return dict(c, **off.get(method, {}))
+
+
+DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
+                "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
+                "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed")
+
+
+def run_distillation(method, teacher, config, train, calib, calib_x, rank, world, device):
+    """Distill one student (resuming from out_dir/distill_<method>_w<bits>.pt); returns it frozen."""
+    settings = lcd_settings(method, config)
+    log = print if rank == 0 else None
+    student = student_for(method, teacher, config, calib, log=log)
+    T = model_block_size(teacher)
+    gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
+    path = os.path.join(config["out_dir"], f"distill_{method}_w{config['bits']}.pt")
+    fingerprint = {k: config[k] for k in DISTILL_KEYS}
+    state = None
+    if os.path.exists(path):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("config") != fingerprint:
+            raise RuntimeError(f"{path} was written by a run with another configuration ({ckpt.get('config')}); "
+                               "delete it or use another --out_dir")
+        state = ckpt["state"]
+        gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        if rank == 0:
+            print(f"{method}: resuming distillation from {path} at step {state['step']}")
+
+    def checkpoint(distill_state):
+        rng = [gen.get_state()]
+        if world > 1:  # every process's sampler state
+            rng = [torch.empty_like(rng[0]) for _ in range(world)]
+            dist.all_gather(rng, gen.get_state())
+        if rank == 0:
+            atomic_save(dict(state=distill_state, rng=rng, config=fingerprint), path)
+
+    progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
+                        start=state["step"] if state else 0)
+    t0 = time.time()
+    student, history = lcd.distill(
+        teacher, student, batch_stream(train, config["kd_batch_size"], T, gen, device), config["kd_steps"],
+        calib_x=calib_x, bits=config["bits"], tau=config["kd_tau"], ce_weight=config["kd_ce"],
+        lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
+        warmup=config["kd_warmup"], final_frac=config["final_frac"], train_norms=config["kd_train_norms"],
+        speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
+        ddp=world > 1, state=state, checkpoint=checkpoint, checkpoint_every=config["kd_ckpt_interval"],
+        log=log, on_step=progress.update)
+    if rank == 0 and history["spec_checks"]:
+        print(f"{method}: speculative wins {history['spec_wins']} over {history['spec_checks']} checks")
+    return lcd.freeze(student), history, time.time() - t0, path
+
+
+def print_table(rows, title):
+    print(f"\n{title}")
+    print(f"{'method':<20} {'bits':>4} {'val_loss':>9} {'ppl':>8} {'bits/w':>7} {'bytes':>9} {'seconds':>8}")
+    for r in rows:
+        print(f"{r['method']:<20} {r['bits']:>4} {r['val_loss']:>9.4f} {r['ppl']:>8.3f} "
+              f"{r['bits_per_weight']:>7.3f} {r['bytes']:>9} {r['seconds']:>8.1f}")
+
+
+def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
+    """Stages 3-7. Writes out_dir/lcd_w<bits>.pt (packed student) and out_dir/results.json (rank 0)."""
+    train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
+    T, out, b = model_block_size(teacher), config["out_dir"], config["bits"]
+    # stage 3: calibration data (the same on every process) and a held-out batch for speculative steps
+    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)
+    calib = [get_batch(train, config["batch_size"], T, calib_gen)[0] for _ in range(config["calib_batches"])]
+    calib_x = get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
+    rows, checkpoints = [teacher_row], []
+
+    # stage 4: post-training quantization, no training: RTN, k-means and LCD's density init (rank 0)
+    if rank == 0:
+        for method, name in (("rtn", "rtn"), ("kmeans", "kmeans"), ("lcd", "lcd-init")):
+            t0 = time.time()
+            quantized = lcd.quantize(copy.deepcopy(teacher), b, config["group_size"], calib, method=method)
+            if config["a_bits"] is not None:
+                for layer in quantized.modules():
+                    if isinstance(layer, lcd.LUTLinear):
+                        layer.a_bits = config["a_bits"]
+            rows.append(result_row(name, quantized, config, val, time.time() - t0))
+            print(f"{name}: val loss {rows[-1]['val_loss']:.4f}")
+
+    # stages 5-6: plain KD, then LCD, with the same budget; then the ablation
+    curves, ablation = {}, []
+    methods = ["kd", "lcd"]
+    if config["ablate"]:
+        methods += [m for m in ("lcd-no-density", "lcd-no-progressive", "lcd-no-speculative",
+                                "lcd-no-smoothing") if m != "lcd-no-smoothing" or config["a_bits"] is not None]
+    last = {"baselines": 0, "kd": 1, "lcd": 2}.get(config["stop_after"], len(methods))
+    for method in methods[:last]:
+        student, history, seconds, path = run_distillation(method, teacher, config, train, calib, calib_x,
+                                                           rank, world, device)
+        checkpoints.append(path)
+        if rank == 0:
+            row = result_row(method, student, config, val, seconds)
+            print(f"{method}: val loss {row['val_loss']:.4f} (teacher {teacher_row['val_loss']:.4f})")
+            curves[method] = dict(loss=history["loss"], stages=history["stages"],
+                                  spec_wins=history["spec_wins"], spec_checks=history["spec_checks"])
+            (rows if method in ("kd", "lcd") else ablation).append(row)
+            if method == "lcd":  # stage 7: the packed student
+                lcd.save_quantized(student, os.path.join(out, f"lcd_w{b}.pt"))
+    if config["ablate"] and rank == 0 and last > 2:
+        t0 = time.time()   # KD off: LCD's initialization at 2^bits, frozen without training
+        no_kd = lcd.freeze(student_for("lcd-no-kd", teacher, dict(config, progressive_p=0), calib))
+        ablation.append(result_row("lcd-no-kd", no_kd, config, val, time.time() - t0))
+
+    if rank == 0:
+        print_table(rows, f"LCD report: b={b}, group_size={config['group_size']}, a_bits={config['a_bits']}, "
+                          f"{config['kd_steps']} distillation steps")
+        results = dict(rows=rows, config=config, curves=curves)
+        if config["ablate"]:
+            lcd_row = next((r for r in rows if r["method"] == "lcd"), None)
+            for r in ablation:
+                r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
+            print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
+            results["ablation"] = ablation
+        write_json(results, os.path.join(out, "results.json"))
+        print(f"wrote {os.path.join(out, 'results.json')}")
+        for path in checkpoints:   # the run is complete: its distillation checkpoints have served
+            if os.path.exists(path):
+                os.remove(path)
+    if world > 1:
+        dist.barrier()
+
+
+def write_json(obj, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------------------------
 # The pipeline
+
+STAGES = ("", "teacher", "baselines", "kd", "lcd")  # values of --stop_after ('' runs everything)
+
 
 def main(argv):
     try:
         config = parse_config(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if config["stop_after"] not in STAGES:
+        sys.exit(f"error: --stop_after must be one of {STAGES}, got {config['stop_after']!r}")
     rank, world, device = setup_distributed(config["device"])
     config["device"] = device
     torch.manual_seed(config["seed"])
@@ -343,6 +551,7 @@ def main(argv):
     val = load_tokens(meta["dir"], "val")
 
     # stage 2: the full-precision teacher
+    t_teacher = time.time()
     teacher_path = os.path.join(config["out_dir"], "teacher.pt")
     if config["init_from"] != "scratch":
         teacher = GPT.from_pretrained(config["init_from"]).to(device)
@@ -366,7 +575,9 @@ def main(argv):
               f"(ppl {math.exp(teacher_loss):.2f})")
 
     if config["stop_after"] != "teacher":
-        pass  # the quantization and distillation stages follow here
+        teacher_row = dict(method="teacher", bits=32, val_loss=teacher_loss if rank == 0 else None,
+                           seconds=time.time() - t_teacher, **fp_footprint(teacher))
+        quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)
 
     if rank == 0:
         print(f"done in {time.time() - t_start:.0f} s")
