@@ -859,15 +859,29 @@ def lut_forward_cuda(layer, x):
 #   speculative step - every S steps try a few candidate students on a held-out batch, keep the best
 #   distill()        - the loop: KL(p_teacher || p_student) at temperature tau (+ lambda * CE)
 #   freeze()         - LCDLinear -> LUTLinear (packed, fp16 codebooks) for inference
+#
+# Choices made by measurement (baby teacher, b = 2, one codebook per row, excess val loss over the teacher;
+# single runs, so differences below ~0.002 nats are noise):
+# - latent-weight lr 1e-3 (1e-4: 0.029, 1e-3: 0.018, 3e-3: 0.029 at 200 steps); centroid lr 1e-3 (3e-3 worse).
+# - assignments follow the latent weights every step (reassign_every=1); re-assigning only through the
+#   speculative "reassign" candidate was worse (0.034 vs 0.029 at 200 steps).
+# - progressive (p = 1) did not pay at these budgets: the 8-centroid stage costs steps the 4-centroid stage
+#   needs (600 steps: 0.0118 with p = 1, 0.0109 without; 200 steps: 0.023 vs 0.018). Off by default.
+# - speculative: "ema" (the running average of the trajectory) wins almost every check and is what makes
+#   LCD beat plain KD; "lloyd" (refit to the latent weights) and "bold" (extrapolation) never won.
+# - smoothing scales stay an input scale of the layer (LUTLinear.in_scale, 16 bits per input channel,
+#   counted in the footprint); folding them into a preceding LayerNorm is left out.
 import copy
 import time
 
 import torch.distributed as dist
 
 SMOOTHING_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # the per-layer grid of SmoothQuant's migration strength
-SPECULATIVE_PATHS = ("keep", "reassign", "lloyd", "bold")  # candidate students of a speculative step
+SPECULATIVE_PATHS = ("keep", "reassign", "lloyd", "bold", "average", "ema")  # candidates of a speculative step
+SPECULATIVE_EMA_DECAY = 0.95  # per-step decay of the running average that the "ema" candidate offers
 SPECULATIVE_LLOYD_ITERS = 3  # weighted Lloyd iterations of the "lloyd" candidate
 SMOOTHING_TOKENS = 4096      # calibration tokens per layer kept to choose the smoothing strength
+SMOOTHING_LLOYD_ITERS = 10   # Lloyd iterations of the clustering that ranks the smoothing strengths
 
 
 def _nearest(W, codebook, group_size):
@@ -1042,17 +1056,19 @@ def smoothing_scale(x_absmax, W, alpha):
 
 
 @torch.no_grad()
-def choose_smoothing(W, X, h, n_centroids, group_size, a_bits, alphas=SMOOTHING_ALPHAS, init="density"):
+def choose_smoothing(W, X, h, n_centroids, group_size, a_bits, alphas=SMOOTHING_ALPHAS):
     """The adaptive part: for each alpha of the grid (and for no smoothing at all), cluster W * s and quantize
     x / s to a_bits, and measure the layer's output error on the calibration inputs X (n, K):
-    || fq(X / s) W_hat^T - X W^T ||^2. Returns (s or None, {alpha or 'off': relative error})."""
+    || fq(X / s) W_hat^T - X W^T ||^2. Returns (s or None, {alpha or 'off': relative error}).
+    The clustering here only ranks the alphas: a uniform grid + a few weighted Lloyd iterations, about 20x
+    cheaper than the density init (which runs once, on the chosen scale)."""
     W = W.detach().float()
     Y = X @ W.T                                                                       # (n, N) FP output
     x_absmax = X.abs().amax(0)
     errors, best = {}, (math.inf, None)
     for alpha in (None, *alphas):
         s = torch.ones(W.shape[1], device=W.device) if alpha is None else smoothing_scale(x_absmax, W, alpha)
-        cl = cluster(W * s, h / s ** 2, n_centroids, group_size, init=init)
+        cl = cluster(W * s, h / s ** 2, n_centroids, group_size, init="uniform", max_iters=SMOOTHING_LLOYD_ITERS)
         W_hat = dequantize(cl["codebook"].half().float(), cl["idx"], group_size)
         err = ((fake_quantize_per_token(X / s, a_bits) @ W_hat.T - Y) ** 2).sum().item() / (Y ** 2).sum().item()
         errors["off" if alpha is None else alpha] = err
@@ -1069,7 +1085,7 @@ def lcd_layers(model):
 
 
 @torch.no_grad()
-def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=1, init="density",
+def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0, init="density",
                     weighted=True, smoothing=True, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None):
     """A trainable student: a deep copy of the teacher whose selected linear layers (lcd.find_linears) are
     LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
@@ -1098,7 +1114,7 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=1,
         W, h = linear.weight.detach().float(), stats[name]["h"]
         s = None
         if name in inputs:
-            s, errors = choose_smoothing(W, inputs[name], h, 2 ** bits, group_size, a_bits, alphas, init)
+            s, errors = choose_smoothing(W, inputs[name], h, 2 ** bits, group_size, a_bits, alphas)
             if log:
                 choice = "off" if s is None else min((e, a) for a, e in errors.items())[1]
                 log(f"smoothing {name}: alpha {choice} (relative output error "
@@ -1153,7 +1169,7 @@ def _load_trainable_state(student, state):
 
 
 @torch.no_grad()
-def _apply_candidate(student, path, previous):
+def _apply_candidate(student, path, previous, ema=None):
     """Turn the student into candidate `path` in place. False when the candidate equals the current student."""
     layers = lcd_layers(student)
     if path == "reassign":   # every weight to the centroid nearest its latent weight
@@ -1162,12 +1178,21 @@ def _apply_candidate(student, path, previous):
         for layer in layers.values():
             layer.lloyd_()
         return True
-    if path == "bold":       # repeat the move of the last S steps once more (extrapolation), then re-assign
-        if previous is None:
+    if path in ("bold", "average"):   # along the move of the last S steps: once more (bold, extrapolation)
+        if previous is None:          # or half of it back (average of the two students, less SGD noise)
             return False
         for name, p in student.named_parameters():
             if p.requires_grad and name in previous and previous[name].shape == p.shape:
-                p.add_(p - previous[name])
+                p.add_((1.0 if path == "bold" else -0.5) * (p - previous[name]))
+        for layer in layers.values():
+            layer.reassign_()
+        return True
+    if path == "ema":        # the exponential moving average of the trajectory (decay SPECULATIVE_EMA_DECAY)
+        if ema is None:
+            return False
+        for name, p in student.named_parameters():
+            if p.requires_grad and name in ema and ema[name].shape == p.shape:
+                p.copy_(ema[name])
         for layer in layers.values():
             layer.reassign_()
         return True
@@ -1175,7 +1200,7 @@ def _apply_candidate(student, path, previous):
 
 
 @torch.no_grad()
-def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PATHS, previous=None, rank0_decides=True):
+def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PATHS, previous=None, ema=None):
     """Build each candidate from the current student, score its distillation loss on the fixed held-out
     batch (forward only), commit the best, roll the others back. 'keep' is always scored first and a
     candidate must be strictly better to win, so this never commits a student worse than keeping.
@@ -1187,16 +1212,16 @@ def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PA
     for path in paths:
         if path == "keep":
             continue
-        if _apply_candidate(student, path, previous):
+        if _apply_candidate(student, path, previous, ema):
             scores[path] = kd_loss(model_logits(student(calib_x)), teacher_logits, tau).item()
         _load_trainable_state(student, current)
     best = min(scores, key=lambda p: (scores[p], p != "keep"))   # ties go to keep
-    if dist.is_available() and dist.is_initialized() and rank0_decides:
+    if dist.is_available() and dist.is_initialized():
         choice = torch.tensor([list(SPECULATIVE_PATHS).index(best) if best in SPECULATIVE_PATHS else 0])
         dist.broadcast(choice, src=0)                   # every rank commits rank 0's choice
         best = SPECULATIVE_PATHS[int(choice)]
     if best != "keep":
-        _apply_candidate(student, best, previous)
+        _apply_candidate(student, best, previous, ema)
     student.train(was_training)
     return best, scores
 
@@ -1226,7 +1251,7 @@ def _make_optimizer(student, lr, latent_lr, other_lr):
 
 
 def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, ce_weight=0.0, lr=1e-3,
-            latent_lr=1e-4, other_lr=1e-4, warmup=20, final_frac=0.5, train_norms=True, train_scales=False,
+            latent_lr=1e-3, other_lr=1e-4, warmup=20, final_frac=0.75, train_norms=True, train_scales=False,
             speculative_every=0, speculative_paths=SPECULATIVE_PATHS, reassign_every=1, ddp=False,
             state=None, checkpoint=None, checkpoint_every=0, log=None, on_step=None):
     """Distill `teacher` into `student` (from prepare_student) for `steps` optimizer steps.
@@ -1274,7 +1299,8 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    previous = state.get("previous") if state is not None else None
+    previous = state.get("previous") if state is not None else None      # the student S steps ago
+    ema = state.get("ema") if state is not None else None                # running average of the trajectory
     calib_logits = teacher_logits_of(teacher, calib_x) if speculative_every else None
     model = _wrap_ddp(student, ddp)
     if not history["stages"]:
@@ -1283,7 +1309,7 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
 
     def save_state():
         return dict(student=student.state_dict(), optimizer=optimizer.state_dict(), step=step, stage=stage,
-                    history=history, previous=previous)
+                    history=history, previous=previous, ema=ema)
 
     while step < steps:
         if stage + 1 < n_stages and step >= plan[stage + 1]:   # progressive: halve the codebooks
@@ -1292,7 +1318,7 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
             stage += 1
             optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
             model = _wrap_ddp(student, ddp)
-            previous = None
+            previous = ema = None
             history["stages"].append((step, next(iter(layers.values())).n_centroids))
             if log:
                 log(f"progressive: step {step}, merged to {history['stages'][-1][1]} centroids")
@@ -1316,14 +1342,21 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
         optimizer.step()
         history["loss"].append(loss.item())
         history["lr"].append(scale)
+        if speculative_every and "ema" in speculative_paths:
+            with torch.no_grad():
+                if ema is None:
+                    ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+                for n, p in student.named_parameters():
+                    if n in ema:
+                        ema[n].lerp_(p.detach(), 1 - SPECULATIVE_EMA_DECAY)
         info = ""
         step += 1
-        if speculative_every and step % speculative_every == 0 and step < steps:
+        if speculative_every and (step % speculative_every == 0 or step == steps):  # and one last time
             if reassign_every:
                 for layer in layers.values():
                     layer.reassign_()
             best, scores = speculative_step(student, calib_x.to(device), calib_logits, tau, speculative_paths,
-                                            previous)
+                                            previous, ema)
             history["spec_wins"][best] = history["spec_wins"].get(best, 0) + 1
             history["spec_checks"] += 1
             history["spec_loss"].append((step, scores))

@@ -3,7 +3,12 @@ The whole LCD pipeline in one script, stage by stage:
 
   1. data     - data/prepare.py, if data/<dataset>/ is missing
   2. teacher  - train the full-precision GPT, if out/teacher.pt is missing (AdamW, warmup + cosine)
-  3+.         - quantization and distillation stages (see below)
+  3. calib    - calibration batches (input statistics) and a held-out batch (speculative steps)
+  4. ptq      - post-training quantization, no training: RTN, k-means, LCD's density init (lcd.quantize)
+  5. kd       - plain KD: k-means init at 2^b, distilled with the same steps and optimizer as LCD
+  6. lcd      - LCD: density init, progressive merges, speculative steps (+ adaptive smoothing with a_bits);
+                --ablate=1 repeats it with each piece switched off
+  7. report   - freeze to LUTLinear, evaluate, save out/lcd_w<b>.pt, print the table, write out/results.json
 
     python train_kd.py                                  # everything, CPU-sized defaults
     python train_kd.py --preset=tiny --max_iters=50     # any global below can be overridden
@@ -67,7 +72,7 @@ calib_batches = 4              # calibration batches (batch_size sequences each)
 kd_steps = 600                 # distillation steps, the same for plain KD and LCD
 kd_batch_size = 16             # sequences per distillation step and process
 kd_lr = 1e-3                   # peak learning rate of the centroids
-kd_latent_lr = 1e-4            # peak learning rate of the latent weights (they decide the assignments)
+kd_latent_lr = 1e-3            # peak learning rate of the latent weights (they decide the assignments)
 kd_other_lr = 1e-4             # peak learning rate of norms and biases (with kd_train_norms)
 kd_tau = 1.0                   # distillation temperature
 kd_ce = 0.0                    # weight of the cross-entropy on the next-token labels
@@ -75,8 +80,8 @@ kd_warmup = 20                 # warm-up steps (again after each progressive mer
 kd_train_norms = True          # train norms and biases along with the codebooks
 kd_ckpt_interval = 100         # distillation steps between resumable checkpoints
 lcd_init = "density"           # LCD's centroid initialization: density, kmeans++ or uniform
-progressive_p = 1              # LCD starts at 2^(bits + p) centroids, halved down to 2^bits (0: off)
-final_frac = 0.5               # share of the distillation steps for the last progressive stage
+progressive_p = 0              # LCD starts at 2^(bits + p) centroids, halved down to 2^bits (0: off, as measured)
+final_frac = 0.75              # share of the distillation steps for the last progressive stage
 speculative_every = 25         # steps between LCD's speculative steps (0: off)
 reassign_every = 1             # steps between re-assigning weights to the centroid nearest their latent
 smoothing = True               # LCD's adaptive smoothing (used only when a_bits is set)
@@ -374,9 +379,17 @@ def batch_stream(tokens, batch_size, block_size, generator, device):
         yield get_batch(tokens, batch_size, block_size, generator, device)
 
 
+def calibration_data(train, config, block_size):
+    """Stage 3: calibration batches for the statistics, and a held-out batch that scores speculative steps;
+    drawn from the training split with their own seed, so they are the same on every process and run."""
+    gen = torch.Generator().manual_seed(config["seed"] + 1000)
+    calib = [get_batch(train, config["batch_size"], block_size, gen)[0] for _ in range(config["calib_batches"])]
+    return calib, get_batch(train, config["kd_batch_size"], block_size, gen)[0]
+
+
 def student_for(method, teacher, config, calib, log=None):
     """The trainable student of a distillation run. 'kd': plain KD, k-means init at 2^bits, no extras;
-    'lcd': density init, progressive, smoothing (with a_bits); lcd-no-* variants switch one piece off."""
+    'lcd': density init, progressive, smoothing (with a_bits); the ablation variants (ablations()) flip one."""
     c = lcd_settings(method, config)
     return lcd.prepare_student(teacher, config["bits"], config["group_size"], calib,
                                progressive_p=c["progressive_p"], init=c["init"], weighted=c["weighted"],
@@ -389,9 +402,25 @@ def lcd_settings(method, config):
         return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False)
     c = dict(init=config["lcd_init"], weighted=True, progressive_p=config["progressive_p"],
              speculative_every=config["speculative_every"], smoothing=config["smoothing"])
-    off = dict(**{"lcd-no-density": dict(init="kmeans++"), "lcd-no-progressive": dict(progressive_p=0),
-                  "lcd-no-speculative": dict(speculative_every=0), "lcd-no-smoothing": dict(smoothing=False)})
-    return dict(c, **off.get(method, {}))
+    return dict(c, **ablations(config).get(method, {}))
+
+
+def ablations(config):
+    """{variant: settings}: LCD with one piece flipped. A piece that is on is switched off (lcd-no-*); a piece
+    whose default is off (set so by measurement) is switched on (lcd+*), so every piece shows its effect."""
+    variants = {"lcd-no-density": dict(init="kmeans++")}
+    if config["progressive_p"]:
+        variants["lcd-no-progressive"] = dict(progressive_p=0)
+    else:
+        variants["lcd+progressive"] = dict(progressive_p=1)
+    if config["speculative_every"]:
+        variants["lcd-no-speculative"] = dict(speculative_every=0)
+    else:
+        variants["lcd+speculative"] = dict(speculative_every=25)
+    if config["a_bits"] is not None:   # smoothing acts only on quantized activations
+        variants["lcd-no-smoothing" if config["smoothing"] else "lcd+smoothing"] = dict(
+            smoothing=not config["smoothing"])
+    return variants
 
 
 DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
@@ -445,20 +474,20 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
 
 def print_table(rows, title):
     print(f"\n{title}")
-    print(f"{'method':<20} {'bits':>4} {'val_loss':>9} {'ppl':>8} {'bits/w':>7} {'bytes':>9} {'seconds':>8}")
+    delta = any("delta_vs_lcd" in r for r in rows)
+    print(f"{'method':<20} {'bits':>4} {'val_loss':>9} {'ppl':>8} {'bits/w':>7} {'bytes':>9} {'seconds':>8}"
+          + (f" {'delta':>8}" if delta else ""))
     for r in rows:
         print(f"{r['method']:<20} {r['bits']:>4} {r['val_loss']:>9.4f} {r['ppl']:>8.3f} "
-              f"{r['bits_per_weight']:>7.3f} {r['bytes']:>9} {r['seconds']:>8.1f}")
+              f"{r['bits_per_weight']:>7.3f} {r['bytes']:>9} {r['seconds']:>8.1f}"
+              + (f" {r['delta_vs_lcd']:>+8.4f}" if delta and r.get("delta_vs_lcd") is not None else ""))
 
 
 def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
     """Stages 3-7. Writes out_dir/lcd_w<bits>.pt (packed student) and out_dir/results.json (rank 0)."""
     train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
     T, out, b = model_block_size(teacher), config["out_dir"], config["bits"]
-    # stage 3: calibration data (the same on every process) and a held-out batch for speculative steps
-    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)
-    calib = [get_batch(train, config["batch_size"], T, calib_gen)[0] for _ in range(config["calib_batches"])]
-    calib_x = get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    calib, calib_x = calibration_data(train, config, T)                    # stage 3
     teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
     rows, checkpoints = [teacher_row], []
 
@@ -478,8 +507,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
     curves, ablation = {}, []
     methods = ["kd", "lcd"]
     if config["ablate"]:
-        methods += [m for m in ("lcd-no-density", "lcd-no-progressive", "lcd-no-speculative",
-                                "lcd-no-smoothing") if m != "lcd-no-smoothing" or config["a_bits"] is not None]
+        methods += list(ablations(config))
     last = {"baselines": 0, "kd": 1, "lcd": 2}.get(config["stop_after"], len(methods))
     for method in methods[:last]:
         student, history, seconds, path = run_distillation(method, teacher, config, train, calib, calib_x,

@@ -117,7 +117,7 @@ def test_smoothing_leaves_the_fp_layer_unchanged(tiny_teacher, tiny_data):
 def test_freeze_equals_the_training_layer(tiny_teacher, tiny_data, a_bits):
     teacher, meta = tiny_teacher
     calib = calib_of(meta)
-    student = lcd.prepare_student(teacher, 2, 16, calib, a_bits=a_bits)
+    student = lcd.prepare_student(teacher, 2, 16, calib, a_bits=a_bits, progressive_p=1)
 
     def batches():
         while True:
@@ -141,7 +141,8 @@ def test_freeze_equals_the_training_layer(tiny_teacher, tiny_data, a_bits):
 def pipeline_args(data_dir, out_dir, *extra):
     return [f"--dataset={data_dir}", f"--out_dir={out_dir}", "--preset=tiny", "--device=cpu", "--kd_steps=8",
             "--kd_batch_size=4", "--batch_size=8", "--calib_batches=2", "--eval_batches=2",
-            "--speculative_every=3", "--kd_ckpt_interval=2", "--kd_warmup=2", *extra]
+            "--speculative_every=3", "--kd_ckpt_interval=2", "--kd_warmup=2", "--progressive_p=1",
+            "--final_frac=0.5", *extra]
 
 
 @pytest.fixture
