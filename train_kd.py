@@ -84,7 +84,7 @@ progressive_p = 0              # LCD starts at 2^(bits + p) centroids, halved do
 final_frac = 0.75              # share of the distillation steps for the last progressive stage
 speculative_every = 25         # steps between LCD's speculative steps (0: off)
 reassign_every = 1             # steps between re-assigning weights to the centroid nearest their latent
-smoothing = True               # LCD's adaptive smoothing (used only when a_bits is set)
+smoothing = False              # LCD's adaptive smoothing (only with a_bits; off: it did not help when measured)
 ablate = 0                     # 1: also run LCD with each piece switched off in turn
 
 CONFIG_KEYS = [k for k, v in globals().items()

@@ -98,7 +98,7 @@ def test_speculative_step_never_commits_a_worse_student(tiny_teacher, tiny_data)
 def test_smoothing_leaves_the_fp_layer_unchanged(tiny_teacher, tiny_data):
     teacher, meta = tiny_teacher
     calib = calib_of(meta)
-    student = lcd.prepare_student(teacher, 2, None, calib, a_bits=4, progressive_p=0)
+    student = lcd.prepare_student(teacher, 2, None, calib, a_bits=4, smoothing=True)
     teacher_linears = lcd.find_linears(teacher)
     smoothed = [n for n, m in lcd.lcd_layers(student).items() if m.in_scale is not None]
     assert smoothed, "no layer chose smoothing on this teacher; the test checks nothing"
@@ -117,7 +117,7 @@ def test_smoothing_leaves_the_fp_layer_unchanged(tiny_teacher, tiny_data):
 def test_freeze_equals_the_training_layer(tiny_teacher, tiny_data, a_bits):
     teacher, meta = tiny_teacher
     calib = calib_of(meta)
-    student = lcd.prepare_student(teacher, 2, 16, calib, a_bits=a_bits, progressive_p=1)
+    student = lcd.prepare_student(teacher, 2, 16, calib, a_bits=a_bits, progressive_p=1, smoothing=True)
 
     def batches():
         while True:
