@@ -399,7 +399,7 @@ def fake_quantize_per_token(x, bits):
     q_max = 2 ** (bits - 1) - 1
     scale = x.detach().abs().amax(-1, keepdim=True).clamp_min(1e-8) / q_max
     x_q = (x / scale).round().clamp(-q_max, q_max) * scale
-    return x + (x_q - x).detach()
+    return x_q.detach() + (x - x.detach())    # value exactly x_q (x - x is exactly 0), gradient 1 to x
 
 
 class LUTLinear(nn.Module):
@@ -933,9 +933,11 @@ class LCDLinear(nn.Module):
 
     def quantized_weight(self):
         """W_q with the straight-through estimator: (N, K), differentiable wrt codebook and latent weight."""
-        codebook = self.codebook + (self.codebook.half().float() - self.codebook).detach()  # fp16 as stored
+        # written as value + (p - p.detach()) so the value is exactly the stored one (the added term is an
+        # exact zero) and the gradient reaches p: bit-equal to LUTLinear, so freeze() changes no output
+        codebook = self.codebook.detach().half().float() + (self.codebook - self.codebook.detach())
         W_q = dequantize(codebook, self.idx, self.group_size)
-        return W_q + self.weight - self.weight.detach()
+        return W_q + (self.weight - self.weight.detach())
 
     def forward(self, x):
         if self.in_scale is not None:
