@@ -54,9 +54,11 @@ cpu_batches = "1,16"       # batch sizes for the CPU timing
 cpu_reps = 10              # repetitions per CPU timing (the median is reported)
 cpu_model_size = "baby"    # model.py size whose footprint and quantization time are measured on a CPU
 emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
-quality = 0                # 1: print baselines.quality_table() (built by the baselines issue)
+quality = 0                # 1: every method's validation loss on out_dir's teacher (baselines.quality_table)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
+figures = 0                # 1: draw the README's figures (needs matplotlib) from the JSON files in out_dir
+out_dir = "out"            # where --figures reads quality.json, results*.json and teacher.pt, and writes PNGs
 json = ""                  # write all numbers to this file
 seed = 1337
 # -----------------------------------------------------------------------------------------------------
@@ -543,19 +545,121 @@ def bench_sass():
     return {"arch": sass_arch, "memory_us": memory_us, "kernels": numbers}
 
 
-# ---- quality (the baselines issue fills this in) ----
+# ---- quality: every method on the teacher of train_kd.py (baselines.quality_table) ----
 
 def bench_quality():
+    import baselines
+    return baselines.quality_table(out_dir=out_dir)
+
+
+# ---- figures: what the measured runs look like (matplotlib, imported only here) ----
+
+def smoothed(values, decay=0.98):
+    """Exponential moving average, bias-corrected (the first values are not pulled towards zero)."""
+    out, average = [], 0.0
+    for i, v in enumerate(values):
+        average = decay * average + (1 - decay) * v
+        out.append(average / (1 - decay ** (i + 1)))
+    return out
+
+
+def figure_ppl_vs_bits(plt, rows, path):
+    """Perplexity against effective bits per weight: one line per method, distilled methods solid."""
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
+        points = sorted((r["bits_per_weight"], r["ppl"], r["trained"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
+                linestyle="-" if points[0][2] else "--", linewidth=2.5 if points[0][2] else 1.2)
+    if teacher:
+        ax.axhline(teacher["ppl"], color="black", linestyle=":", label=f"teacher (fp32) {teacher['ppl']:.3f}")
+    ax.set(xlabel="effective bits per weight (everything stored)", ylabel="validation perplexity (log scale)",
+           yscale="log", title="Perplexity vs bits: post-training (dashed) and distilled (solid)")
+    ax.legend(fontsize=8, ncol=2)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure_centroids(plt, teacher, calib, n_bits, path):
+    """One weight row's histogram with the starting centroids of RTN's grid, k-means++ and LCD's density
+    init (before Lloyd): the row of the first MLP layer whose weights are the most heavy-tailed (largest
+    kurtosis), where the three differ most. The legend gives each init's importance-weighted error."""
+    name = next(n for n in lcd.find_linears(teacher) if n.endswith("mlp.c_fc"))
+    h = lcd.collect_stats(teacher, calib, [name])[name]["h"]
+    W = lcd.find_linears(teacher)[name].weight.detach().float()
+    z = (W - W.mean(1, keepdim=True)) / W.std(1, keepdim=True)
+    row = int((z ** 4).mean(1).argmax())
+    w = W[row:row + 1]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(w[0].numpy(), bins=120, color="lightgray", label=f"{name} row {row} ({w.shape[1]} weights)")
+    for (init, label), color in zip((("uniform", "RTN grid"), ("kmeans++", "k-means++ seeds"),
+                                     ("density", "density init (LCD)")), ("tab:red", "tab:blue", "tab:green")):
+        start = lcd.cluster(w, h, 2 ** n_bits, init=init, max_iters=0)
+        sse = lcd.weighted_sse(w, h, start["codebook"], start["idx"], None).sum().item()
+        for i, c in enumerate(start["codebook"].flatten().tolist()):
+            ax.axvline(c, color=color, linewidth=2, linestyle=(0, (4, 2)) if init == "kmeans++" else "-",
+                       label=f"{label}: weighted SSE {sse:.3g}" if i == 0 else None)
+    ax.set(xlabel="weight value", ylabel="count", title=f"{2 ** n_bits} starting centroids of one row, b = {n_bits}")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def figure_kd_curves(plt, curves, path, decay=0.98):
+    """Distillation loss (KL to the teacher, smoothed) of plain KD and LCD, and of any run with a
+    progressive schedule, its merges marked by vertical lines."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for method, curve in curves.items():
+        if method not in ("kd", "lcd") and len(curve["stages"]) < 2:
+            continue
+        line, = ax.plot(smoothed(curve["loss"], decay), label=method, linewidth=1.5)
+        for step, centroids in curve["stages"][1:]:
+            ax.axvline(step, color=line.get_color(), linestyle=":")
+            ax.text(step, ax.get_ylim()[1], f" {centroids} centroids", color=line.get_color(), va="top", fontsize=8)
+    ax.set(xlabel="distillation step", ylabel=f"KD loss (moving average, decay {decay})", yscale="log",
+           title="Distillation: plain KD vs LCD (dotted: progressive merges)")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def read_json(path):
     try:
-        import baselines
-    except ImportError as e:
-        print(f"\n--quality: baselines.py could not be imported ({e}); not built yet.")
+        with open(path) as f:
+            return jsonlib.load(f)
+    except FileNotFoundError:
         return None
-    quality_table = getattr(baselines, "quality_table", None)
-    if quality_table is None:
-        print("\n--quality: baselines.quality_table() is not built yet.")
-        return None
-    return quality_table()
+
+
+def draw_figures():
+    """out_dir/ppl_vs_bits.png (from --quality's JSON), centroids.png (the teacher), kd_curves.png (the
+    curves of train_kd.py's results, the ablation's if there is one): each drawn when its input exists."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("--figures needs matplotlib, an optional dependency: pip install matplotlib")
+    import train_kd
+    written = []
+    quality_json = read_json(os.path.join(out_dir, "quality.json"))
+    if quality_json and quality_json.get("quality"):
+        written.append(os.path.join(out_dir, "ppl_vs_bits.png"))
+        figure_ppl_vs_bits(plt, quality_json["quality"], written[-1])
+    if os.path.exists(os.path.join(out_dir, "teacher.pt")):
+        teacher, meta = train_kd.ensure_teacher(out_dir=out_dir)
+        config = {k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}
+        train = train_kd.load_tokens(meta["dir"], "train")
+        calib, _ = train_kd.calibration_data(train, config, teacher.config.block_size)
+        written.append(os.path.join(out_dir, "centroids.png"))
+        figure_centroids(plt, teacher, calib, bits, written[-1])
+    results = read_json(os.path.join(out_dir, "results_ablate.json")) or read_json(os.path.join(out_dir, "results.json"))
+    if results and results.get("curves"):
+        written.append(os.path.join(out_dir, "kd_curves.png"))
+        figure_kd_curves(plt, results["curves"], written[-1])
+    print("\nfigures: " + (", ".join(written) if written else f"nothing to draw: run train_kd.py and "
+                           f"bench.py --quality=1 --json={out_dir}/quality.json first"))
+    return written
 
 
 def write_json(path, results):
@@ -590,6 +694,8 @@ def main(argv):
         results["quality"] = bench_quality()
     if sass:
         results["sass"] = bench_sass()
+    if figures:
+        results["figures"] = draw_figures()
     if json:
         write_json(json, results)
     return results
