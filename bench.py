@@ -230,6 +230,24 @@ def random_lut_operands(N, K, b, gs, dev, generator):
     return words.to(dev), codebook.to(dev)
 
 
+def run_kernel(version, b, gs, packed, codebook, x, launch):
+    """One kernel version on x (B, K) fp16: (y, the activations it really multiplied). v3 takes int8 x."""
+    if version == "v3":
+        q, scale = lcd.quantize_activations(x, 8)
+        return lcd.lut_matmul("v3", b, gs, packed, codebook, q, launch, x_scale=scale), q.float() * scale[:, None]
+    return lcd.lut_matmul(version, b, gs, packed, codebook, x, launch), x.float()
+
+
+def kernel_error(version, b, gs, packed, codebook, x, launch):
+    """(max |y - x W^T| / sum_k |w x|, the bound it must stay under) of one kernel against the dense
+    reference. fp32 sums: one fp16 rounding of y (2^-11 of |y| <= sum |w x|); v4's fp16 partial sums: 17."""
+    y, x_used = run_kernel(version, b, gs, packed, codebook, x, launch)
+    W = lcd.dequantize(codebook.float(), lcd.unpack_indices(packed, b, x.shape[1]), gs)   # (N, K)
+    reference, magnitude = x_used @ W.T, x_used.abs() @ W.abs().T                         # (B, N) each
+    error = ((y.float() - reference).abs() / magnitude.clamp(min=1e-6)).max().item()
+    return error, 17 * 2.0 ** -11 if version == "v4" else 2.0 ** -10
+
+
 def bench_kernels_gpu(peak_gbps, dev="cuda"):
     generator = torch.Generator().manual_seed(seed)
     flush = torch.empty(flush_mb * 2 ** 20 // 4, dtype=torch.float32, device=dev)
@@ -246,9 +264,12 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
             rows.append([f"{N}x{K}", batch, "fp16 F.linear", f"{fp16_us:.1f}",
                          f"{fp16_bytes(N, K, batch) / fp16_us / 1e3:.0f}",
                          f"{100 * fp16_bytes(N, K, batch) / fp16_us / 1e3 / peak_gbps:.0f}", "1.00x", ""])
-            for version in lcd.KERNEL_VERSIONS:
-                if version == "v4" and not lcd.v4_supports(bits, gs, K):
-                    continue   # v4 serves 2-bit layers with K a multiple of 64 only
+            versions = [v for v in lcd.KERNEL_VERSIONS if v != "v4" or lcd.v4_supports(bits, gs, K)]
+            for version in versions:   # every version is validated before anything is timed
+                error, bound = kernel_error(version, bits, gs, packed, codebook, x, lcd.cuda_launch)
+                if not error <= bound:
+                    raise SystemExit(f"{version} is WRONG on {N}x{K}, batch {batch}: error {error:.1e} > {bound:.1e}")
+            for version in versions:
                 if version == "v3":
                     run = lambda: lcd.lut_matmul("v3", bits, gs, packed, codebook, xq, lcd.cuda_launch, x_scale=x_scale)
                 else:
@@ -384,22 +405,11 @@ def bench_emulate():
             idx = torch.randint(0, 2 ** b, (N, K), generator=generator)
             codebook = torch.randn(N, -(-K // gs), 2 ** b, generator=generator).to(torch.float16)
             packed = lcd.pack_indices(idx, b)
-            W = lcd.dequantize(codebook.float(), idx, gs)   # (N, K)
             x = torch.randn(batch, K, generator=generator).to(torch.float16)
             for version in lcd.KERNEL_VERSIONS:
                 if version == "v4" and not lcd.v4_supports(b, gs, K):
                     continue
-                if version == "v3":
-                    q, scale = lcd.quantize_activations(x, 8)
-                    y = lcd.lut_matmul(version, b, gs, packed, codebook, q, emulated.launch, x_scale=scale)
-                    x_used = q.float() * scale[:, None]
-                else:
-                    y = lcd.lut_matmul(version, b, gs, packed, codebook, x, emulated.launch)
-                    x_used = x.float()
-                reference, magnitude = x_used @ W.T, x_used.abs() @ W.abs().T   # (batch, N) each
-                error = ((y.float() - reference).abs() / magnitude.clamp(min=1e-6)).max().item()
-                # fp32 sums: one fp16 rounding of y (2^-11 of |y| <= magnitude); v4's fp16 partial sums: 17 of them
-                bound = 17 * 2.0 ** -11 if version == "v4" else 2.0 ** -10
+                error, bound = kernel_error(version, b, gs, packed, codebook, x, emulated.launch)
                 ok = error <= bound
                 rows.append([f"{N}x{K}", gs, b, version, f"{error:.1e}", f"{bound:.1e}", "ok" if ok else "WRONG"])
                 numbers.append({"shape": [N, K], "group_size": gs, "bits": b, "version": version,
