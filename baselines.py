@@ -17,7 +17,8 @@ methods that want the full input Hessian H = X^T X / n (stats["H"]) rather than 
 
 RTN (uniform min/max grid per row or group) and plain k-means are built into lcd.py ("rtn", "kmeans");
 they are not repeated here. Uniform grids are codebooks too (C = s * v + lo for v = 0 .. 2^b - 1), so
-GPTQ's output is an ordinary lcd.LUTLinear and its bits are LUTLinear's (fp16 codebook entries).
+RTN's and GPTQ's output is an lcd.GridLinear: a LUTLinear whose storage counts the grid's fp16 lo and
+step per row or group (scale and zero point), not the 2^b derived entries.
 Definitions: ../shared/LCD_DESIGN.md, "The baselines". Weight matrices are (N, K): y = x W^T.
 """
 import math
@@ -47,7 +48,7 @@ LBLLM_STEPS = 200        # stage 2: layer-wise distillation steps (reduced budge
 LBLLM_LR = 1e-2          # stage 2 learning rate, relative to mean|W|
 LBLLM_A_BITS = 4         # stage 3: activation bits (None = weight-only, stage 3 skipped)
 LBLLM_ACT_STEPS = 100    # stage 3: steps for the learned activation clipping factor
-LBLLM_ACT_SAMPLES = 512  # stage 3: surrogate calibration rows drawn when stats carry no inputs
+LBLLM_ACT_SAMPLES = 512  # stage 3: calibration input rows the clip is learned on (lcd.quantize keeps them)
 
 # ==== 1. shared pieces =============================================================================
 
@@ -190,7 +191,7 @@ def gptq(W, stats, bits, group_size=None, bias=None, act_order=GPTQ_ACT_ORDER, b
          damp=GPTQ_DAMP):
     codebook, idx = gptq_quantize(W, hessian(stats, W.shape[1]), bits, group_size, act_order, block_size,
                                   damp)
-    return lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
+    return lcd.GridLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
 
 
 # ==== 3. SqueezeLLM-like k-means ====================================================================
@@ -421,9 +422,9 @@ def lcq(W, stats, bits, group_size=None, bias=None, rank=LCQ_RANK, steps=LCQ_STE
 # 2-means of |w| weighted by h, lcd.cluster); (2) layer-wise distillation with FP activations: latent
 # weights (sign and bitmap through a straight-through estimator) and the scales learned on the layer
 # output error tr(E H E^T); (3) a learned clipping factor of the per-token symmetric 4-bit activation
-# quantizer, trained on the layer output error over calibration inputs: stats["X"] (rows of real inputs)
-# when the caller collected them, otherwise Gaussian rows with covariance H (same second moments as the
-# real inputs, lighter tails: the clip learned then is a surrogate, documented as such).
+# quantizer, trained on the layer output error over calibration inputs: stats["X"], rows of real inputs
+# that lcd.quantize collects (NEEDS_INPUTS); called without them, Gaussian rows with covariance H (same
+# second moments as the real inputs, lighter tails: the clip learned then is only a surrogate).
 
 
 def lbllm_codebook(scales):
@@ -533,7 +534,7 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
     clip = 1.0
     if a_bits is not None:
         X = stats.get("X")
-        if X is None:                                      # surrogate inputs with the right covariance
+        if X is None:            # no calibration inputs (called directly): surrogates with their covariance
             K = H.shape[0]
             L = torch.linalg.cholesky(H.double() + 1e-6 * H.diag().mean() * torch.eye(K, dtype=torch.double))
             generator = generator or torch.Generator().manual_seed(0)    # deterministic by default
@@ -561,6 +562,8 @@ def quality_rows(bits):
             ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
             ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
             ("lcq", "lcq", None, {})]
+    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
+        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
     if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
         rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
     return rows
@@ -616,3 +619,4 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **
 
 METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
 NEEDS_HESSIAN = {"gptq", "claq", "lbllm"}
+NEEDS_INPUTS = {"lbllm": LBLLM_ACT_SAMPLES}   # calibration input rows kept for LBLLM's activation quantizer

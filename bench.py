@@ -17,6 +17,8 @@ speed measurement.
     python bench.py --json=out/bench.json    # ... and write the numbers
     python bench.py --emulate=1 --bits=3     # defaults are overridden with --key=value
     python bench.py --sass=1                 # instructions per weight, v2 vs v4 (compile only)
+    python bench.py --quality --json=out/quality.json   # every method's quality (a bare --flag means =1)
+    python bench.py --figures                # the README's figures from the runs' JSON (matplotlib)
 """
 
 import ast
@@ -64,6 +66,7 @@ seed = 1337
 # -----------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))
                and k not in ("CONFIG_KEYS",)]
+SWITCHES = ("emulate", "quality", "sass", "figures")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
 # RTX 4090 specifications). Matched against torch.cuda.get_device_name(); first match wins.
@@ -86,6 +89,8 @@ WARP_THREADS = 32
 def apply_overrides(argv):
     """nanoGPT-style --key=value overrides of the config globals; unknown keys and bad values are errors."""
     for arg in argv:
+        if arg[2:] in SWITCHES:
+            arg += "=1"                          # a bare --quality, --emulate, ... switches that part on
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"bench.py takes only --key=value arguments, got {arg!r}; keys: {', '.join(CONFIG_KEYS)}")
         key, value = arg[2:].split("=", 1)
@@ -240,12 +245,13 @@ def run_kernel(version, b, gs, packed, codebook, x, launch):
 
 def kernel_error(version, b, gs, packed, codebook, x, launch):
     """(max |y - x W^T| / sum_k |w x|, the bound it must stay under) of one kernel against the dense
-    reference. fp32 sums: one fp16 rounding of y (2^-11 of |y| <= sum |w x|); v4's fp16 partial sums: 17."""
+    reference. fp32 sums: one fp16 rounding of y (2^-11 of |y| <= sum |w x|); v4's fp16 partial sums: 17;
+    dequant ends in the fp16 matmul of cuBLAS, whose reductions may round in fp16 on a GPU: 4x."""
     y, x_used = run_kernel(version, b, gs, packed, codebook, x, launch)
     W = lcd.dequantize(codebook.float(), lcd.unpack_indices(packed, b, x.shape[1]), gs)   # (N, K)
     reference, magnitude = x_used @ W.T, x_used.abs() @ W.abs().T                         # (B, N) each
     error = ((y.float() - reference).abs() / magnitude.clamp(min=1e-6)).max().item()
-    return error, 17 * 2.0 ** -11 if version == "v4" else 2.0 ** -10
+    return error, {"v4": 17 * 2.0 ** -11, "dequant": 4 * 2.0 ** -10}.get(version, 2.0 ** -10)
 
 
 def bench_kernels_gpu(peak_gbps, dev="cuda"):
@@ -642,8 +648,9 @@ def read_json(path):
 
 
 def draw_figures():
-    """out_dir/ppl_vs_bits.png (from --quality's JSON), centroids.png (the teacher), kd_curves.png (the
-    curves of train_kd.py's results, the ablation's if there is one): each drawn when its input exists."""
+    """out_dir/ppl_vs_bits.png (from quality.json, written by --quality --json), centroids.png (the teacher),
+    kd_curves.png (the curves in train_kd.py's results.json; with --ablate=1 they include lcd+progressive
+    and its merges): each drawn when its input exists."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -653,9 +660,9 @@ def draw_figures():
     import train_kd
     written = []
     quality_json = read_json(os.path.join(out_dir, "quality.json"))
-    if quality_json and quality_json.get("quality"):
+    if quality_json and quality_json.get("rows"):
         written.append(os.path.join(out_dir, "ppl_vs_bits.png"))
-        figure_ppl_vs_bits(plt, quality_json["quality"], written[-1])
+        figure_ppl_vs_bits(plt, quality_json["rows"], written[-1])
     if os.path.exists(os.path.join(out_dir, "teacher.pt")):
         teacher, meta = train_kd.ensure_teacher(out_dir=out_dir)
         config = {k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}
@@ -663,7 +670,7 @@ def draw_figures():
         calib, _ = train_kd.calibration_data(train, config, teacher.config.block_size)
         written.append(os.path.join(out_dir, "centroids.png"))
         figure_centroids(plt, teacher, calib, bits, written[-1])
-    results = read_json(os.path.join(out_dir, "results_ablate.json")) or read_json(os.path.join(out_dir, "results.json"))
+    results = read_json(os.path.join(out_dir, "results.json"))
     if results and results.get("curves"):
         written.append(os.path.join(out_dir, "kd_curves.png"))
         figure_kd_curves(plt, results["curves"], written[-1])
@@ -701,7 +708,7 @@ def main(argv):
     if emulate:
         results["emulation"] = bench_emulate()
     if quality:
-        results["quality"] = bench_quality()
+        results["rows"] = bench_quality()   # the quality table: one object per method and width
     if sass:
         results["sass"] = bench_sass()
     if figures:

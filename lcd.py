@@ -62,10 +62,11 @@ def check_calib_batch(batch):
 
 
 @torch.no_grad()
-def collect_stats(model, calib, names, full_hessian=False):
+def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
     """Run the model on the calibration batches and record, with forward hooks, the input statistics of
-    the named linear layers: {name: {"h": (K,), "H": (K, K) or None, "n": tokens seen}}.
-    h_k = mean over tokens of x_k^2 (the diagonal of the layer Hessian X^T X / n); H = X^T X / n in full."""
+    the named linear layers: {name: {"h": (K,), "H": (K, K) or None, "n": tokens seen, "X": rows or None}}.
+    h_k = mean over tokens of x_k^2 (the diagonal of the layer Hessian X^T X / n); H = X^T X / n in full;
+    X = the first keep_inputs input rows themselves (methods that fit activation quantizers want them)."""
     calib = [calib] if isinstance(calib, torch.Tensor) else calib  # one (B, T) batch is fine too
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
@@ -76,8 +77,9 @@ def collect_stats(model, calib, names, full_hessian=False):
     def make_hook(name):
         def hook(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
-            s = sums.setdefault(name, {"h": 0.0, "H": 0.0 if full_hessian else None, "n": 0})
+            s = sums.setdefault(name, {"h": 0.0, "H": 0.0 if full_hessian else None, "n": 0, "X": []})
             s["h"] = s["h"] + (x * x).sum(0)
+            s["X"].append(x[:max(0, keep_inputs - s["n"])])
             if full_hessian:
                 s["H"] = s["H"] + x.T @ x
             s["n"] += x.shape[0]
@@ -101,8 +103,8 @@ def collect_stats(model, calib, names, full_hessian=False):
     unused = [n for n in names if n not in sums]
     if unused:
         raise ValueError(f"the calibration forward never reached layers {unused}: does forward() use them?")
-    return {n: {"h": s["h"] / s["n"], "H": s["H"] / s["n"] if full_hessian else None, "n": s["n"]}
-            for n, s in sums.items()}
+    return {n: {"h": s["h"] / s["n"], "H": s["H"] / s["n"] if full_hessian else None, "n": s["n"],
+                "X": torch.cat(s["X"]) if keep_inputs else None} for n, s in sums.items()}
 
 
 # ==== 2. clustering ============================================================================= [A]
@@ -208,11 +210,13 @@ def density_init(v, m, C, n_atoms=DENSITY_ATOMS):
 
 
 def uniform_init(w, keep, C):
-    """RTN's grid: C evenly spaced points from the smallest to the largest weight of each grouped row."""
+    """RTN's grid: C evenly spaced points from the smallest to the largest weight of each grouped row.
+    lo and the step are rounded to fp16 first: a grid is stored as those two numbers (GridLinear)."""
     lo = torch.where(keep, w, torch.inf).amin(1, keepdim=True)
     hi = torch.where(keep, w, -torch.inf).amax(1, keepdim=True)
     lo, hi = lo.nan_to_num(0.0, 0.0, 0.0), hi.nan_to_num(0.0, 0.0, 0.0)       # rows with nothing kept
-    return lo + (hi - lo) * torch.linspace(0, 1, C, device=w.device)
+    step = ((hi - lo) / (C - 1)).half().float()
+    return lo.half().float() + step * torch.arange(C, device=w.device)
 
 
 def kmeanspp_init(w, mass, C, generator):
@@ -501,6 +505,16 @@ class LUTLinear(nn.Module):
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
 
 
+class GridLinear(LUTLinear):
+    """A LUTLinear whose codebooks are uniform grids lo + step * j (RTN, GPTQ). Such a quantizer stores one
+    fp16 lo and one fp16 step per row or group (its scale and zero point) and the LUT is derived from them
+    at load time, so storage_bits counts those two numbers, not the 2^b entries. save_quantized writes it
+    as the plain LUTLinear it also is (same outputs; the file holds the derived codebook)."""
+
+    def storage_bits(self):
+        return super().storage_bits() - 16 * self.codebook.numel() + 32 * self.codebook[..., 0].numel()
+
+
 # ==== 5. quantize(), footprint, save / load ===================================================== [A]
 BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own; other names come from baselines.METHODS
 
@@ -511,7 +525,8 @@ def _set_module(model, name, module):
 
 
 def _baseline(method):
-    """Look a baseline up in baselines.METHODS: (function, whether it needs the full Hessian)."""
+    """Look a baseline up in baselines.METHODS: (function, whether it needs the full Hessian, how many
+    input rows it wants to see)."""
     try:
         import baselines
     except ModuleNotFoundError as e:
@@ -521,7 +536,8 @@ def _baseline(method):
     methods = getattr(baselines, "METHODS", {})
     if method not in methods:
         raise ValueError(f"unknown method {method!r}: use one of {list(BUILTIN_METHODS) + sorted(methods)}")
-    return methods[method], method in getattr(baselines, "NEEDS_HESSIAN", ())
+    return (methods[method], method in getattr(baselines, "NEEDS_HESSIAN", ()),
+            getattr(baselines, "NEEDS_INPUTS", {}).get(method, 0))
 
 
 def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier_frac=0.0, **kw):
@@ -539,7 +555,7 @@ def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier
     else:
         raise ValueError(f"quantize_linear knows methods {list(BUILTIN_METHODS)}, got {method!r}")
     out = cluster(W, h, 2 ** bits, group_size, init, outlier_frac=outlier_frac, **kw)
-    return LUTLinear.from_clustered(out["codebook"], out["idx"], bits, group_size, bias=linear.bias,
+    return (GridLinear if method == "rtn" else LUTLinear).from_clustered(out["codebook"], out["idx"], bits, group_size, bias=linear.bias,
                                     outliers=out["outliers"])
 
 
@@ -561,10 +577,10 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     for name, linear in linears.items():                         # check everything before changing anything
         check_group_size(group_size, linear.in_features)
         check_weight(linear.weight, f"layer {name!r}")
-    baseline, needs_hessian = (None, False) if method in BUILTIN_METHODS else _baseline(method)
+    baseline, needs_hessian, needs_inputs = (None, False, 0) if method in BUILTIN_METHODS else _baseline(method)
     stats = None
     if calib is not None and method not in ("rtn", "kmeans"):     # the plain baselines ignore importance
-        stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian)
+        stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian, keep_inputs=needs_inputs)
     for name, linear in linears.items():
         if baseline is None:
             h = stats[name]["h"] if stats else None
@@ -1222,9 +1238,9 @@ def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PA
         _load_trainable_state(student, current)
     best = min(scores, key=lambda p: (scores[p], p != "keep"))   # ties go to keep
     if dist.is_available() and dist.is_initialized():
-        choice = torch.tensor([list(SPECULATIVE_PATHS).index(best) if best in SPECULATIVE_PATHS else 0])
-        dist.broadcast(choice, src=0)                   # every rank commits rank 0's choice
-        best = SPECULATIVE_PATHS[int(choice)]
+        choice = [best]
+        dist.broadcast_object_list(choice, src=0)       # every rank commits rank 0's choice (gloo or nccl)
+        best = choice[0]
     if best != "keep":
         _apply_candidate(student, best, previous, ema)
     student.train(was_training)

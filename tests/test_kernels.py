@@ -374,46 +374,58 @@ def test_sass_counts_of_v2_and_v4(capsys):
 
 # ---- the real GPU, through CuPy ----
 
-def gpu_with_cupy():
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def cupy_launch():
+    """lcd.cuda_launch; on a machine with a GPU, CuPy missing is a failure, not a skip."""
     try:
         import cupy  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.is_available()
+        pytest.fail("a CUDA GPU is present but CuPy is not installed: pip install -r requirements.txt")
+    return lcd.cuda_launch
 
 
-@pytest.mark.skipif(not gpu_with_cupy(), reason="needs a CUDA GPU and CuPy")
+@needs_gpu
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_cupy_kernels_on_gpu(version, bits):
+def test_cupy_kernels_on_gpu(cupy_launch, version, bits):
+    import bench
     N, K, group_size, batch = 300, 1000, 32, 3
     generator = torch.Generator().manual_seed(bits)
-    packed, codebook, W = random_layer(N, K, bits, group_size, generator)
+    packed, codebook, _ = random_layer(N, K, bits, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    if version == "v3":
-        q, scale = lcd.quantize_activations(x, 8)
-        y = lcd.lut_matmul("v3", bits, group_size, packed.cuda(), codebook.cuda(), q.cuda(), lcd.cuda_launch,
-                           x_scale=scale.cuda())
-        x_used = q.float() * scale[:, None]
-    else:
-        y = lcd.lut_matmul(version, bits, group_size, packed.cuda(), codebook.cuda(), x.cuda(), lcd.cuda_launch)
-        x_used = x.float()
-    torch.cuda.synchronize()
-    reference = x_used @ W.T
-    # dequant ends in cuBLAS's fp16 matmul, whose rounding is not ours: allow a little more there
-    slack = 4 if version == "dequant" else 1
-    tolerance = slack * (reference.abs() * 2.0 ** -10 + (x_used.abs() @ W.abs().T) * 1e-5) + 1e-6
-    assert ((y.float().cpu() - reference).abs() <= tolerance).all()
+    error, bound = bench.kernel_error(version, bits, group_size, packed.cuda(), codebook.cuda(), x.cuda(),
+                                      cupy_launch)
+    assert error <= bound
 
 
-@pytest.mark.skipif(not gpu_with_cupy(), reason="needs a CUDA GPU and CuPy")
+@needs_gpu
+@pytest.mark.parametrize("rows, a_bits", [(1, None), (3, None), (10, None), (1, 8), (10, 8)])
+def test_lutlinear_on_gpu_runs_the_kernels(cupy_launch, rows, a_bits):
+    # LUTLinear.forward on a CUDA tensor goes through kernels.cu (lut_forward_cuda): outliers, bias,
+    # in_scale and a_bits included, it must agree with the PyTorch reference on the CPU
+    N, K, bits, group_size = 29, 150, 3, 32
+    generator = torch.Generator().manual_seed(rows)
+    layer = lut_layer_with_everything(N, K, bits, group_size, generator)
+    layer.a_bits = a_bits
+    x = torch.randn(rows, K, generator=generator)
+    with torch.no_grad():
+        reference = layer(x)
+        y = layer.cuda()(x.cuda()).cpu()
+    W = layer.cpu().weight_dequantized() / layer.in_scale.float()
+    assert ((y - reference).abs() <= (x.abs() @ W.abs().T + reference.abs()) * 2.0 ** -9 + 1e-4).all()
+
+
+@needs_gpu
 @pytest.mark.parametrize("group_size", [64, 4096])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_cupy_v4_on_gpu(group_size, batch):
+def test_cupy_v4_on_gpu(cupy_launch, group_size, batch):
     N, K = 300, 4096
     generator = torch.Generator().manual_seed(group_size + batch)
     packed, codebook, W = random_layer(N, K, 2, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    y = lcd.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), lcd.cuda_launch)
+    y = lcd.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), cupy_launch)
     torch.cuda.synchronize()
     assert ((y.float().cpu() - x.float() @ W.T).abs() <= v4_error_bound(x, W)).all()

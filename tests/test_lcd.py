@@ -92,9 +92,10 @@ def test_cluster_output_and_lloyd_fixed_point():
     assert torch.allclose((W - W_hat).abs(), dist.amin(-1))
     codebook, idx = lcd.lloyd(W, h, out["codebook"], out["idx"], 16)
     assert torch.equal(idx, out["idx"]) and torch.allclose(codebook, out["codebook"])
-    # rtn rounds to the uniform min/max grid without any refinement
+    # rtn rounds to the uniform min/max grid without any refinement; lo and the step are stored in fp16
     rtn = lcd.cluster(W, torch.ones(40), 4, init="uniform", max_iters=0)
-    grid = torch.stack([W.amin(1) + (W.amax(1) - W.amin(1)) * t / 3 for t in range(4)], 1)
+    lo, step = W.amin(1).half().float(), ((W.amax(1) - W.amin(1)) / 3).half().float()
+    grid = torch.stack([lo + step * t for t in range(4)], 1)
     assert torch.allclose(rtn["codebook"][:, 0], grid, atol=1e-6)
 
 
@@ -312,10 +313,13 @@ def test_collect_stats_matches_the_layer_inputs():
     x = torch.randint(0, 50, (2, 7))
     stats = lcd.collect_stats(model, [x, x[:1]], ["layers.0.mix"], full_hessian=True)["layers.0.mix"]
     inputs = torch.cat([model.embed(x).reshape(-1, 24), model.embed(x[:1]).reshape(-1, 24)])   # (21, 24)
-    assert stats["n"] == 21
+    assert stats["n"] == 21 and stats["X"] is None
     torch.testing.assert_close(stats["h"], (inputs ** 2).mean(0))
     torch.testing.assert_close(stats["H"], inputs.T @ inputs / 21)
     assert model.training is False
+    for keep in (5, 16, 100):                  # the first `keep` input rows, across batches; all if fewer
+        X = lcd.collect_stats(model, [x, x[:1]], ["layers.0.mix"], keep_inputs=keep)["layers.0.mix"]["X"]
+        torch.testing.assert_close(X, inputs[:keep])
 
 
 def test_save_load_round_trip_is_exact(tmp_path):
