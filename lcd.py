@@ -40,15 +40,34 @@ def model_logits(output):
                     "return a tensor, a tuple starting with the logits, or an object with a .logits tensor")
 
 
+def is_conv1d(module):
+    """Hugging Face GPT-2's Conv1D: a linear layer y = x W + b with its weight stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None \
+        and module.weight.dim() == 2
+
+
+def as_linear(module):
+    """The module as an nn.Linear: itself, or for a Conv1D a new nn.Linear computing the same function."""
+    if isinstance(module, nn.Linear):
+        return module
+    K, N = module.weight.shape
+    linear = nn.Linear(K, N, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype)
+    linear.weight.data.copy_(module.weight.detach().t())
+    if module.bias is not None:
+        linear.bias.data.copy_(module.bias.detach())
+    return linear
+
+
 def find_linears(model, skip=None):
-    """{qualified name: nn.Linear} of the layers to quantize, in module order.
+    """{qualified name: nn.Linear} of the layers to quantize, in module order (a Conv1D comes as the
+    nn.Linear it is equivalent to, see as_linear; the model itself is not changed).
 
     Always left out: the output head (a Linear named lm_head) and every Linear whose weight is shared with
     an nn.Embedding (tied embeddings). `skip` leaves out more: a name substring or a list of them."""
     skip = [skip] if isinstance(skip, str) else list(skip or [])
     embedding_weights = {m.weight.data_ptr() for m in model.modules() if isinstance(m, nn.Embedding)}
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.split(".")[-1] != "lm_head"
+    return {name: as_linear(m) for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or is_conv1d(m)) and name.split(".")[-1] != "lm_head"
             and m.weight.data_ptr() not in embedding_weights and not any(s in name for s in skip)}
 
 
@@ -363,7 +382,7 @@ def weighted_sse(W, h, codebook, idx, group_size, outliers=None):
 #   codebook[n, k // group_size, idx[n, k]]. Unpacking: idx = (word >> ((k % E) * b)) & (2^b - 1).
 
 def check_bits(bits):
-    if bits not in ENTRIES_PER_WORD:
+    if type(bits) is not int or bits not in ENTRIES_PER_WORD:
         raise ValueError(f"bits must be 2, 3 or 4 (2^bits centroids a codebook), got {bits!r}")
 
 
@@ -639,10 +658,12 @@ def load_quantized(model, path):
         raise ValueError(f"{path} has format version {header.get('version')!r}; this lcd.py reads "
                          f"version {FORMAT_VERSION}: re-save it with a matching lcd.py")
     modules, keys = dict(model.named_modules()), set(LUTLinear(1, 1, 2).config())
+    if not isinstance(header.get("layers"), dict):
+        raise ValueError(f"{path}: the header lists no layers: not a file written by lcd.save_quantized")
     for name, spec in header["layers"].items():
         if not isinstance(spec, dict) or set(spec) != keys:
             raise ValueError(f"{path}: malformed header entry for layer {name!r}: {spec!r}")
-        old = modules.get(name)
+        old = as_linear(modules[name]) if is_conv1d(modules.get(name)) else modules.get(name)
         if not isinstance(old, (nn.Linear, LUTLinear)) or \
                 (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"{path}: layer {name!r} ({spec['out_features']}x{spec['in_features']}) does "
@@ -1124,14 +1145,13 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(False)
-    names = list(find_linears(student, skip))
+    linears = find_linears(student, skip)
+    names = list(linears)
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize (after skip)")
     stats = collect_stats(student, calib, names)
     inputs = collect_inputs(student, calib, names) if (a_bits is not None and smoothing) else {}
-    modules = dict(student.named_modules())
-    for name in names:
-        linear = modules[name]
+    for name, linear in linears.items():
         W, h = linear.weight.detach().float(), stats[name]["h"]
         s = None
         if name in inputs:

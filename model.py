@@ -15,6 +15,7 @@ GPT.from_pretrained(dir) loads Hugging Face GPT-2 weights from a local model.saf
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass, fields
 
@@ -160,9 +161,12 @@ class GPT(nn.Module):
             raise FileNotFoundError(f"{path} not found: put a GPT-2 model.safetensors in {directory}")
         tensors = load_safetensors(path)
         tensors = {k.removeprefix("transformer."): v for k, v in tensors.items()}  # both layouts occur
-        n_layer = 1 + max(int(k.split(".")[1]) for k in tensors if k.startswith("h."))
-        n_embd = tensors["wte.weight"].shape[1]
-        config = dict(SIZES["gpt2"], n_layer=n_layer, n_embd=n_embd,
+        blocks = [int(k.split(".")[1]) for k in tensors if re.match(r"h\.\d+\.", k)]
+        if not blocks or "wte.weight" not in tensors or "wpe.weight" not in tensors:
+            raise ValueError(f"{path} has no GPT-2 blocks (h.0...) or no wte/wpe embeddings: is it a GPT-2 "
+                             "checkpoint in Hugging Face's key names?")
+        n_layer, n_embd = 1 + max(blocks), tensors["wte.weight"].shape[1]
+        config = dict(SIZES["gpt2"], n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64,  # GPT-2: 64 a head
                       vocab_size=tensors["wte.weight"].shape[0], block_size=tensors["wpe.weight"].shape[0])
         config.update(overrides)
         model = cls(config)

@@ -1,4 +1,5 @@
 """Tests of lcd.py's core: clustering, the packed format, LUTLinear, quantize(), footprint, save / load."""
+import copy
 import os
 import sys
 from types import SimpleNamespace
@@ -296,6 +297,70 @@ def test_quantize_other_structure_and_outliers():
     assert torch.isfinite(logits).all() and (logits - ref).abs().mean() < ref.abs().mean()
 
 
+class Conv1D(nn.Module):
+    """Hugging Face GPT-2's Conv1D, written out: y = x W + b with W stored (in, out)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
+
+
+class HFStyleGPT2(nn.Module):
+    """A GPT-2-like module tree with Conv1D projections, returning a tuple (logits, ...)."""
+
+    def __init__(self, vocab=50, d=32):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.c_fc, self.c_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+    def forward(self, input_ids):
+        x = self.wte(input_ids)
+        x = x + self.c_proj(torch.tanh(self.c_fc(x)))
+        return x @ self.wte.weight.T, None
+
+
+def test_conv1d_layers_are_quantized_like_linears(tmp_path):
+    torch.manual_seed(0)
+    model = HFStyleGPT2().eval()
+    x = torch.randint(0, 50, (2, 9))
+    linear = lcd.find_linears(model)["c_fc"]
+    assert isinstance(linear, nn.Linear) and linear.weight.shape == (128, 32)     # (N, K): the transpose
+    torch.testing.assert_close(linear(torch.ones(3, 32)), model.c_fc(torch.ones(3, 32)))
+    assert isinstance(model.c_fc, Conv1D)                                         # the model is untouched
+    with torch.no_grad():
+        ref = model(x)[0]
+        quantized = lcd.quantize(copy.deepcopy(model), 4, calib=[x])
+        assert isinstance(quantized.c_fc, lcd.LUTLinear) and isinstance(quantized.c_proj, lcd.LUTLinear)
+        logits = quantized(x)[0]
+    assert (logits - ref).abs().mean() < 0.1 * ref.abs().mean()
+    path = str(tmp_path / "q.pt")
+    lcd.save_quantized(quantized, path)
+    loaded = lcd.load_quantized(HFStyleGPT2(), path)                              # a Conv1D skeleton
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], logits)
+
+
+def test_distillation_works_on_other_model_structures():
+    # prepare_student / distill / freeze on a model that is not model.py's GPT: Conv1D layers, a tuple
+    # output; and on one returning an object with .logits
+    for teacher in (HFStyleGPT2().eval(), OtherLM().eval()):
+        batches = [torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(20)]
+        student = lcd.prepare_student(teacher, 2, calib=batches[:2])
+        with torch.no_grad():
+            before = lcd.kd_loss(lcd.model_logits(student(batches[0])), lcd.model_logits(teacher(batches[0])))
+        student, history = lcd.distill(teacher, student, iter(batches), 20, calib_x=batches[1])
+        frozen = lcd.freeze(student)
+        assert not lcd.lcd_layers(frozen) and any(isinstance(m, lcd.LUTLinear) for m in frozen.modules())
+        with torch.no_grad():
+            after = lcd.kd_loss(lcd.model_logits(frozen(batches[0])), lcd.model_logits(teacher(batches[0])))
+        assert len(history["loss"]) == 20 and after < before
+
+
 def test_skip_and_model_logits():
     model = OtherLM()
     assert "layers.0.mix" not in lcd.find_linears(model, skip="mix")
@@ -348,14 +413,18 @@ def test_load_rejects_bad_files(tmp_path):
     lcd.save_quantized(model, good)
     with pytest.raises(ValueError, match="same architecture"):
         lcd.load_quantized(OtherLM(), good)
+    torch.save({"header": {"format": "lcd-quantized", "version": lcd.FORMAT_VERSION}, "state_dict": {}}, bad)
+    with pytest.raises(ValueError, match="lists no layers"):
+        lcd.load_quantized(tiny_gpt(), bad)
 
 
 # ---------------------------------------------------------------------------------------------------
 # clear errors
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
-        lcd.quantize(tiny_gpt(), 5)
+    for bits in (5, 2.0, True):
+        with pytest.raises(ValueError, match="bits must be 2, 3 or 4"):
+            lcd.quantize(tiny_gpt(), bits)
     with pytest.raises(ValueError, match="group_size"):
         lcd.quantize(tiny_gpt(), 2, group_size=0)
     with pytest.raises(ValueError, match="group_size"):

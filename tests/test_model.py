@@ -85,3 +85,7 @@ def test_safetensors_rejects_bad_files(tmp_path):
         load_safetensors(str(bad))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         GPT.from_pretrained(str(tmp_path))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(ValueError, match="no GPT-2 blocks"):                  # valid file, not a GPT-2
+        GPT.from_pretrained(str(tmp_path))
