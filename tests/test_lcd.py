@@ -218,6 +218,10 @@ def test_storage_bits_counts_everything():
     layer, _, _ = make_lut(N=4, K=60, bits=3, group_size=20, outlier_frac=0.05, in_scale=True)
     n_outliers = round(0.05 * 240)
     assert layer.storage_bits() == 4 * 6 * 32 + 4 * 3 * 8 * 16 + n_outliers * 80 + 60 * 16
+    # RTN's grid is stored as an fp16 lo and step per row/group (32 bits; test_cluster_output_and_lloyd_fixed_point
+    # checks that the grid is built from exactly those two fp16 numbers)
+    rtn = lcd.quantize_linear(nn.Linear(60, 4), 3, group_size=20, method="rtn")
+    assert isinstance(rtn, lcd.GridLinear) and rtn.storage_bits() == 4 * 6 * 32 + 4 * 3 * 32
 
 
 # ---------------------------------------------------------------------------------------------------
