@@ -583,14 +583,19 @@ def figure_ppl_vs_bits(plt, rows, path):
     """Perplexity against effective bits per weight: one line per method, distilled methods solid."""
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"):
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"))
+    for i, method in enumerate(methods):
         points = sorted((r["bits_per_weight"], r["ppl"], r["trained"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method,
-                linestyle="-" if points[0][2] else "--", linewidth=2.5 if points[0][2] else 1.2)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^Dv"[i % 5], label=method,
+                color={"kd": "black", "lcd": "red"}.get(method, plt.cm.tab20(i % 20)),
+                linestyle="-" if points[0][2] else "--",
+                linewidth=2.5 if points[0][2] else 1.2)
     if teacher:
         ax.axhline(teacher["ppl"], color="black", linestyle=":", label=f"teacher (fp32) {teacher['ppl']:.3f}")
     ax.set(xlabel="effective bits per weight (everything stored)", ylabel="validation perplexity (log scale)",
            yscale="log", title="Perplexity vs bits: post-training (dashed) and distilled (solid)")
+    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
