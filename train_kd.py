@@ -152,6 +152,9 @@ def ensure_data(dataset, tokenizer="bytes"):
         prepare.prepare(name=dataset, tokenizer=tokenizer)
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
+    if meta.get("tokenizer") != tokenizer:
+        raise ValueError(f"{data_dir} holds {meta.get('tokenizer')!r} tokens, not {tokenizer!r}: use a dataset "
+                         f"prepared with that tokenizer, e.g. --dataset=shakespeare_{tokenizer}")
     meta["dir"] = data_dir
     return meta
 

@@ -68,3 +68,9 @@ def test_torchrun_two_processes(tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "val loss" in result.stdout
     assert os.path.exists(tmp_path / "teacher.pt")
+
+
+def test_a_dataset_of_other_tokens_is_refused(tiny_data):
+    data_dir, _ = tiny_data
+    with pytest.raises(ValueError, match="holds 'bytes' tokens, not 'gpt2'"):
+        train_kd.ensure_data(data_dir, "gpt2")
