@@ -235,6 +235,11 @@ def random_lut_operands(N, K, b, gs, dev, generator):
     return words.to(dev), codebook.to(dev)
 
 
+def kernel_versions(b, gs, K):
+    """The kernel versions that serve this layer shape (v4 only where lcd.v4_supports says so)."""
+    return [v for v in lcd.KERNEL_VERSIONS if v != "v4" or lcd.v4_supports(b, gs, K)]
+
+
 def run_kernel(version, b, gs, packed, codebook, x, launch):
     """One kernel version on x (B, K) fp16: (y, the activations it really multiplied). v3 takes int8 x."""
     if version == "v3":
@@ -270,7 +275,7 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
             rows.append([f"{N}x{K}", batch, "fp16 F.linear", f"{fp16_us:.1f}",
                          f"{fp16_bytes(N, K, batch) / fp16_us / 1e3:.0f}",
                          f"{100 * fp16_bytes(N, K, batch) / fp16_us / 1e3 / peak_gbps:.0f}", "1.00x", ""])
-            versions = [v for v in lcd.KERNEL_VERSIONS if v != "v4" or lcd.v4_supports(bits, gs, K)]
+            versions = kernel_versions(bits, gs, K)
             for version in versions:   # every version is validated before anything is timed
                 error, bound = kernel_error(version, bits, gs, packed, codebook, x, lcd.cuda_launch)
                 if not error <= bound:
@@ -412,9 +417,7 @@ def bench_emulate():
             codebook = torch.randn(N, -(-K // gs), 2 ** b, generator=generator).to(torch.float16)
             packed = lcd.pack_indices(idx, b)
             x = torch.randn(batch, K, generator=generator).to(torch.float16)
-            for version in lcd.KERNEL_VERSIONS:
-                if version == "v4" and not lcd.v4_supports(b, gs, K):
-                    continue
+            for version in kernel_versions(b, gs, K):
                 error, bound = kernel_error(version, b, gs, packed, codebook, x, emulated.launch)
                 ok = error <= bound
                 rows.append([f"{N}x{K}", gs, b, version, f"{error:.1e}", f"{bound:.1e}", "ok" if ok else "WRONG"])
@@ -605,9 +608,10 @@ def figure_centroids(plt, teacher, calib, n_bits, path):
     """One weight row's histogram with the starting centroids of RTN's grid, k-means++ and LCD's density
     init (before Lloyd): the row of the first MLP layer whose weights are the most heavy-tailed (largest
     kurtosis), where the three differ most. The legend gives each init's importance-weighted error."""
-    name = next(n for n in lcd.find_linears(teacher) if n.endswith("mlp.c_fc"))
+    linears = lcd.find_linears(teacher)
+    name = next(n for n in linears if n.endswith("mlp.c_fc"))
     h = lcd.collect_stats(teacher, calib, [name])[name]["h"]
-    W = lcd.find_linears(teacher)[name].weight.detach().float()
+    W = linears[name].weight.detach().float()
     z = (W - W.mean(1, keepdim=True)) / W.std(1, keepdim=True)
     row = int((z ** 4).mean(1).argmax())
     w = W[row:row + 1]

@@ -574,8 +574,9 @@ def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier
     else:
         raise ValueError(f"quantize_linear knows methods {list(BUILTIN_METHODS)}, got {method!r}")
     out = cluster(W, h, 2 ** bits, group_size, init, outlier_frac=outlier_frac, **kw)
-    return (GridLinear if method == "rtn" else LUTLinear).from_clustered(out["codebook"], out["idx"], bits, group_size, bias=linear.bias,
-                                    outliers=out["outliers"])
+    layer_class = GridLinear if method == "rtn" else LUTLinear      # RTN stores its grid as lo + step
+    return layer_class.from_clustered(out["codebook"], out["idx"], bits, group_size, bias=linear.bias,
+                                      outliers=out["outliers"])
 
 
 @torch.no_grad()
@@ -663,7 +664,8 @@ def load_quantized(model, path):
     for name, spec in header["layers"].items():
         if not isinstance(spec, dict) or set(spec) != keys:
             raise ValueError(f"{path}: malformed header entry for layer {name!r}: {spec!r}")
-        old = as_linear(modules[name]) if is_conv1d(modules.get(name)) else modules.get(name)
+        old = modules.get(name)
+        old = as_linear(old) if is_conv1d(old) else old
         if not isinstance(old, (nn.Linear, LUTLinear)) or \
                 (old.in_features, old.out_features) != (spec["in_features"], spec["out_features"]):
             raise ValueError(f"{path}: layer {name!r} ({spec['out_features']}x{spec['in_features']}) does "

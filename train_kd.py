@@ -118,8 +118,9 @@ def parse_config(argv, defaults=None):
         config[key] = value
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
-    for key, allowed in (("bits", (2, 3, 4)), ("a_bits", (None, 8, 4)), ("lcd_init", ("density", "kmeans++", "uniform")),
-                         ("tokenizer", ("bytes", "gpt2"))):   # found now, not after the teacher has trained
+    choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
+               ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2")))
+    for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
     return config
