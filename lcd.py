@@ -1427,3 +1427,148 @@ def _wrap_ddp(student, ddp):
 @torch.no_grad()
 def teacher_logits_of(teacher, x):
     return model_logits(teacher(x.to(next(teacher.parameters()).device)))
+
+
+# ---- block-wise reconstruction (EfficientQAT's Block-AP, LBLLM's second stage) -----------------------
+# End-to-end logit KD pays the whole model's forward and backward (and, on a 49 152-token vocabulary, the
+# output head) for every step. Block-wise reconstruction trains one transformer block at a time to
+# reproduce the teacher block's output on cached inputs: a step costs one block's forward and backward, so
+# a CPU affords many more steps per layer in the same wall time. The student block sees what the student
+# so far produces (its own earlier, already quantized blocks), the target is what the teacher block
+# produces from the teacher's input, so each block also learns to undo the error of the blocks before it.
+BLOCK_CHUNK = 8   # sequences per forward when caching block inputs and targets (memory, not maths)
+
+
+def find_blocks(model):
+    """The model's transformer blocks: the longest nn.ModuleList whose every entry holds linear layers
+    (GPT: transformer.h, Llama: layers). Returns (qualified name, the ModuleList). ValueError if none."""
+    best = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) and all(
+                any(isinstance(x, (nn.Linear, LCDLinear)) or is_conv1d(x) for x in block.modules()) for block in m):
+            if best is None or len(m) > len(best[1]):
+                best = (name, m)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no nn.ModuleList of blocks with linear layers: block-wise "
+                         "reconstruction needs the blocks as a ModuleList; use end-to-end distill() instead")
+    return best
+
+
+class _ReachedFirstBlock(Exception):
+    """Raised by the hook of block_inputs: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def block_inputs(model, calib):
+    """What the first block receives on each calibration batch: X (n_sequences, T, C) and the other
+    positional and keyword arguments of that call (the same for every block and batch, e.g. a rotary
+    table; an argument that changes with the batch is not supported)."""
+    blocks = find_blocks(model)[1]
+    xs, extra = [], {}
+
+    def hook(module, args, kwargs):
+        xs.append(args[0].detach())
+        extra.setdefault("args", tuple(args[1:]))
+        extra.setdefault("kwargs", dict(kwargs))
+        raise _ReachedFirstBlock
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in ([calib] if isinstance(calib, torch.Tensor) else calib):
+            check_calib_batch(batch)
+            try:
+                model(batch.to(device))
+            except _ReachedFirstBlock:
+                pass
+    finally:
+        handle.remove()
+    if not xs:
+        raise ValueError("calibration data is empty: pass at least one (B, T) batch of token ids")
+    return torch.cat(xs), extra["args"], extra["kwargs"]
+
+
+def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
+    """block(X) over sequences in chunks; a block returning a tuple gives its first element."""
+    outs = []
+    for i in range(0, X.shape[0], chunk):
+        out = block(X[i:i + chunk], *args, **kwargs)
+        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return torch.cat(outs)
+
+
+def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, latent_lr=1e-3, other_lr=1e-4,
+                       warmup=5, train_norms=True, reassign_every=1, log=None, on_step=None):
+    """Train each LCD block of `student` (from prepare_student) to reproduce the teacher's block output,
+    one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
+    calibration sequences. Loss: mean squared error of the block output relative to the target's mean
+    square (so every block reports on the same scale). Trainable: centroids (lr), latent weights
+    (latent_lr) and with train_norms the block's norms and biases (other_lr); warm-up then cosine to 10 %.
+
+    calib: (B, T) token-id batches; every sequence is cached as the first block's input (n, T, C) fp32,
+    plus the student's running input and the target: 3 n T C floats in memory.
+    on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
+    Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
+    relative error before, after)]). Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
+    if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"steps must be an int >= 0 and batch_size an int >= 1, got {steps!r}, {batch_size!r}")
+    _, t_blocks = find_blocks(teacher)
+    s_name, s_blocks = find_blocks(student)
+    if len(t_blocks) != len(s_blocks):
+        raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}: not its student")
+    teacher.eval()
+    student.eval()                                  # no dropout: the block is fit on exact targets
+    for p in student.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        X_t, args, kwargs = block_inputs(teacher, calib)      # (n, T, C) the teacher's input of block i
+    X_s = X_t.clone()                                         # the student's input: embeddings are not quantized
+    gen = torch.Generator().manual_seed(0)
+    history = dict(loss=[], blocks=[])
+    for i, (t_block, s_block) in enumerate(zip(t_blocks, s_blocks)):
+        with torch.no_grad():
+            Y = _run_block(t_block, X_t, args, kwargs)        # (n, T, C) target
+            scale = Y.pow(2).mean().clamp_min(1e-30)
+            before = (_run_block(s_block, X_s, args, kwargs) - Y).pow(2).mean().div(scale).item()
+        layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
+        groups = {"codebook": [], "latent": [], "other": []}
+        for name, p in s_block.named_parameters():
+            owner, leaf = name.rpartition(".")[0], name.rpartition(".")[2]
+            kind = ("codebook" if leaf == "codebook" else "latent" if leaf == "weight" and owner in layers
+                    else "other" if train_norms and p.dim() == 1 and leaf != "in_scale" else None)
+            if kind:
+                p.requires_grad_(True)
+                groups[kind].append(p)
+        base = {"codebook": lr, "latent": latent_lr, "other": other_lr}
+        optimizer = torch.optim.AdamW([{"params": ps, "lr": base[k], "base_lr": base[k]}
+                                       for k, ps in groups.items() if ps], betas=(0.9, 0.95), weight_decay=0.0)
+        for step in range(steps):
+            if reassign_every and step % reassign_every == 0:
+                for layer in layers.values():
+                    layer.reassign_()
+            scale_lr = min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * scale_lr
+            j = torch.randint(X_s.shape[0], (batch_size,), generator=gen)
+            out = s_block(X_s[j], *args, **kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            loss = (out - Y[j]).pow(2).mean() / scale
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history["loss"].append(loss.item())
+            if on_step:
+                on_step(i * steps + step, loss.item(), f" | block {i}")
+        for p in s_block.parameters():
+            p.requires_grad_(False)
+        with torch.no_grad():
+            if reassign_every:
+                for layer in layers.values():
+                    layer.reassign_()
+            X_s = _run_block(s_block, X_s, args, kwargs)      # the next block's student input
+            after = (X_s - Y).pow(2).mean().div(scale).item()
+        history["blocks"].append((f"{s_name}.{i}", before, after))
+        if log:
+            log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")
+        X_t = Y
+    return student, history
