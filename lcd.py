@@ -1498,7 +1498,7 @@ def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
 
 
 def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, latent_lr=1e-3, other_lr=1e-4,
-                       warmup=5, train_norms=True, reassign_every=1, log=None, on_step=None):
+                       warmup=5, train_norms=True, reassign_every=1, ddp=False, log=None, on_step=None):
     """Train each LCD block of `student` (from prepare_student) to reproduce the teacher's block output,
     one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
     calibration sequences. Loss: mean squared error of the block output relative to the target's mean
@@ -1507,6 +1507,8 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
 
     calib: (B, T) token-id batches; every sequence is cached as the first block's input (n, T, C) fp32,
     plus the student's running input and the target: 3 n T C floats in memory.
+    ddp: every process draws its own minibatches (seeded by its rank) and DistributedDataParallel averages
+    the block's gradients, so the processes keep identical students.
     on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
     Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
     relative error before, after)]). Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
@@ -1523,7 +1525,8 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     with torch.no_grad():
         X_t, args, kwargs = block_inputs(teacher, calib)      # (n, T, C) the teacher's input of block i
     X_s = X_t.clone()                                         # the student's input: embeddings are not quantized
-    gen = torch.Generator().manual_seed(0)
+    rank = dist.get_rank() if ddp else 0
+    gen = torch.Generator().manual_seed(rank)
     history = dict(loss=[], blocks=[])
     for i, (t_block, s_block) in enumerate(zip(t_blocks, s_blocks)):
         with torch.no_grad():
@@ -1542,6 +1545,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
         base = {"codebook": lr, "latent": latent_lr, "other": other_lr}
         optimizer = torch.optim.AdamW([{"params": ps, "lr": base[k], "base_lr": base[k]}
                                        for k, ps in groups.items() if ps], betas=(0.9, 0.95), weight_decay=0.0)
+        trained_block = _wrap_ddp(s_block, ddp)
         for step in range(steps):
             if reassign_every and step % reassign_every == 0:
                 for layer in layers.values():
@@ -1550,7 +1554,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * scale_lr
             j = torch.randint(X_s.shape[0], (batch_size,), generator=gen)
-            out = s_block(X_s[j], *args, **kwargs)
+            out = trained_block(X_s[j], *args, **kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             loss = (out - Y[j]).pow(2).mean() / scale
             optimizer.zero_grad(set_to_none=True)
