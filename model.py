@@ -1,5 +1,6 @@
 """
-A GPT language model from scratch, in one file (after nanoGPT and minGPT).
+Two decoder-only language models from scratch, in one file (after nanoGPT, minGPT and llama2.c): the GPT
+this project trains itself, and the Llama family (SmolLM2, TinyLlama, Llama 3.2) for pretrained weights.
 
 Pre-norm transformer blocks: x + attn(ln(x)), then x + mlp(ln(x)); causal self-attention through
 torch's scaled_dot_product_attention; a GELU MLP; learned position embeddings; the output head shares
@@ -11,13 +12,27 @@ each one for a codebook (LUT) layer without knowing anything else about this fil
     out = model.generate(idx, max_new_tokens=100)
 
 GPT.from_pretrained(dir) loads Hugging Face GPT-2 weights from a local model.safetensors.
+
+The Llama block differs from the GPT's in four places: RMSNorm instead of LayerNorm, rotary position
+embeddings instead of a learned position table, grouped-query attention (fewer key/value heads than query
+heads) and a SwiGLU MLP; no biases. Its projections are nn.Linear named as in Hugging Face
+(q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj), so lcd.py quantizes both models alike.
+
+    model, enc = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf")   # or a Hugging Face directory
+    out = model.generate(torch.tensor([enc.encode("To be")]), 20, seed=0)   # KV cache: one position a step
+
+Both models share generate() (with a KV cache), config_dict() and from_config(). At the end of the file:
+the safetensors and GGUF readers, the loaders, and a tiktoken tokenizer built from the checkpoint.
 """
 import json
 import math
 import os
 import re
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import tiktoken
 
 import torch
 import torch.nn as nn
@@ -33,6 +48,7 @@ class GPTConfig:
     n_embd: int = 128       # residual stream width
     dropout: float = 0.0    # dropout on attention, MLP output and embeddings
     bias: bool = True       # biases in linear layers and LayerNorms (GPT-2 has them)
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight (GPT-2 does)
 
 
 # Named sizes. `tiny` is for tests, `baby` is the CPU default, `gpt2` is the 124M GPT-2 shape.
@@ -42,6 +58,97 @@ SIZES = {
     "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256),
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
+
+
+# -----------------------------------------------------------------------------------------------
+# What both models share: causal attention over a KV cache, and generation
+
+class KVCache:
+    """Keys and values of every attention layer for the positions seen so far, preallocated for max_len
+    positions (gpt-fast style), so that generate() runs one new position per step instead of the whole
+    context. pos: how many positions are stored; the model advances it after each forward."""
+
+    def __init__(self, max_len):
+        self.max_len, self.pos, self.kv = max_len, 0, {}
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_kv_head, T, hs) of `layer` (the attention module, as key) at positions
+        pos..pos+T-1; return the keys and values of all positions so far, (B, n_kv_head, pos+T, hs) each."""
+        B, H, T, hs = k.shape
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {self.pos} stored, {T} more do not fit")
+        if layer not in self.kv:
+            self.kv[layer] = (k.new_zeros(B, H, self.max_len, hs), v.new_zeros(B, H, self.max_len, hs))
+        keys, values = self.kv[layer]
+        keys[:, :, self.pos:self.pos + T] = k
+        values[:, :, self.pos:self.pos + T] = v
+        return keys[:, :, :self.pos + T], values[:, :, :self.pos + T]
+
+
+def causal_attention(q, k, v, kv_cache=None, layer=None, dropout_p=0.0):
+    """Causal scaled dot-product attention: q (B, nh, T, hs) over k, v (B, n_kv_head, T, hs) -> (B, nh, T, hs).
+
+    With a kv_cache, k and v join those of the earlier positions first and the queries sit at positions
+    pos..pos+T-1, each seeing every position up to its own. Grouped-query attention (Ainslie et al. 2023):
+    each key/value head serves nh / n_kv_head consecutive query heads."""
+    start = 0
+    if kv_cache is not None:
+        start = kv_cache.pos
+        k, v = kv_cache.update(layer, k, v)                                   # (B, n_kv_head, start+T, hs)
+    if k.size(1) != q.size(1):
+        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                # (B, nh, S, hs)
+        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    if start == 0:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    T, S = q.size(2), k.size(2)
+    mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class CausalLM(nn.Module):
+    """The interface the GPT and the Llama share: forward(idx, targets=None, kv_cache=None) -> (logits, loss)
+    is each model's own; generate() and config_dict() are written once, here."""
+    architecture = None  # "gpt" or "llama": the key of ARCHITECTURES, stored by config_dict()
+
+    def config_dict(self):
+        """{"architecture": ..., **config fields}: everything from_config() needs to rebuild the model."""
+        return dict(architecture=self.architecture, **asdict(self.config))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, seed=None,
+                 use_cache=True):
+        """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
+
+        temperature 0 picks the most likely token (greedy); top_k keeps the k most likely; generator (a
+        torch.Generator) or seed makes sampling reproducible. With use_cache, the prompt runs once and each
+        new token costs one position's work (KVCache). The context is block_size tokens: once the sequence
+        is longer, each step re-runs the last block_size tokens without a cache (the GPT's learned position
+        table ends there), exactly as use_cache=False does, so both paths give the same tokens."""
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        block_size, cache = self.config.block_size, None
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block_size:
+                if cache is None:
+                    cache = KVCache(min(block_size, idx.size(1) + max_new_tokens))
+                logits, _ = self(idx[:, cache.pos:], kv_cache=cache)   # the prompt once, then the newest token
+            else:
+                logits, _ = self(idx[:, -block_size:])                 # crop to the context the model knows
+            logits = logits[:, -1, :].float()                          # (B, vocab)
+            if temperature == 0:
+                idx_next = logits.argmax(dim=-1, keepdim=True)         # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
 
 
 class CausalSelfAttention(nn.Module):
@@ -54,13 +161,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.dropout = config.dropout
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)                     # each (B, T, C)
         # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)  # (B, nh, T, hs)
+        y = causal_attention(q, k, v, kv_cache, self, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)              # re-assemble heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -84,12 +190,14 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
+    architecture = "gpt"
+
     def __init__(self, config):
         super().__init__()
         if isinstance(config, dict):
@@ -103,7 +211,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # weight tying: one matrix, two uses
         self.apply(self._init_weights)
         # GPT-2's scaled init: residual projections shrink with depth so the stream's variance stays put
         for name, p in self.named_parameters():
@@ -122,40 +231,34 @@ class GPT(nn.Module):
         """Parameters without the position table (GPT-2's convention); the tied head counts once."""
         return sum(p.numel() for p in self.parameters()) - self.transformer.wpe.weight.numel()
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx, targets: (B, T) int64 -> logits (B, T, vocab), mean cross-entropy (or None). With a kv_cache
+        (generate() makes one), idx holds the positions after the kv_cache.pos cached ones."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, dtype=torch.long, device=idx.device)           # (T,)
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+                             " (the learned position table): crop it to the last block_size tokens")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x)
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))                       # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens)."""
-        for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]  # crop to the context the model knows
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)  # (B, vocab)
-            if top_k is not None:
-                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float("inf")
-            idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        return idx
-
     # ---------------------------------------------------------------------------------------------
     # Loading real GPT-2 weights from a local directory (no hub, no extra dependency)
 
     @classmethod
     def from_pretrained(cls, directory, **overrides):
-        """Build the gpt2-shaped model from `directory`/model.safetensors (Hugging Face key names)."""
+        """Build the gpt2-shaped model from `directory`/model.safetensors (Hugging Face key names). A stored
+        lm_head.weight that differs from wte.weight becomes an untied head; any tensor the model does not
+        use is an error that lists it (load_state)."""
         path = os.path.join(directory, "model.safetensors")
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path} not found: put a GPT-2 model.safetensors in {directory}")
@@ -167,24 +270,189 @@ class GPT(nn.Module):
                              "checkpoint in Hugging Face's key names?")
         n_layer, n_embd = 1 + max(blocks), tensors["wte.weight"].shape[1]
         config = dict(SIZES["gpt2"], n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64,  # GPT-2: 64 a head
-                      vocab_size=tensors["wte.weight"].shape[0], block_size=tensors["wpe.weight"].shape[0])
+                      vocab_size=tensors["wte.weight"].shape[0], block_size=tensors["wpe.weight"].shape[0],
+                      tie_embeddings=not untied_head(tensors, "wte.weight"))
         config.update(overrides)
         model = cls(config)
-        sd = model.state_dict()
         # HF's GPT-2 uses Conv1D modules whose weights are stored (in, out): transpose into nn.Linear
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        for key in sd:
-            if key == "lm_head.weight" or key.endswith(".attn.bias") or key.endswith(".attn.masked_bias"):
-                continue  # tied to wte / causal masks, not parameters here
-            hf_key = key.removeprefix("transformer.")
-            if hf_key not in tensors:
-                raise KeyError(f"{path} has no tensor {hf_key!r}: is this a GPT-2 checkpoint?")
-            t = tensors[hf_key]
-            t = t.t() if key.endswith(transposed) else t
-            if t.shape != sd[key].shape:
-                raise ValueError(f"{hf_key}: shape {tuple(t.shape)} in the file, {tuple(sd[key].shape)} expected")
-            sd[key].copy_(t)
-        return model
+        ours = {(k if k == "lm_head.weight" else "transformer." + k): (t.t() if k.endswith(transposed) else t)
+                for k, t in tensors.items()}
+        # .attn.bias / .attn.masked_bias: the causal masks HF stores as buffers; scaled_dot_product_attention
+        # builds its own
+        return load_state(model, ours, path, ignore=(".attn.bias", ".attn.masked_bias"))
+
+
+# -----------------------------------------------------------------------------------------------
+# The Llama family (Touvron et al. 2023; llama2.c): RMSNorm, rotary embeddings, grouped-query attention,
+# SwiGLU. Module names follow Hugging Face's LlamaForCausalLM, so its state_dict keys load as they are.
+
+@dataclass
+class LlamaConfig:
+    block_size: int = 256          # context length the model was trained for (no position table: rotary)
+    vocab_size: int = 256          # rows of the token embedding
+    n_layer: int = 2               # transformer blocks
+    n_head: int = 4                # query heads; n_embd must be divisible by it
+    n_kv_head: int = 2             # key/value heads (grouped-query attention); divides n_head
+    n_embd: int = 64               # residual stream width
+    intermediate_size: int = 128   # hidden width of the SwiGLU MLP
+    rope_theta: float = 10000.0    # base of the rotary frequencies theta^(-2i/hs)
+    norm_eps: float = 1e-5         # RMSNorm's epsilon
+    tie_embeddings: bool = True    # the output head shares the token embedding's weight
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension (Zhang & Sennrich 2019): LayerNorm
+    without the mean and the bias. Computed in float32 whatever the input dtype, as Hugging Face does."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def apply_rotary(x, pos, theta):
+    """Rotary position embedding (RoFormer, Su et al. 2021) in Hugging Face's half-split layout: the pair
+    (x_i, x_{i+hs/2}) of x (B, nh, T, hs) turns by the angle pos * theta^(-2i/hs), pos: (T,) positions.
+    A query at m and a key at n then score q.k through their angle difference only: relative position."""
+    hs = x.size(-1)
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device).float() / hs))  # (hs/2,)
+    angles = pos.float()[:, None] * inv_freq[None, :]                                   # (T, hs/2)
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)                                                  # (B, nh, T, hs/2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim, self.rope_theta = config.n_embd // config.n_head, config.rope_theta
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        start = kv_cache.pos if kv_cache is not None else 0
+        pos = torch.arange(start, start + T, device=x.device)                         # (T,)
+        q, k = apply_rotary(q, pos, self.rope_theta), apply_rotary(k, pos, self.rope_theta)
+        y = causal_attention(q, k, v, kv_cache, self)                                 # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(CausalLM):
+    architecture = "llama"
+
+    def __init__(self, config):
+        super().__init__()
+        if isinstance(config, dict):
+            config = LlamaConfig(**config)
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
+            raise ValueError(f"Llama needs n_embd ({config.n_embd}) divisible by n_head ({config.n_head}), n_head "
+                             f"by n_kv_head ({config.n_kv_head}), and an even head size (rotary pairs)")
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)]),
+            norm=RMSNorm(config.n_embd, config.norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for m in self.modules():               # Hugging Face's initializer_range 0.02, for training from scratch
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        """All parameters (no position table here); a tied head counts once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """idx, targets: (B, T) int64 -> logits (B, T, vocab), mean cross-entropy (or None); kv_cache as GPT's."""
+        B, T = idx.size()
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
+                             " (the context the model was trained for): crop it to the last block_size tokens")
+        x = self.model.embed_tokens(idx)                                       # (B, T, C)
+        for block in self.model.layers:
+            x = block(x, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        logits = self.lm_head(self.model.norm(x))                              # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+
+# A saved file stores config_dict(model); from_config rebuilds the model from it alone.
+ARCHITECTURES = {"gpt": (GPT, GPTConfig), "llama": (Llama, LlamaConfig)}
+
+
+def config_dict(model):
+    """{"architecture": "gpt"|"llama", **config fields} of a model of this file (see from_config)."""
+    return model.config_dict()
+
+
+def _is_type(value, want):
+    """isinstance for config fields: a bool is not an int, an int is a float."""
+    if want is bool or isinstance(value, bool):
+        return want is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if want is float else isinstance(value, want)
+
+
+def from_config(cfg):
+    """Build a fresh (untrained) model from config_dict()'s dict. A missing field takes its default; an
+    unknown architecture, an unknown field or a value of the wrong type is a ValueError."""
+    if not isinstance(cfg, dict) or cfg.get("architecture") not in ARCHITECTURES:
+        got = cfg.get("architecture") if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"model config must be a dict with architecture one of {sorted(ARCHITECTURES)}, got {got!r}")
+    cls, config_cls = ARCHITECTURES[cfg["architecture"]]
+    types = {f.name: f.type for f in fields(config_cls)}
+    unknown = sorted(set(cfg) - set(types) - {"architecture"})
+    if unknown:
+        raise ValueError(f"{cfg['architecture']} config has unknown fields {unknown}; known: {sorted(types)}")
+    for key, value in cfg.items():
+        want = types.get(key)
+        if want is not None and not _is_type(value, want):
+            raise ValueError(f"{cfg['architecture']} config field {key!r} must be a {want.__name__}, got {value!r}")
+    return cls(config_cls(**{k: v for k, v in cfg.items() if k != "architecture"}))
 
 
 # safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
