@@ -273,7 +273,7 @@ class GPT(CausalLM):
                       vocab_size=tensors["wte.weight"].shape[0], block_size=tensors["wpe.weight"].shape[0],
                       tie_embeddings=not untied_head(tensors, "wte.weight"))
         config.update(overrides)
-        model = cls(config)
+        model = empty_model(lambda: cls(config))
         # HF's GPT-2 uses Conv1D modules whose weights are stored (in, out): transpose into nn.Linear
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         ours = {(k if k == "lm_head.weight" else "transformer." + k): (t.t() if k.endswith(transposed) else t)
@@ -513,6 +513,22 @@ def untied_head(tensors, embed_key):
     return True
 
 
+def empty_model(build):
+    """build() run on the meta device, then given uninitialized memory on the CPU: for a loader, which
+    overwrites every parameter (load_state checks that), the random initialization is wasted time."""
+    with torch.device("meta"):
+        model = build()
+    first, ties = {}, []                         # to_empty gives each use of a tied weight its own memory:
+    for name, p in model.named_parameters(remove_duplicate=False):  # note the ties, and tie again after
+        ties += [(name, first[p])] if p in first else []
+        first.setdefault(p, name)
+    model.to_empty(device="cpu")
+    for name, source in ties:
+        owner, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(source))
+    return model
+
+
 def load_state(model, tensors, source, ignore=()):
     """Copy `tensors` {state_dict key: tensor} into `model` (dtype converted) and return the model.
 
@@ -560,6 +576,8 @@ GGUF_MAX_NESTING = 4            # arrays of arrays deeper than this are taken as
 _GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1",
                  10: "<u8", 11: "<i8", 12: "<f8"}
 _GGUF_BOOL, _GGUF_STRING, _GGUF_ARRAY = 7, 8, 9
+_STRUCT_FORMATS = {"<u1": "<B", "<i1": "<b", "<u2": "<H", "<i2": "<h", "<u4": "<I", "<i4": "<i", "<f4": "<f",
+                   "<u8": "<Q", "<i8": "<q", "<f8": "<d"}   # the same, for one scalar at a time
 
 # ggml tensor types: name, weights per block, bytes per block for the ones this file dequantizes
 GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34), 30: ("BF16", 1, 2)}
@@ -587,8 +605,9 @@ class _GGUFReader:
         return self.data[self.pos - n:self.pos]
 
     def scalar(self, dtype, what):
-        v = np.frombuffer(self.take(np.dtype(dtype).itemsize, what), dtype=dtype)[0]
-        return float(str(v)) if dtype == "<f4" else v.item()  # float32: its shortest decimal, 1e-05 not 9.99e-06
+        fmt = _STRUCT_FORMATS[dtype]
+        (v,) = struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+        return float(str(np.float32(v))) if dtype == "<f4" else v  # float32: its shortest decimal, 1e-05
 
     def count(self, what, item_bytes):
         """A uint64 count of items of at least item_bytes bytes each, checked against the bytes left."""
@@ -775,10 +794,11 @@ def _gguf_key(metadata, key, path, want, default=None):
     return value
 
 
-def llama_from_gguf(path):
+def llama_from_gguf(path, contents=None):
     """Build a Llama from a GGUF file (general.architecture "llama"): its shape from the {arch}.* keys,
-    the vocabulary size from tokenizer.ggml.tokens, the weights dequantized to float32. Returns the model."""
-    metadata, tensors = read_gguf(path)
+    the vocabulary size from tokenizer.ggml.tokens, the weights dequantized to float32. Returns the model.
+    contents: read_gguf(path)'s (metadata, tensors) when the file was read already."""
+    metadata, tensors = read_gguf(path) if contents is None else contents
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise ValueError(f"{path}: general.architecture is {arch!r}; this loader builds 'llama' models")
@@ -812,7 +832,7 @@ def llama_from_gguf(path):
         ours[key] = t
     if "model.embed_tokens.weight" in ours:
         config.tie_embeddings = not untied_head(ours, "model.embed_tokens.weight")
-    return load_state(Llama(config), ours, path)
+    return load_state(empty_model(lambda: Llama(config)), ours, path)
 
 
 # config.json keys of Hugging Face's LlamaConfig -> LlamaConfig fields
@@ -878,7 +898,7 @@ def llama_from_hf(directory):
         raise ValueError(f"{directory}: no model.embed_tokens.weight: not a Llama checkpoint in Hugging Face's names")
     # the stored head decides: tie_word_embeddings=True with its own head would otherwise drop a tensor
     fields_["tie_embeddings"] = not untied_head(tensors, "model.embed_tokens.weight")
-    model = from_config(dict(architecture="llama", **fields_))
+    model = empty_model(lambda: from_config(dict(architecture="llama", **fields_)))
     # rotary_emb.inv_freq: a buffer older transformers versions saved; apply_rotary computes its own
     return load_state(model, tensors, directory, ignore=("rotary_emb.inv_freq",))
 
@@ -1012,8 +1032,8 @@ def load_pretrained(path):
     model_type "llama" or "gpt2"; tokenizer None without a tokenizer.json). Named checkpoints ("smollm2")
     are fetched by data/prepare.py's fetch_pretrained, which returns such a path."""
     if os.path.isfile(path) and path.endswith(".gguf"):
-        model = llama_from_gguf(path)
-        return model, gguf_tokenizer(path)
+        metadata, tensors = read_gguf(path)                   # read once for the model and the tokenizer
+        return llama_from_gguf(path, (metadata, tensors)), gguf_tokenizer(path, metadata)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such .gguf file or Hugging Face model directory")
     cfg_path = os.path.join(path, "config.json")
