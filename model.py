@@ -4,7 +4,7 @@ this project trains itself, and the Llama family (SmolLM2, TinyLlama, Llama 3.2)
 
 Pre-norm transformer blocks: x + attn(ln(x)), then x + mlp(ln(x)); causal self-attention through
 torch's scaled_dot_product_attention; a GELU MLP; learned position embeddings; the output head shares
-its weight with the token embedding. Every projection is a plain nn.Linear, so that lcd.py can swap
+its weight with the token embedding (unless a checkpoint holds its own head). Every projection is a plain nn.Linear, so that lcd.py can swap
 each one for a codebook (LUT) layer without knowing anything else about this file.
 
     model = GPT(SIZES["baby"] | {"vocab_size": 256})
@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import tiktoken
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -397,6 +396,16 @@ class Llama(CausalLM):
         for m in self.modules():               # Hugging Face's initializer_range 0.02, for training from scratch
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    @classmethod
+    def from_gguf(cls, path):
+        """A Llama from a llama.cpp GGUF file: llama_from_gguf (below, with the file format)."""
+        return llama_from_gguf(path)
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        """A Llama from a Hugging Face directory (config.json + safetensors): llama_from_hf (below)."""
+        return llama_from_hf(directory)
 
     def num_params(self):
         """All parameters (no position table here); a tied head counts once."""
@@ -805,10 +814,12 @@ def llama_from_gguf(path, contents=None):
     scaling = metadata.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensors:
         raise ValueError(f"{path}: rotary scaling ({scaling!r} / rope_freqs.weight) is not supported here")
+    if "token_embd.weight" not in tensors:
+        raise ValueError(f"{path}: no token_embd.weight tensor: not a llama.cpp language model")
     n_head = _gguf_key(metadata, f"{arch}.attention.head_count", path, int)
     config = LlamaConfig(
         block_size=_gguf_key(metadata, f"{arch}.context_length", path, int),
-        vocab_size=len(metadata.get("tokenizer.ggml.tokens", [])) or tensors["token_embd.weight"].shape[0],
+        vocab_size=len(metadata.get("tokenizer.ggml.tokens") or ()) or tensors["token_embd.weight"].shape[0],
         n_layer=_gguf_key(metadata, f"{arch}.block_count", path, int),
         n_head=n_head,
         n_kv_head=_gguf_key(metadata, f"{arch}.attention.head_count_kv", path, int, default=n_head),
@@ -835,6 +846,18 @@ def llama_from_gguf(path, contents=None):
     return load_state(empty_model(lambda: Llama(config)), ours, path)
 
 
+def read_json(path):
+    """The JSON object in `path` (config.json, an index, tokenizer.json), or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(obj).__name__}")
+    return obj
+
+
 # config.json keys of Hugging Face's LlamaConfig -> LlamaConfig fields
 HF_LLAMA_KEYS = {"max_position_embeddings": "block_size", "vocab_size": "vocab_size",
                  "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "hidden_size": "n_embd",
@@ -849,10 +872,7 @@ def load_safetensors_dir(directory):
         return load_safetensors(single)
     if not os.path.exists(index):
         raise FileNotFoundError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
-    try:
-        weight_map = json.load(open(index))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a weight_map ({type(e).__name__}: {e})") from None
+    weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: weight_map must map tensor names to shard file names")
     tensors = {}
@@ -873,15 +893,11 @@ def llama_from_hf(directory):
     """Build a Llama from a Hugging Face directory (config.json with model_type "llama", and
     model.safetensors or an index of shards). Returns the model."""
     path = os.path.join(directory, "config.json")
-    try:
-        cfg = json.load(open(path))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the model configuration ({type(e).__name__}: {e})") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
-        raise ValueError(f"{path}: model_type is {cfg.get('model_type') if isinstance(cfg, dict) else None!r}; "
-                         "this loader builds 'llama' models")
-    for key, bad in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
-        if cfg.get(key, bad) not in (bad,):
+    cfg = read_json(path)
+    if cfg.get("model_type") != "llama":
+        raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}; this loader builds 'llama' models")
+    for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, plain) != plain:   # e.g. Llama 3's "llama3" rotary scaling: not implemented here
             raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by model.py's Llama")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {cfg['hidden_act']!r}; the Llama MLP here is SwiGLU (silu)")
@@ -890,9 +906,10 @@ def llama_from_hf(directory):
         raise ValueError(f"{path} lacks {missing}, which the model's shape needs")
     fields_ = {ours: cfg[hf] for hf, ours in HF_LLAMA_KEYS.items()}
     fields_.update(n_kv_head=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                   rope_theta=float(cfg.get("rope_theta", 10000.0)), norm_eps=float(cfg["rms_norm_eps"]))
-    if cfg.get("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"]) * cfg["num_attention_heads"] != cfg["hidden_size"]:
-        raise ValueError(f"{path}: head_dim {cfg['head_dim']} * heads != hidden_size (not supported here)")
+                   rope_theta=cfg.get("rope_theta", 10000.0))   # from_config checks every type
+    if "head_dim" in cfg and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
+        raise ValueError(f"{path}: head_dim {cfg['head_dim']} x {cfg['num_attention_heads']} heads is not "
+                         f"hidden_size {cfg['hidden_size']}: not supported by model.py's Llama")
     tensors = load_safetensors_dir(directory)
     if "model.embed_tokens.weight" not in tensors:
         raise ValueError(f"{directory}: no model.embed_tokens.weight: not a Llama checkpoint in Hugging Face's names")
@@ -1006,10 +1023,10 @@ def hf_tokenizer(directory):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         return None
+    tj = read_json(path)
     try:
-        tj = json.load(open(path))
         vocab, merges, added = tj["model"]["vocab"], tj["model"]["merges"], tj.get("added_tokens", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not a BPE tokenizer.json ({type(e).__name__}: {e})") from None
     tokens = [None] * (max([*vocab.values(), *(a["id"] for a in added)]) + 1)
     for tok, i in [*vocab.items(), *((a["content"], a["id"]) for a in added)]:
@@ -1037,7 +1054,7 @@ def load_pretrained(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such .gguf file or Hugging Face model directory")
     cfg_path = os.path.join(path, "config.json")
-    model_type = json.load(open(cfg_path)).get("model_type") if os.path.exists(cfg_path) else "gpt2"
+    model_type = read_json(cfg_path).get("model_type") if os.path.exists(cfg_path) else "gpt2"
     model = GPT.from_pretrained(path) if model_type == "gpt2" else llama_from_hf(path)
     return model, hf_tokenizer(path)
 

