@@ -896,6 +896,11 @@ def llama_from_hf(directory):
     cfg = read_json(path)
     if cfg.get("model_type") != "llama":
         raise ValueError(f"{path}: model_type is {cfg.get('model_type')!r}; this loader builds 'llama' models")
+    # rotary settings: top-level rope_theta / rope_scaling, or (transformers >= 5) one rope_parameters dict
+    rope = cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{path}: rope_parameters={rope!r}: only plain rotary embeddings (rope_type 'default') "
+                         "are supported by model.py's Llama")
     for key, plain in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
         if cfg.get(key, plain) != plain:   # e.g. Llama 3's "llama3" rotary scaling: not implemented here
             raise ValueError(f"{path}: {key}={cfg[key]!r} is not supported by model.py's Llama")
@@ -906,7 +911,7 @@ def llama_from_hf(directory):
         raise ValueError(f"{path} lacks {missing}, which the model's shape needs")
     fields_ = {ours: cfg[hf] for hf, ours in HF_LLAMA_KEYS.items()}
     fields_.update(n_kv_head=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-                   rope_theta=cfg.get("rope_theta", 10000.0))   # from_config checks every type
+                   rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))  # from_config checks types
     if "head_dim" in cfg and cfg["head_dim"] * cfg["num_attention_heads"] != cfg["hidden_size"]:
         raise ValueError(f"{path}: head_dim {cfg['head_dim']} x {cfg['num_attention_heads']} heads is not "
                          f"hidden_size {cfg['hidden_size']}: not supported by model.py's Llama")

@@ -172,6 +172,21 @@ def test_hf_directory_single_file(tmp_path, tie):
     assert torch.equal(loaded.eval()(idx)[0], src(idx)[0])
 
 
+def test_hf_config_with_rope_parameters(tmp_path):
+    # transformers >= 5 writes the rotary base inside one rope_parameters dict, not as rope_theta
+    src = tiny_llama()
+    cfg = hf_config(src)
+    cfg["rope_parameters"] = {"rope_theta": cfg.pop("rope_theta"), "rope_type": "default"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    write_safetensors(tmp_path / "model.safetensors", hf_tensors(src))
+    loaded, _ = load_pretrained(str(tmp_path))
+    assert loaded.config.rope_theta == src.config.rope_theta == 500.0
+    cfg["rope_parameters"]["rope_type"] = "yarn"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_type 'default'"):
+        load_pretrained(str(tmp_path))
+
+
 def test_hf_directory_sharded_and_errors(tmp_path):
     src = tiny_llama()
     (tmp_path / "config.json").write_text(json.dumps(hf_config(src)))
