@@ -8,7 +8,7 @@ end-to-end decode speed of model.py's GPT with LUT layers vs fp16.
 On a CPU (where nothing can say how fast the GPU kernels are): bytes per weight and model footprint,
 quantization time, the PyTorch reference LUT layer against a dense F.linear, and the roofline table of
 what each layer could at best reach on common GPUs. `--emulate=1` runs every kernel through the CPU
-emulation of tests/ as a correctness check; `--quality=1` prints the quality table of baselines.py.
+emulation of tests/ as a correctness check; `--quality=1` prints the quality table of every method.
 `--sass=1` (needs nvcc and cuobjdump, no GPU) counts the machine instructions per weight in each GEMV
 kernel's inner loop and what that count alone allows at the issue rate of an H100: a static count, not a
 speed measurement.
@@ -24,6 +24,7 @@ speed measurement.
 import ast
 import copy
 import json as jsonlib
+import math
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import baselines
 import lcd
 from model import GPT, SIZES
 
@@ -56,7 +58,7 @@ cpu_batches = "1,16"       # batch sizes for the CPU timing
 cpu_reps = 10              # repetitions per CPU timing (the median is reported)
 cpu_model_size = "baby"    # model.py size whose footprint and quantization time are measured on a CPU
 emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
-quality = 0                # 1: every method's validation loss on out_dir's teacher (baselines.quality_table)
+quality = 0                # 1: every method's validation loss on out_dir's teacher (quality_table)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
 figures = 0                # 1: draw the README's figures (needs matplotlib) from the JSON files in out_dir
@@ -564,11 +566,75 @@ def bench_sass():
     return {"arch": sass_arch, "memory_us": memory_us, "kernels": numbers}
 
 
-# ---- quality: every method on the teacher of train_kd.py (baselines.quality_table) ----
+# ---- quality: every method on the teacher of train_kd.py (bench.py --quality) ----
+# Every method on the same teacher, calibration data and validation windows (train_kd's), one row each:
+# validation loss, perplexity, effective bits per weight (lcd.footprint: everything stored), seconds.
+# `trained` is true only for end-to-end distillation on the training split with the teacher (plain KD and
+# LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
+# statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
+# from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
+QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
+
+
+def quality_rows(bits):
+    """(row name, method name for baselines.quantize, group_size, kwargs) of the post-training rows at `bits`."""
+    g = QUALITY_GROUP
+    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
+            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
+            ("lcq", "lcq", None, {})]
+    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
+        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
+    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
+        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
+    return rows
+
+
+def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
+    """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
+    post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
+    train_kd's budget (kd_steps). methods: row names to keep (None: all). overrides: train_kd config keys
+    (out_dir, preset, kd_steps, ...); the teacher is loaded from out_dir, or trained first if missing."""
+    import train_kd   # the pipeline whose teacher, data and distillation the methods are compared on
+    config = dict({k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}, **overrides)
+    teacher, meta = train_kd.ensure_teacher(**overrides)
+    train, val = train_kd.load_tokens(meta["dir"], "train"), train_kd.load_tokens(meta["dir"], "val")
+    T = teacher.config.block_size
+    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)                 # as train_kd does
+    calib = [train_kd.get_batch(train, config["batch_size"], T, calib_gen)[0]
+             for _ in range(config["calib_batches"])]
+    calib_x = train_kd.get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    wanted = (lambda name: True) if methods is None else (lambda name: name in methods)
+
+    def row(method, bits, model, seconds, was_trained, bits_per_weight=None):
+        loss = train_kd.evaluate(model, val, T, config["batch_size"], config["eval_batches"])
+        bpw = lcd.footprint(model)["bits_per_weight"] if bits_per_weight is None else bits_per_weight
+        log(f"{method:>12} b={bits}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {bpw:6.3f} bits/w  "
+            f"{seconds:6.1f} s")
+        return dict(method=method, bits=bits, bits_per_weight=bpw, val_loss=loss, ppl=math.exp(loss),
+                    trained=was_trained, seconds=seconds)
+
+    fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
+    rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
+    for bits in bits_list:
+        for name, method, group_size, kw in quality_rows(bits):
+            if wanted(name):
+                t0 = time.time()
+                model = baselines.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
+                rows.append(row(name, bits, model, time.time() - t0, False))
+        for method in ("kd", "lcd") if trained else ():
+            if wanted(method):
+                run = dict(config, bits=bits)
+                student, _, seconds, path = train_kd.run_distillation(method, teacher, run, train, calib,
+                                                                      calib_x, 0, 1, config["device"])
+                if os.path.exists(path):          # the run is complete: its resume checkpoint has served
+                    os.remove(path)
+                rows.append(row(method, bits, student, seconds, True))
+    return rows
+
 
 def bench_quality():
-    import baselines
-    return baselines.quality_table(out_dir=out_dir)
+    return quality_table(out_dir=out_dir)
 
 
 # ---- figures: what the measured runs look like (matplotlib, imported only here) ----

@@ -535,28 +535,12 @@ class GridLinear(LUTLinear):
 
 
 # ==== 5. quantize(), footprint, save / load ===================================================== [A]
-BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own; other names come from baselines.METHODS
+BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own names; other quantizers are passed as functions
 
 
 def _set_module(model, name, module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-
-
-def _baseline(method):
-    """Look a baseline up in baselines.METHODS: (function, whether it needs the full Hessian, how many
-    input rows it wants to see)."""
-    try:
-        import baselines
-    except ModuleNotFoundError as e:
-        if e.name != "baselines":
-            raise
-        baselines = None
-    methods = getattr(baselines, "METHODS", {})
-    if method not in methods:
-        raise ValueError(f"unknown method {method!r}: use one of {list(BUILTIN_METHODS) + sorted(methods)}")
-    return (methods[method], method in getattr(baselines, "NEEDS_HESSIAN", ()),
-            getattr(baselines, "NEEDS_INPUTS", {}).get(method, 0))
 
 
 def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier_frac=0.0, **kw):
@@ -586,8 +570,13 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
 
     bits: 2, 3 or 4; group_size: inputs per codebook (None: one codebook per row); calib: an iterable of
     (B, T) int64 token-id tensors for the importance h_k = mean x_k^2 (None: h = 1, plain magnitude);
-    method: "lcd", "rtn", "kmeans" or a name in baselines.METHODS; outlier_frac: fraction of weights kept
-    exactly (dense-and-sparse). Works on any model whose forward takes token ids."""
+    method: "lcd", "rtn", "kmeans", or a per-layer quantizer function
+        layer = method(W (N, K) float32, stats, bits, group_size, bias=..., **kw)
+    (baselines.METHODS["gptq"], ...; baselines.quantize resolves those names), whose attributes
+    needs_hessian (bool: stats["H"] = X^T X / n) and needs_inputs (int: stats["X"], input rows kept) say
+    what calibration must record; outlier_frac: fraction of weights kept exactly (dense-and-sparse).
+    Works on any model whose forward takes token ids. lcd.py imports no file built on it, so names of
+    quantizers outside it are resolved by the caller."""
     check_bits(bits)
     if not 0.0 <= outlier_frac < 1.0:
         raise ValueError(f"outlier_frac must be in [0, 1), got {outlier_frac!r}")
@@ -597,7 +586,15 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     for name, linear in linears.items():                         # check everything before changing anything
         check_group_size(group_size, linear.in_features)
         check_weight(linear.weight, f"layer {name!r}")
-    baseline, needs_hessian, needs_inputs = (None, False, 0) if method in BUILTIN_METHODS else _baseline(method)
+    if callable(method):
+        baseline = method
+        needs_hessian, needs_inputs = bool(getattr(method, "needs_hessian", False)), getattr(method, "needs_inputs", 0)
+    elif method in BUILTIN_METHODS:
+        baseline, needs_hessian, needs_inputs = None, False, 0
+    else:
+        raise ValueError(f"unknown method {method!r}: lcd.quantize knows {list(BUILTIN_METHODS)} or takes a per-layer "
+                         f"quantizer function; for a baseline pass it, e.g. method=baselines.METHODS[{method!r}] "
+                         f"(import baselines), or call baselines.quantize(model, bits, ..., method={method!r})")
     stats = None
     if calib is not None and method not in ("rtn", "kmeans"):     # the plain baselines ignore importance
         stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian, keep_inputs=needs_inputs)

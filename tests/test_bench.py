@@ -1,5 +1,7 @@
-"""bench.py's figures: the smoothing of the curves, and each figure drawn from run outputs of the right shape."""
+"""bench.py: the figures (smoothing, each figure drawn from run outputs of the right shape), the quality
+table, the command line."""
 import json
+import math
 
 import pytest
 
@@ -44,3 +46,20 @@ def test_bare_flags_switch_a_part_on_and_bad_keys_are_refused():
     finally:
         for key, value in saved.items():
             setattr(bench, key, value)
+
+
+# ---- the quality comparison -----------------------------------------------------------------------
+
+def test_quality_table_rows(tiny_teacher, tmp_path):
+    teacher, meta = tiny_teacher
+    train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))        # quality_table loads it from out_dir
+    rows = bench.quality_table(bits_list=(2,), methods=("teacher", "rtn", "gptq"), trained=False,
+                               log=lambda *a: None, dataset=meta["dir"], out_dir=str(tmp_path),
+                               preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
+    assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
+    for r in rows:
+        assert set(r) == {"method", "bits", "bits_per_weight", "val_loss", "ppl", "trained", "seconds"}
+        assert r["val_loss"] > 0 and r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["trained"] is False
+    assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
+    assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
