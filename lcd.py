@@ -14,8 +14,10 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 """
 
 # ==== 1. calibration ============================================================================ [A]
+import functools
 import math
 import os
+import sys
 import tempfile
 
 import torch
@@ -348,12 +350,19 @@ def lloyd(W, h, codebook, idx, group_size, max_iters=LLOYD_MAX_ITERS, outliers=N
 
 
 def dequantize(codebook, idx, group_size):
-    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) -> (N, K)."""
+    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) int32 or int64
+    -> (N, K) float32. One flat look-up: the centroid of (n, k) is entry (n G + k // group_size) C + idx[n, k]
+    of the flattened codebook (int32 idx keeps that index half the size: the CPU reference's choice)."""
     N, G, C = codebook.shape
     K = idx.shape[1]
     group_size = check_group_size(group_size, K)
-    group_of = torch.arange(K, device=idx.device) // group_size                    # (K,)
-    return codebook.float().reshape(N, G * C).gather(1, group_of * C + idx)
+    if codebook.numel() >= 2 ** 31:           # a flat position would not fit in int32
+        idx = idx.long()
+    row_start = torch.arange(N, dtype=idx.dtype, device=idx.device)[:, None] * (G * C)      # (N, 1)
+    group_start = (torch.arange(K, dtype=idx.dtype, device=idx.device) // group_size) * C  # (K,)
+    flat = idx + row_start
+    flat += group_start                       # in place: (N, K) is written twice, not three times
+    return codebook.float().reshape(-1).index_select(0, flat.reshape(-1)).view(N, K)
 
 
 def weighted_sse(W, h, codebook, idx, group_size, outliers=None):
@@ -401,20 +410,40 @@ def pack_indices(idx, bits):
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # same bits as uint32
 
 
-def unpack_indices(packed, bits, K):
-    """(N, n_words) int32 words -> (N, K) int64 indices: the inverse of pack_indices."""
+@functools.lru_cache(maxsize=None)
+def byte_entries(bits, device="cpu"):
+    """(256, 8 // bits) int32: the b-bit entries of every byte value, entry 0 in the lowest bits. At b = 2
+    and 4 a word is 4 bytes of whole entries, so byte j of word w holds the entries 8j/b .. 8j/b + 8/b - 1."""
+    values = torch.arange(256, dtype=torch.int32, device=device)[:, None]
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=device)
+    return (values >> shifts) & (2 ** bits - 1)
+
+
+def unpack_indices(packed, bits, K, dtype=torch.int64):
+    """(N, n_words) int32 words -> (N, K) indices of `dtype` (int32 halves the memory written): the
+    inverse of pack_indices. At b = 2 and 4 every byte of the words (little-endian: byte 0 holds the lowest
+    bits) is looked up in byte_entries, one F.embedding over N * 4 * n_words bytes; 3-bit entries straddle
+    bytes and are shifted out of the words in int32 (an arithmetic shift: the mask drops the sign copies)."""
     check_bits(bits)
     E = ENTRIES_PER_WORD[bits]
     if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != math.ceil(K / E):
         raise ValueError(f"packed must be int32 (N, {math.ceil(K / E)}) for K={K}, b={bits}; got "
                          f"{packed.dtype} {tuple(packed.shape)}")
-    words = packed.long() & 0xFFFFFFFF                                             # uint32 value
-    shifts = torch.arange(E, device=packed.device) * bits
-    entries = (words[:, :, None] >> shifts) & (2 ** bits - 1)                      # (N, n_words, E)
-    return entries.reshape(packed.shape[0], -1)[:, :K]
+    N = packed.shape[0]
+    if bits in (2, 4) and sys.byteorder == "little":
+        entries = F.embedding(packed.view(torch.uint8).int(), byte_entries(bits, packed.device))  # (N, 4 n_words, 8/b)
+    else:
+        shifts = torch.arange(E, dtype=torch.int32, device=packed.device) * bits
+        entries = (packed[:, :, None] >> shifts) & (2 ** bits - 1)                 # (N, n_words, E)
+    return entries.reshape(N, -1)[:, :K].to(dtype)
 
 
 # ==== 4. LUTLinear ============================================================================== [A]
+# The CPU reference computes y = x W_hat^T in one of two ways, both without keeping any dense weight:
+# up to PARTIAL_SUM_ROWS rows of fp32 x at 2 bits, from look-up tables of partial sums of x (no W_hat at
+# all, LUTLinear.partial_sums_forward); otherwise W_hat is built (unpack by byte tables, one flat look-up
+# in the codebooks) and handed to F.linear, then dropped.
+PARTIAL_SUM_ROWS = 4    # most activation rows served by the partial-sum tables (their size grows with rows)
 
 def fake_quantize_per_token(x, bits):
     """Symmetric per-token activation quantization, kept in floating point: round(x / s) * s with
@@ -478,12 +507,57 @@ class LUTLinear(nn.Module):
         return layer
 
     def weight_dequantized(self):
-        """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back."""
-        idx = unpack_indices(self.packed, self.bits, self.in_features)
+        """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back.
+        Built anew at every call (4 N K bytes while it lives); nothing is cached."""
+        idx = unpack_indices(self.packed, self.bits, self.in_features, torch.int32)   # (N, K)
         W = dequantize(self.codebook, idx, self.group_size)
         if self.outlier_vals is not None:
             W[self.outlier_rows.long(), self.outlier_cols.long()] = self.outlier_vals.float()
         return W
+
+    def outlier_corrections(self):
+        """(rows, cols, delta) int64, int64, float32 (n_outliers,): an outlier replaces its centroid, so a
+        product from the codebook alone is corrected by adding x[:, col] * delta to y[:, row]."""
+        rows, cols = self.outlier_rows.long(), self.outlier_cols.long()
+        E = ENTRIES_PER_WORD[self.bits]
+        words = self.packed[rows, cols // E].long() & 0xFFFFFFFF
+        j = (words >> ((cols % E) * self.bits)) & (2 ** self.bits - 1)
+        delta = self.outlier_vals.float() - self.codebook[rows, cols // self.group_size, j].float()
+        return rows, cols, delta
+
+    def partial_sums_apply(self, x):
+        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
+        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries)."""
+        return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
+                and self.bits == 2 and sys.byteorder == "little"
+                and (self.group_size >= self.in_features or self.group_size % 4 == 0))
+
+    def partial_sums_forward(self, x):
+        """x (R, K) float32 -> x W_hat^T (R, N) float32 without building W_hat, T-MAC's idea (Wei et al.,
+        "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", 2024) applied to
+        codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so for the 4 activations
+        it meets there are only 256 possible byte values, and for each the sums of the activations that go
+        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul).
+        Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one
+        F.embedding_bag over N * K / 4 bytes (each a 4R-float row of P), and y[n] = sum_{g, c} S * codebook.
+        Outliers are added as corrections. Same value as x @ weight_dequantized().T, summed in another order."""
+        N, K, R = self.out_features, self.in_features, x.shape[0]
+        n_bytes = 4 * self.packed.shape[1]                                   # J = 4 n_words >= K / 4
+        G = self.codebook.shape[1]
+        xg = F.pad(x, (0, 4 * n_bytes - K)).view(R, n_bytes, 4)              # (R, J, 4); padding entries meet 0
+        one_hot = (byte_entries(2, x.device)[:, :, None] == torch.arange(4, device=x.device)).float()  # (256, 4, 4)
+        P = torch.einsum("rjp,vpc->jvcr", xg, one_hot).reshape(n_bytes * 256, 4 * R)  # (J * 256, 4R)
+        rows_of_P = self.packed.view(torch.uint8).int() + torch.arange(0, 256 * n_bytes, 256, dtype=torch.int32,
+                                                                       device=x.device)  # (N, J): row j * 256 + byte
+        bytes_per_group = n_bytes if G == 1 else self.group_size // 4        # the last group also takes the padding
+        bag_starts = (torch.arange(N, dtype=torch.int32, device=x.device)[:, None] * n_bytes
+                      + torch.arange(0, G * bytes_per_group, bytes_per_group, dtype=torch.int32, device=x.device))
+        S = F.embedding_bag(rows_of_P.view(-1), P, bag_starts.view(-1), mode="sum")   # (N G, 4R)
+        y = torch.einsum("ngcr,ngc->rn", S.view(N, G, 4, R), self.codebook.float())    # (R, N)
+        if self.outlier_vals is not None:
+            rows, cols, delta = self.outlier_corrections()
+            y.index_add_(1, rows, x[:, cols] * delta)                         # (R, n_outliers) into (R, N)
+        return y
 
     def storage_bits(self):
         """Every bit stored for the weight: the packed words as they are (b=3 holds 10 indices in 32 bits,
@@ -511,6 +585,10 @@ class LUTLinear(nn.Module):
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.partial_sums_apply(x):                                      # few rows: no W_hat at all
+            y = self.partial_sums_forward(x.reshape(-1, self.in_features))  # (R, N)
+            y = y if bias is None else y + bias
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
 
     def config(self):
@@ -680,7 +758,6 @@ def load_quantized(model, path):
 # activation fake-quantization before it calls us, lut_forward adds the outlier corrections and the bias.
 # The launch geometry is plain Python (kernel_launches), so tests/cuda_emulation.py replays on the CPU
 # exactly the launches CuPy makes on the GPU. Without CuPy or a GPU, LUTLinear keeps its PyTorch reference.
-import functools
 import re
 
 import numpy as np
@@ -830,11 +907,7 @@ def lut_forward(layer, x, launch, version=None):
         y = lut_matmul(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x16, launch)
     y = y.float()                                                             # (B, N)
     if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
-        rows, cols = layer.outlier_rows.long(), layer.outlier_cols.long()
-        E = ENTRIES_PER_WORD[layer.bits]
-        words = layer.packed[rows, cols // E].long() & 0xFFFFFFFF
-        j = (words >> ((cols % E) * layer.bits)) & (2 ** layer.bits - 1)
-        delta = layer.outlier_vals.float() - layer.codebook[rows, cols // layer.group_size, j].float()
+        rows, cols, delta = layer.outlier_corrections()
         y.index_add_(1, rows, x2[:, cols].float() * delta)                    # (B, n_outliers) into (B, N)
     if layer.bias is not None:
         y = y + layer.bias.float()
