@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import tempfile
+import tokenize
 
 import torch
 import torch.nn as nn
@@ -441,8 +442,8 @@ def unpack_indices(packed, bits, K, dtype=torch.int64):
 # ==== 4. LUTLinear ============================================================================== [A]
 # The CPU reference computes y = x W_hat^T in one of two ways, both without keeping any dense weight:
 # up to PARTIAL_SUM_ROWS rows of fp32 x at 2 bits, from look-up tables of partial sums of x (no W_hat at
-# all, LUTLinear.partial_sums_forward); otherwise W_hat is built (unpack by byte tables, one flat look-up
-# in the codebooks) and handed to F.linear, then dropped.
+# all, LUTLinear.partial_sums_forward); otherwise W_hat is built by table look-ups of the packed bytes
+# (LUTLinear.weight_dequantized), handed to F.linear, and dropped.
 PARTIAL_SUM_ROWS = 4    # most activation rows served by the partial-sum tables (their size grows with rows)
 
 def fake_quantize_per_token(x, bits):
@@ -508,9 +509,18 @@ class LUTLinear(nn.Module):
 
     def weight_dequantized(self):
         """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back.
-        Built anew at every call (4 N K bytes while it lives); nothing is cached."""
-        idx = unpack_indices(self.packed, self.bits, self.in_features, torch.int32)   # (N, K)
-        W = dequantize(self.codebook, idx, self.group_size)
+        Built anew at every call (4 N K bytes while it lives); nothing is cached. With one codebook per
+        row at b = 2 or 4, a byte of row n can only stand for 256 known runs of 8/b weights, so W_hat is one
+        look-up of every packed byte in a table of row n's 256 runs (N * 256 * 8/b floats while it lives:
+        4 KiB a row at b = 2); otherwise the indices are unpacked and looked up in the codebooks."""
+        N, K, b = self.out_features, self.in_features, self.bits
+        if self.codebook.shape[1] == 1 and b in (2, 4) and sys.byteorder == "little":
+            runs = self.codebook.float().view(N, 2 ** b).index_select(1, byte_entries(b, self.packed.device).view(-1))
+            rows = self.packed.view(torch.uint8).int() + torch.arange(0, 256 * N, 256, dtype=torch.int32,
+                                                                      device=self.packed.device)[:, None]  # (N, J)
+            W = F.embedding(rows, runs.view(256 * N, 8 // b)).view(N, -1)[:, :K].contiguous()  # (N, K)
+        else:
+            W = dequantize(self.codebook, unpack_indices(self.packed, b, K, torch.int32), self.group_size)
         if self.outlier_vals is not None:
             W[self.outlier_rows.long(), self.outlier_cols.long()] = self.outlier_vals.float()
         return W
@@ -749,6 +759,27 @@ def load_quantized(model, path):
         _set_module(model, name, LUTLinear(**spec, device=device))
     model.load_state_dict(blob["state_dict"])
     return model
+
+
+def describe_config(source_path, defaults):
+    """The --help text of a script configured nanoGPT-style by module-level lines `name = value  # meaning`:
+    one line `--name=default  meaning` per key of `defaults` (name -> default, in that order), the meaning
+    read from the comment on the line of source_path that assigns the name (tokenize: a '#' inside a
+    string is no comment). ValueError names any key without such a comment: the line is its documentation."""
+    meanings, assigned = {}, {}
+    with open(source_path, "rb") as f:
+        tokens = list(tokenize.tokenize(f.readline))
+    for token, following in zip(tokens, tokens[1:]):
+        if token.type == tokenize.NAME and token.start[1] == 0 and following.string == "=":
+            assigned[token.start[0]] = token.string                   # line number -> the name it assigns
+        elif token.type == tokenize.COMMENT and token.start[0] in assigned:
+            meanings.setdefault(assigned[token.start[0]], token.string.lstrip("#").strip())
+    missing = [name for name in defaults if not meanings.get(name)]
+    if missing:
+        raise ValueError(f"{source_path}: config keys without a '# meaning' comment on their line: {missing}")
+    shown = {name: value if isinstance(value, str) and value else repr(value) for name, value in defaults.items()}
+    width = min(28, max(len(f"--{name}={text}") for name, text in shown.items()))   # longer ones push their meaning
+    return "\n".join(f"  {f'--{name}={text}':<{width}}  {meanings[name]}" for name, text in shown.items())
 
 
 # ==== 6. CUDA path ============================================================================== [B]

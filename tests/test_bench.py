@@ -63,3 +63,63 @@ def test_quality_table_rows(tiny_teacher, tmp_path):
         assert r["trained"] is False
     assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
     assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
+
+
+# ---- the command line: --help, group_size, prerequisites first -------------------------------------
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.apply_overrides(["-h"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0].split("=")[0]: line for line in text.splitlines() if line.startswith("  --")}
+    assert sorted(lines) == sorted(f"--{key}" for key in bench.CONFIG_KEYS)
+    assert "--group_size=None" in lines["--group_size"] and "one codebook per row" in lines["--group_size"]
+    assert f"--cpu_reps={bench.cpu_reps}" in lines["--cpu_reps"] and "repetitions" in lines["--cpu_reps"]
+
+
+def test_describe_config_reads_the_comments_and_refuses_a_key_without_one(tmp_path):
+    source = tmp_path / "script.py"
+    source.write_text('name = "a # b"   # what it means\ncount = 3\nratio = 0.5  # a ratio\n')
+    text = bench.lcd.describe_config(str(source), {"name": "a # b", "ratio": 0.5})
+    assert text.splitlines() == ["  --name=a # b  what it means", "  --ratio=0.5   a ratio"]
+    with pytest.raises(ValueError, match="count"):
+        bench.lcd.describe_config(str(source), {"count": 3})
+
+
+def test_group_size_none_is_one_codebook_per_row_and_zero_is_refused():
+    saved = bench.group_size
+    try:
+        bench.apply_overrides(["--group_size=64"])
+        assert bench.group_size == 64
+        bench.apply_overrides(["--group_size=None"])
+        assert bench.group_size is None
+        for bad in ("0", "-3", "1.5", "x"):
+            with pytest.raises(SystemExit, match="group_size"):
+                bench.apply_overrides([f"--group_size={bad}"])
+    finally:
+        bench.group_size = saved
+
+
+def test_figures_check_their_inputs_before_any_work(tmp_path, capsys):
+    try:
+        import matplotlib  # noqa: F401
+        has_matplotlib = True
+    except ImportError:
+        has_matplotlib = False
+    saved = dict(out_dir=bench.out_dir, quality=bench.quality, json=bench.json)
+    try:
+        bench.out_dir, bench.quality, bench.json = str(tmp_path), 0, ""
+        with pytest.raises(SystemExit, match="nothing to draw"):
+            bench.check_figures()
+        (tmp_path / "results.json").write_text(json.dumps({"curves": {}}))
+        if has_matplotlib:
+            bench.check_figures()                                 # one input is there: no exit
+        else:
+            with pytest.raises(SystemExit, match="pip install matplotlib"):
+                bench.check_figures()
+        out = capsys.readouterr().out
+        assert "skipping ppl_vs_bits.png" in out and "skipping centroids.png" in out and "kd_curves" not in out
+    finally:
+        for key, value in saved.items():
+            setattr(bench, key, value)
