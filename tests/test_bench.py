@@ -112,6 +112,7 @@ def test_figures_check_their_inputs_before_any_work(tmp_path, capsys):
         bench.out_dir, bench.quality, bench.json = str(tmp_path), 0, ""
         with pytest.raises(SystemExit, match="nothing to draw"):
             bench.check_figures()
+        capsys.readouterr()
         (tmp_path / "results.json").write_text(json.dumps({"curves": {}}))
         if has_matplotlib:
             bench.check_figures()                                 # one input is there: no exit
