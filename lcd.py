@@ -420,6 +420,14 @@ def byte_entries(bits, device="cpu"):
     return (values >> shifts) & (2 ** bits - 1)
 
 
+@functools.lru_cache(maxsize=None)
+def byte_one_hot(device="cpu"):
+    """(4, 256 * 4) float32: [p, 4 v + c] = 1 where entry p of byte value v is the 2-bit index c, so that
+    (4 activations) @ byte_one_hot gives, for every byte value, the sum of the activations of each centroid."""
+    entries = byte_entries(2, device).long()                                      # (256, 4): v, p
+    return F.one_hot(entries, 4).float().permute(1, 0, 2).reshape(4, 256 * 4)     # (p, v c)
+
+
 def unpack_indices(packed, bits, K, dtype=torch.int64):
     """(N, n_words) int32 words -> (N, K) indices of `dtype` (int32 halves the memory written): the
     inverse of pack_indices. At b = 2 and 4 every byte of the words (little-endian: byte 0 holds the lowest
@@ -442,9 +450,12 @@ def unpack_indices(packed, bits, K, dtype=torch.int64):
 # ==== 4. LUTLinear ============================================================================== [A]
 # The CPU reference computes y = x W_hat^T in one of two ways, both without keeping any dense weight:
 # up to PARTIAL_SUM_ROWS rows of fp32 x at 2 bits, from look-up tables of partial sums of x (no W_hat at
-# all, LUTLinear.partial_sums_forward); otherwise W_hat is built by table look-ups of the packed bytes
-# (LUTLinear.weight_dequantized), handed to F.linear, and dropped.
-PARTIAL_SUM_ROWS = 4    # most activation rows served by the partial-sum tables (their size grows with rows)
+# all, LUTLinear.partial_sums_forward); otherwise W_hat is built by table look-ups of the packed bytes a
+# cache-sized block of rows at a time, each block multiplied at once (LUTLinear.blocked_forward).
+# Outliers and the bias are added to either. Non-fp32 activations: F.linear with W_hat in their dtype.
+WEIGHT_BLOCK_BYTES = 2 ** 20  # fp32 bytes of W_hat built at a time by blocked_forward (inside a 2 MiB L2)
+PARTIAL_SUM_ROWS = 1    # most activation rows served by the partial-sum tables (measured on 2 busy cores:
+                        # 2 rows won on 2048x2048 and lost on 576x1536 to building W; the tables grow with rows)
 
 def fake_quantize_per_token(x, bits):
     """Symmetric per-token activation quantization, kept in floating point: round(x / s) * s with
@@ -507,23 +518,48 @@ class LUTLinear(nn.Module):
             layer.in_scale.copy_(in_scale)
         return layer
 
+    def weight_rows(self, start=0, stop=None, out=None):
+        """Rows start:stop of W_hat from the codebooks alone (outliers not put back): (stop - start, K)
+        float32, built anew (nothing is cached). With one codebook per row at b = 2 or 4, a byte of row n
+        can only stand for 256 known runs of 8/b weights, so the rows are one look-up of every packed byte
+        in a table of each row's 256 runs (256 * 8/b floats a row while it lives: 4 KiB at b = 2), written
+        into `out` (a float32 buffer of at least (stop - start) * 32 n_words / b elements) when given;
+        otherwise the indices are unpacked and looked up in the codebooks (dequantize; `out` unused)."""
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        n, K, b = stop - start, self.in_features, self.bits
+        packed, codebook = self.packed[start:stop], self.codebook[start:stop]
+        if codebook.shape[1] == 1 and b in (2, 4) and sys.byteorder == "little":
+            runs = codebook.float().view(n, 2 ** b).index_select(1, byte_entries(b, packed.device).view(-1))
+            rows = packed.view(torch.uint8).int() + torch.arange(0, 256 * n, 256, dtype=torch.int32,
+                                                                 device=packed.device)[:, None]   # (n, J)
+            if out is not None:
+                out = out[:rows.numel() * (8 // b)].view(-1, 8 // b)
+            W = torch.index_select(runs.view(256 * n, 8 // b), 0, rows.view(-1), out=out)   # (n J, 8/b)
+            return W.view(n, -1)[:, :K]                                        # (n, K): padding entries dropped
+        return dequantize(codebook, unpack_indices(packed, b, K, torch.int32), self.group_size)
+
     def weight_dequantized(self):
         """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back.
-        Built anew at every call (4 N K bytes while it lives); nothing is cached. With one codebook per
-        row at b = 2 or 4, a byte of row n can only stand for 256 known runs of 8/b weights, so W_hat is one
-        look-up of every packed byte in a table of row n's 256 runs (N * 256 * 8/b floats while it lives:
-        4 KiB a row at b = 2); otherwise the indices are unpacked and looked up in the codebooks."""
-        N, K, b = self.out_features, self.in_features, self.bits
-        if self.codebook.shape[1] == 1 and b in (2, 4) and sys.byteorder == "little":
-            runs = self.codebook.float().view(N, 2 ** b).index_select(1, byte_entries(b, self.packed.device).view(-1))
-            rows = self.packed.view(torch.uint8).int() + torch.arange(0, 256 * N, 256, dtype=torch.int32,
-                                                                      device=self.packed.device)[:, None]  # (N, J)
-            W = F.embedding(rows, runs.view(256 * N, 8 // b)).view(N, -1)[:, :K].contiguous()  # (N, K)
-        else:
-            W = dequantize(self.codebook, unpack_indices(self.packed, b, K, torch.int32), self.group_size)
+        Built anew at every call (4 N K bytes while it lives); forward() never builds it whole at fp32."""
+        W = self.weight_rows().contiguous()                                   # (N, K)
         if self.outlier_vals is not None:
             W[self.outlier_rows.long(), self.outlier_cols.long()] = self.outlier_vals.float()
         return W
+
+    def blocked_forward(self, x):
+        """x (R, K) float32 -> x W_hat^T (R, N) float32 from the codebooks alone (outliers are forward's
+        corrections): W_hat is built WEIGHT_BLOCK_BYTES of rows at a time into one reused buffer and each
+        block multiplied while it is still in cache, so W_hat never exists whole (on the shared 2-core
+        machine, 2048x2048 at batch 16: 3-4x faster than building all of it first, then multiplying)."""
+        N, K = self.out_features, self.in_features
+        row_bytes = 4 * 4 * self.packed.shape[1] * (8 // self.bits) if self.bits in (2, 4) else 4 * K
+        step = max(1, min(N, WEIGHT_BLOCK_BYTES // row_bytes))               # rows per block
+        buffer = torch.empty(step * row_bytes // 4, device=x.device)
+        y_t = torch.empty(N, x.shape[0], device=x.device)                     # (N, R): blocks of rows of y^T
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            torch.mm(self.weight_rows(start, stop, out=buffer), x.T, out=y_t[start:stop])
+        return y_t.T
 
     def outlier_corrections(self):
         """(rows, cols, delta) int64, int64, float32 (n_outliers,): an outlier replaces its centroid, so a
@@ -537,7 +573,8 @@ class LUTLinear(nn.Module):
 
     def partial_sums_apply(self, x):
         """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
-        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries)."""
+        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
+        fp32 activations on the CPU take blocked_forward; other dtypes F.linear with weight_dequantized()."""
         return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
                 and self.bits == 2 and sys.byteorder == "little"
                 and (self.group_size >= self.in_features or self.group_size % 4 == 0))
@@ -547,27 +584,24 @@ class LUTLinear(nn.Module):
         "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", 2024) applied to
         codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so for the 4 activations
         it meets there are only 256 possible byte values, and for each the sums of the activations that go
-        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul).
+        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul with
+        byte_one_hot; K * 256 * R floats in all, while the call lasts).
         Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one
         F.embedding_bag over N * K / 4 bytes (each a 4R-float row of P), and y[n] = sum_{g, c} S * codebook.
-        Outliers are added as corrections. Same value as x @ weight_dequantized().T, summed in another order."""
+        From the codebooks alone (outliers are forward's corrections): x @ weight_rows().T, summed in
+        another order."""
         N, K, R = self.out_features, self.in_features, x.shape[0]
         n_bytes = 4 * self.packed.shape[1]                                   # J = 4 n_words >= K / 4
         G = self.codebook.shape[1]
-        xg = F.pad(x, (0, 4 * n_bytes - K)).view(R, n_bytes, 4)              # (R, J, 4); padding entries meet 0
-        one_hot = (byte_entries(2, x.device)[:, :, None] == torch.arange(4, device=x.device)).float()  # (256, 4, 4)
-        P = torch.einsum("rjp,vpc->jvcr", xg, one_hot).reshape(n_bytes * 256, 4 * R)  # (J * 256, 4R)
+        xg = F.pad(x, (0, 4 * n_bytes - K)).view(R, n_bytes, 4).transpose(0, 1)   # (J, R, 4); padding meets 0
+        P = (xg @ byte_one_hot(x.device)).transpose(1, 2).reshape(n_bytes * 256, 4 * R)  # (J * 256, 4R)
         rows_of_P = self.packed.view(torch.uint8).int() + torch.arange(0, 256 * n_bytes, 256, dtype=torch.int32,
                                                                        device=x.device)  # (N, J): row j * 256 + byte
         bytes_per_group = n_bytes if G == 1 else self.group_size // 4        # the last group also takes the padding
         bag_starts = (torch.arange(N, dtype=torch.int32, device=x.device)[:, None] * n_bytes
                       + torch.arange(0, G * bytes_per_group, bytes_per_group, dtype=torch.int32, device=x.device))
         S = F.embedding_bag(rows_of_P.view(-1), P, bag_starts.view(-1), mode="sum")   # (N G, 4R)
-        y = torch.einsum("ngcr,ngc->rn", S.view(N, G, 4, R), self.codebook.float())    # (R, N)
-        if self.outlier_vals is not None:
-            rows, cols, delta = self.outlier_corrections()
-            y.index_add_(1, rows, x[:, cols] * delta)                         # (R, n_outliers) into (R, N)
-        return y
+        return (S.view(N, 4 * G, R) * self.codebook.float().view(N, 4 * G, 1)).sum(1).T   # (R, N)
 
     def storage_bits(self):
         """Every bit stored for the weight: the packed words as they are (b=3 holds 10 indices in 32 bits,
@@ -595,11 +629,15 @@ class LUTLinear(nn.Module):
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.partial_sums_apply(x):                                      # few rows: no W_hat at all
-            y = self.partial_sums_forward(x.reshape(-1, self.in_features))  # (R, N)
-            y = y if bias is None else y + bias
-            return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
+        if x.dtype != torch.float32 or x.is_cuda:                           # other dtypes: W_hat in x's dtype
+            return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
+        x2 = x.reshape(-1, self.in_features)                                # (R, K)
+        y = self.partial_sums_forward(x2) if self.partial_sums_apply(x2) else self.blocked_forward(x2)  # (R, N)
+        if self.outlier_vals is not None:
+            rows, cols, delta = self.outlier_corrections()
+            y = y.index_add(1, rows, x2[:, cols] * delta)                   # (R, n_outliers) into (R, N)
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self):
         """The constructor arguments that rebuild this layer's shape (save_quantized's header)."""

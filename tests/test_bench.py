@@ -124,3 +124,18 @@ def test_figures_check_their_inputs_before_any_work(tmp_path, capsys):
     finally:
         for key, value in saved.items():
             setattr(bench, key, value)
+
+
+def test_cpu_table_times_every_shape_and_batch(capsys):
+    saved = dict(cpu_shapes=bench.cpu_shapes, cpu_batches=bench.cpu_batches, cpu_reps=bench.cpu_reps)
+    try:
+        bench.cpu_shapes, bench.cpu_batches, bench.cpu_reps = "48x64,30x40", "1,5", 2
+        numbers = bench.bench_reference_cpu()
+    finally:
+        for key, value in saved.items():
+            setattr(bench, key, value)
+    assert [(tuple(r["shape"]), r["batch"]) for r in numbers] == [((48, 64), 1), ((48, 64), 5), ((30, 40), 1),
+                                                                   ((30, 40), 5)]
+    assert all(r["dense_ms"] > 0 and r["lut_reference_ms"] > 0 for r in numbers)
+    assert [r["path"] for r in numbers] == ["partial sums", "built W"] * 2
+    assert "CPU, measured here" in capsys.readouterr().out

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import lcd
 
 
-def old_weight(layer):
-    """W_hat (N, K) float32 as LUTLinear.weight_dequantized computed it originally."""
+def old_weight(layer, outliers=True):
+    """W_hat (N, K) float32 as LUTLinear.weight_dequantized computed it originally (outliers=False: from
+    the codebooks alone)."""
     N, K, b = layer.out_features, layer.in_features, layer.bits
     E = lcd.ENTRIES_PER_WORD[b]
     words = layer.packed.long() & 0xFFFFFFFF                                   # uint32 values
@@ -19,7 +20,7 @@ def old_weight(layer):
     G, C = layer.codebook.shape[1:]
     group_of = torch.arange(K) // layer.group_size
     W = layer.codebook.float().reshape(N, G * C).gather(1, group_of * C + idx)
-    if layer.outlier_vals is not None:
+    if outliers and layer.outlier_vals is not None:
         W[layer.outlier_rows.long(), layer.outlier_cols.long()] = layer.outlier_vals.float()
     return W
 
@@ -68,9 +69,14 @@ CASES = [  # (N, K, bits, group_size, n_outliers, in_scale, a_bits, bias)
 ]
 
 
+@pytest.mark.parametrize("block_bytes", [lcd.WEIGHT_BLOCK_BYTES, 300])   # 300: blocks of a row or a few
 @pytest.mark.parametrize("N, K, bits, group_size, n_outliers, in_scale, a_bits, bias", CASES)
-def test_reference_equals_the_old_formula(N, K, bits, group_size, n_outliers, in_scale, a_bits, bias):
+def test_reference_equals_the_old_formula(N, K, bits, group_size, n_outliers, in_scale, a_bits, bias, block_bytes,
+                                          monkeypatch):
+    monkeypatch.setattr(lcd, "WEIGHT_BLOCK_BYTES", block_bytes)
     layer = random_layer(N, K, bits, group_size, n_outliers, in_scale, a_bits, bias)
+    assert torch.equal(layer.weight_rows(), old_weight(layer, outliers=False))
+    assert torch.equal(layer.weight_rows(3, 11), old_weight(layer, outliers=False)[3:11])
     assert torch.equal(layer.weight_dequantized(), old_weight(layer))          # the weight: bit-exact
     g = torch.Generator().manual_seed(1)
     for shape in ((1, K), (3, K), (2, 2, K), (lcd.PARTIAL_SUM_ROWS + 1, K), (2, 9, K)):   # both paths
@@ -86,8 +92,11 @@ def test_partial_sums_serve_few_rows_only_and_match_the_built_weight():
     x = torch.randn(lcd.PARTIAL_SUM_ROWS, 128)
     assert layer.partial_sums_apply(x) and not layer.partial_sums_apply(torch.randn(lcd.PARTIAL_SUM_ROWS + 1, 128))
     assert not layer.partial_sums_apply(x.double()) and not random_layer(8, 64, 3, None).partial_sums_apply(x[:, :64])
-    y = layer.partial_sums_forward(x)
-    torch.testing.assert_close(y, x @ old_weight(layer).T, rtol=1e-5, atol=1e-5)
+    for rows in (1, 3, 8):                      # the tables serve any number of rows when called directly
+        x = torch.randn(rows, 128)
+        expected = x @ old_weight(layer, outliers=False).T                       # outliers are forward's
+        torch.testing.assert_close(layer.partial_sums_forward(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.blocked_forward(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_half_activations_keep_the_old_arithmetic():
