@@ -453,7 +453,7 @@ def unpack_indices(packed, bits, K, dtype=torch.int64):
 # all, LUTLinear.partial_sums_forward); otherwise W_hat is built by table look-ups of the packed bytes a
 # cache-sized block of rows at a time, each block multiplied at once (LUTLinear.blocked_forward).
 # Outliers and the bias are added to either. Non-fp32 activations: F.linear with W_hat in their dtype.
-WEIGHT_BLOCK_BYTES = 2 ** 20  # fp32 bytes of W_hat built at a time by blocked_forward (inside a 2 MiB L2)
+WEIGHT_BLOCK_BYTES = 2 ** 20  # fp32 bytes of W_hat built at a time by blocked_forward (to stay in L2 cache)
 PARTIAL_SUM_ROWS = 1    # most activation rows served by the partial-sum tables (measured on 2 busy cores:
                         # 2 rows won on 2048x2048 and lost on 576x1536 to building W; the tables grow with rows)
 
@@ -574,7 +574,8 @@ class LUTLinear(nn.Module):
     def partial_sums_apply(self, x):
         """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
         most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
-        fp32 activations on the CPU take blocked_forward; other dtypes F.linear with weight_dequantized()."""
+        fp32 activations on the CPU take blocked_forward; other dtypes, and x that needs a gradient,
+        F.linear with weight_dequantized() (the out= buffers of the fast paths have no autograd)."""
         return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
                 and self.bits == 2 and sys.byteorder == "little"
                 and (self.group_size >= self.in_features or self.group_size % 4 == 0))
@@ -629,10 +630,11 @@ class LUTLinear(nn.Module):
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if x.dtype != torch.float32 or x.is_cuda:                           # other dtypes: W_hat in x's dtype
-            return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
+        if x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N): x's dtype, autograd
         x2 = x.reshape(-1, self.in_features)                                # (R, K)
-        y = self.partial_sums_forward(x2) if self.partial_sums_apply(x2) else self.blocked_forward(x2)  # (R, N)
+        y = self.partial_sums_forward(x2) if self.partial_sums_apply(x2) else self.blocked_forward(x2)
+        y = y.contiguous()                                                  # (R, N), row-major like F.linear's
         if self.outlier_vals is not None:
             rows, cols, delta = self.outlier_corrections()
             y = y.index_add(1, rows, x2[:, cols] * delta)                   # (R, n_outliers) into (R, N)

@@ -120,3 +120,15 @@ def test_unpack_indices_matches_the_shift_formula_on_every_bit_pattern(bits):
     for dtype in (torch.int64, torch.int32):
         got = lcd.unpack_indices(packed, bits, K, dtype)
         assert got.dtype == dtype and torch.equal(got.long(), expected)
+
+
+def test_gradients_reach_the_activations_as_before():
+    layer = random_layer(10, 40, 2, None, n_outliers=2)
+    for rows in (1, 6):                                    # the partial-sum and the blocked shapes
+        x = torch.randn(rows, 40, requires_grad=True)
+        x_old = x.detach().clone().requires_grad_(True)
+        layer(x).square().sum().backward()
+        old_forward(layer, x_old).square().sum().backward()
+        torch.testing.assert_close(x.grad, x_old.grad, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            assert layer(x).is_contiguous()
