@@ -55,7 +55,7 @@ warmup = 10                # untimed repetitions first
 flush_mb = 256             # MiB written between GPU repetitions so that L2 holds nothing of the layer
 model_size = "gpt2"        # model.py size for the end-to-end decode benchmark on a GPU
 decode_tokens = 32         # tokens generated in the end-to-end benchmark
-cpu_shapes = "576x576,1536x576,576x1536,192x576,2048x2048"   # CPU table layer shapes N x K: the real model's, and 2048^2
+cpu_shapes = "576x576,1536x576,576x1536,192x576,2048x2048"   # CPU table shapes N x K: the real model's, 2048^2
 cpu_batches = "1,16"       # batch sizes for the CPU timing
 cpu_reps = 20              # repetitions per CPU timing (the best is reported: other work only adds time)
 cpu_threads = 0            # torch threads for the CPU timings (0: torch's default; on a busy machine 1 is steadier)
@@ -767,9 +767,10 @@ def read_json(path):
 
 def figure_inputs():
     """[(figure file, the file it is drawn from, the command that writes that file)] of --figures, in out_dir."""
-    return [("ppl_vs_bits.png", os.path.join(out_dir, "quality.json"), f"python bench.py --quality --json={out_dir}/quality.json"),
-            ("centroids.png", os.path.join(out_dir, "teacher.pt"), f"python train_kd.py --out_dir={out_dir} --stop_after=teacher"),
-            ("kd_curves.png", os.path.join(out_dir, "results.json"), f"python train_kd.py --out_dir={out_dir}")]
+    path = lambda name: os.path.join(out_dir, name)
+    return [("ppl_vs_bits.png", path("quality.json"), f"python bench.py --quality --json={path('quality.json')}"),
+            ("centroids.png", path("teacher.pt"), f"python train_kd.py --out_dir={out_dir} --stop_after=teacher"),
+            ("kd_curves.png", path("results.json"), f"python train_kd.py --out_dir={out_dir}")]
 
 
 def check_figures():

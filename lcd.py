@@ -582,9 +582,11 @@ class LUTLinear(nn.Module):
 
     def partial_sums_forward(self, x):
         """x (R, K) float32 -> x W_hat^T (R, N) float32 without building W_hat, T-MAC's idea (Wei et al.,
-        "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", 2024) applied to
-        codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so for the 4 activations
-        it meets there are only 256 possible byte values, and for each the sums of the activations that go
+        "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", arXiv:2407.00088:
+        tables of precomputed partial sums of groups of 4 activations, there indexed by 4 weight bits of one
+        bit-plane) applied to codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so
+        for the 4 activations it meets there are only 256 possible byte values, and for each the sums of the
+        activations that go
         to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul with
         byte_one_hot; K * 256 * R floats in all, while the call lasts).
         Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one

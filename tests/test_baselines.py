@@ -259,4 +259,5 @@ def test_methods_by_name_go_through_baselines_quantize():
     x = torch.randint(0, 64, (1, 16))
     assert torch.equal(lcd.model_logits(by_name(x)), lcd.model_logits(by_function(x)))
     rtn = baselines.quantize(copy.deepcopy(model), 2, method="rtn")              # lcd.py's own names pass through
-    assert torch.equal(lcd.model_logits(rtn(x)), lcd.model_logits(lcd.quantize(copy.deepcopy(model), 2, method="rtn")(x)))
+    same = lcd.quantize(copy.deepcopy(model), 2, method="rtn")
+    assert torch.equal(lcd.model_logits(rtn(x)), lcd.model_logits(same(x)))
