@@ -414,7 +414,8 @@ def bench_reference_cpu():
     gs_text = "one codebook per row" if group_size is None else f"groups of {group_size}"
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
-    print(f"\nCPU, measured here: {torch.get_num_threads()} threads, torch {torch.__version__}, best of {cpu_reps} "
+    threads = torch.get_num_threads()
+    print(f"\nCPU, measured here: {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}, best of {cpu_reps} "
           "(a busy machine slows both columns, not always alike). These time the PyTorch reference; they say nothing "
           "about the GPU kernels in kernels.cu.")
     generator = torch.Generator().manual_seed(seed)
