@@ -4,8 +4,10 @@ The seed systems and the standard quantizers LCD is measured against, each a per
     layer = METHODS[name](W, stats, bits, group_size, **kw)     # W: (N, K) float32
 
 that returns an inference layer with forward(x) and storage_bits() (every stored bit, honestly counted).
-lcd.quantize(model, bits, method=name) calls them for every selected nn.Linear; NEEDS_HESSIAN names the
-methods that want the full input Hessian H = X^T X / n (stats["H"]) rather than only its diagonal h.
+lcd.quantize(model, bits, method=METHODS[name]) calls one for every selected nn.Linear (quantize() below
+does the look-up by name); NEEDS_HESSIAN names the methods that want the full input Hessian
+H = X^T X / n (stats["H"]) rather than only its diagonal h. This file imports lcd.py alone; the quality
+comparison of all methods on train_kd's teacher is bench.py's (bench.quality_table, bench.py --quality).
 
   1. shared pieces       - nearest centroid, the Hessian, the layer output error, RTN's grid
   2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation
@@ -13,7 +15,7 @@ methods that want the full input Hessian H = X^T X / n (stats["H"]) rather than 
   4. CLAQ                - per-column k-means inside the GPTQ loop, adaptive precision, outlier reservation
   5. LCQ                 - rank-r codebooks C = S V - B learned on the layer output error
   6. LBLLM               - W(1+1): sign bit + bitmap bit choosing one of two group scales; A4 clipping
-  7. quality_table       - every method on train_kd's teacher at 2, 3, 4 bits (bench.py --quality)
+  7. METHODS, quantize() - the registry of names, and lcd.quantize by name
 
 RTN (uniform min/max grid per row or group) and plain k-means are built into lcd.py ("rtn", "kmeans");
 they are not repeated here. Uniform grids are codebooks too (C = s * v + lo for v = 0 .. 2^b - 1), so
@@ -22,7 +24,6 @@ step per row or group (scale and zero point), not the 2^b derived entries.
 Definitions: ../shared/LCD_DESIGN.md, "The baselines". Weight matrices are (N, K): y = x W^T.
 """
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -545,78 +546,21 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
     return layer
 
 
-# ==== 7. the quality comparison (bench.py --quality) ================================================
-# Every method on the same teacher, calibration data and validation windows (train_kd's), one row each:
-# validation loss, perplexity, effective bits per weight (lcd.footprint: everything stored), seconds.
-# `trained` is true only for end-to-end distillation on the training split with the teacher (plain KD and
-# LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
-# statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
-# from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
-QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
-
-
-def quality_rows(bits):
-    """(row name, lcd.quantize method, group_size, kwargs) of the post-training rows at `bits`."""
-    g = QUALITY_GROUP
-    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
-            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
-            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
-            ("lcq", "lcq", None, {})]
-    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
-        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
-    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
-        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
-    return rows
-
-
-def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
-    """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
-    post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
-    train_kd's budget (kd_steps). methods: row names to keep (None: all). overrides: train_kd config keys
-    (out_dir, preset, kd_steps, ...); the teacher is loaded from out_dir, or trained first if missing."""
-    import copy
-    import time
-
-    import train_kd
-    config = dict({k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}, **overrides)
-    teacher, meta = train_kd.ensure_teacher(**overrides)
-    train, val = train_kd.load_tokens(meta["dir"], "train"), train_kd.load_tokens(meta["dir"], "val")
-    T = teacher.config.block_size
-    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)                 # as train_kd does
-    calib = [train_kd.get_batch(train, config["batch_size"], T, calib_gen)[0]
-             for _ in range(config["calib_batches"])]
-    calib_x = train_kd.get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
-    wanted = (lambda name: True) if methods is None else (lambda name: name in methods)
-
-    def row(method, bits, model, seconds, was_trained, bits_per_weight=None):
-        loss = train_kd.evaluate(model, val, T, config["batch_size"], config["eval_batches"])
-        bpw = lcd.footprint(model)["bits_per_weight"] if bits_per_weight is None else bits_per_weight
-        log(f"{method:>12} b={bits}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {bpw:6.3f} bits/w  "
-            f"{seconds:6.1f} s")
-        return dict(method=method, bits=bits, bits_per_weight=bpw, val_loss=loss, ppl=math.exp(loss),
-                    trained=was_trained, seconds=seconds)
-
-    fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
-    rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
-    for bits in bits_list:
-        for name, method, group_size, kw in quality_rows(bits):
-            if wanted(name):
-                t0 = time.time()
-                model = lcd.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
-                rows.append(row(name, bits, model, time.time() - t0, False))
-        for method in ("kd", "lcd") if trained else ():
-            if wanted(method):
-                run = dict(config, bits=bits)
-                student, _, seconds, path = train_kd.run_distillation(method, teacher, run, train, calib,
-                                                                      calib_x, 0, 1, config["device"])
-                if os.path.exists(path):          # the run is complete: its resume checkpoint has served
-                    os.remove(path)
-                rows.append(row(method, bits, student, seconds, True))
-    return rows
-
-
-# ==== the registry lcd.quantize looks names up in ===================================================
+# ==== 7. the registry: names of the methods, and lcd.quantize by name ================================
 
 METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
 NEEDS_HESSIAN = {"gptq", "claq", "lbllm"}
 NEEDS_INPUTS = {"lbllm": LBLLM_ACT_SAMPLES}   # calibration input rows kept for LBLLM's activation quantizer
+for _name, _function in METHODS.items():   # what lcd.quantize reads off the function it is given
+    _function.needs_hessian = _name in NEEDS_HESSIAN
+    _function.needs_inputs = NEEDS_INPUTS.get(_name, 0)
+
+
+def quantize(model, bits, group_size=None, calib=None, method="gptq", **kw):
+    """lcd.quantize with a method given by name: lcd.py's own ("lcd", "rtn", "kmeans") or one of METHODS.
+    The other arguments are lcd.quantize's. ValueError for an unknown name."""
+    if not callable(method) and method not in lcd.BUILTIN_METHODS:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}: use one of {list(lcd.BUILTIN_METHODS) + sorted(METHODS)}")
+        method = METHODS[method]
+    return lcd.quantize(model, bits, group_size, calib, method=method, **kw)

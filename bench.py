@@ -5,10 +5,11 @@ On a GPU: every kernels.cu version against torch's fp16 F.linear on real LLM lay
 and 16: microseconds, achieved GB/s, % of peak bandwidth, speedup, and the roofline limit (a batch-1 GEMV
 is memory-bound, so the most a b-bit layer can gain over fp16 is 16 / effective bits per weight); then
 end-to-end decode speed of model.py's GPT with LUT layers vs fp16.
-On a CPU (where nothing can say how fast the GPU kernels are): bytes per weight and model footprint,
-quantization time, the PyTorch reference LUT layer against a dense F.linear, and the roofline table of
-what each layer could at best reach on common GPUs. `--emulate=1` runs every kernel through the CPU
-emulation of tests/ as a correctness check; `--quality=1` prints the quality table of baselines.py.
+On a CPU (where nothing can say how fast the GPU kernels are), first what is measured here: the PyTorch
+reference LUT layer against a dense F.linear on the real model's layer shapes, bytes per weight, model
+footprint and quantization time; then the roofline table, computed not measured, of what each layer could
+at best reach on common GPUs. `--emulate=1` runs every kernel through the CPU
+emulation of tests/ as a correctness check; `--quality=1` prints the quality table of every method.
 `--sass=1` (needs nvcc and cuobjdump, no GPU) counts the machine instructions per weight in each GEMV
 kernel's inner loop and what that count alone allows at the issue rate of an H100: a static count, not a
 speed measurement.
@@ -19,11 +20,13 @@ speed measurement.
     python bench.py --sass=1                 # instructions per weight, v2 vs v4 (compile only)
     python bench.py --quality --json=out/quality.json   # every method's quality (a bare --flag means =1)
     python bench.py --figures                # the README's figures from the runs' JSON (matplotlib)
+    python bench.py --help                   # every key, its default and its meaning
 """
 
 import ast
 import copy
 import json as jsonlib
+import math
 import os
 import re
 import shutil
@@ -36,6 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import baselines
 import lcd
 from model import GPT, SIZES
 
@@ -45,27 +49,29 @@ device = "auto"            # "auto" (cuda when available), "cuda" or "cpu"
 shapes = "4096x4096,11008x4096,4096x11008,8192x8192"   # GPU layer shapes N x K (out x in features)
 batches = "1,4,16"         # activation rows per call
 bits = 2                   # index bits of the benchmarked layers (2, 3 or 4)
-group_size = 0             # columns per codebook; 0 = one codebook per row
+group_size = None          # columns per codebook; None = one codebook per row (as in train_kd.py)
 reps = 50                  # timed repetitions per GPU measurement (the median is reported)
 warmup = 10                # untimed repetitions first
 flush_mb = 256             # MiB written between GPU repetitions so that L2 holds nothing of the layer
 model_size = "gpt2"        # model.py size for the end-to-end decode benchmark on a GPU
 decode_tokens = 32         # tokens generated in the end-to-end benchmark
-cpu_shape = "2048x2048"    # layer shape for the CPU reference-vs-dense timing
+cpu_shapes = "576x576,1536x576,576x1536,192x576,2048x2048"   # CPU table shapes N x K: the real model's, 2048^2
 cpu_batches = "1,16"       # batch sizes for the CPU timing
-cpu_reps = 10              # repetitions per CPU timing (the median is reported)
+cpu_reps = 20              # repetitions per CPU timing (the best is reported: other work only adds time)
+cpu_threads = 0            # torch threads for the CPU timings (0: torch's default; on a busy machine 1 is steadier)
 cpu_model_size = "baby"    # model.py size whose footprint and quantization time are measured on a CPU
 emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
-quality = 0                # 1: every method's validation loss on out_dir's teacher (baselines.quality_table)
+quality = 0                # 1: every method's validation loss on out_dir's teacher (quality_table)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
 figures = 0                # 1: draw the README's figures (needs matplotlib) from the JSON files in out_dir
 out_dir = "out"            # where --figures reads quality.json, results*.json and teacher.pt, and writes PNGs
 json = ""                  # write all numbers to this file
-seed = 1337
+seed = 1337                # random weights and activations of every benchmark
 # -----------------------------------------------------------------------------------------------------
-CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str))
+CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))
                and k not in ("CONFIG_KEYS",)]
+DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}   # as written above: --help shows them, overrides take their types
 SWITCHES = ("emulate", "quality", "sass", "figures")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
@@ -86,31 +92,51 @@ TARGET_SHAPE = (8192, 8192)
 WARP_THREADS = 32
 
 
+def usage():
+    """The --help text: how to call bench.py, then every key with its default and meaning (from the config
+    lines above, through lcd.describe_config: the globals and their comments are the one source)."""
+    return (f"usage: python bench.py [--key=value ...]   (a bare --{'/--'.join(SWITCHES)} means =1)\n"
+            f"{__doc__.strip().splitlines()[0]}\n\noptions:\n"
+            + lcd.describe_config(os.path.abspath(__file__), DEFAULTS))
+
+
 def apply_overrides(argv):
-    """nanoGPT-style --key=value overrides of the config globals; unknown keys and bad values are errors."""
+    """nanoGPT-style --key=value overrides of the config globals; unknown keys and bad values are errors.
+    -h / --help prints every key with its default and meaning, and exits."""
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        raise SystemExit(0)
     for arg in argv:
         if arg[2:] in SWITCHES:
             arg += "=1"                          # a bare --quality, --emulate, ... switches that part on
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bench.py takes only --key=value arguments, got {arg!r}; keys: {', '.join(CONFIG_KEYS)}")
+            raise SystemExit(f"bench.py takes only --key=value arguments, got {arg!r}; keys: {', '.join(CONFIG_KEYS)} "
+                             "(python bench.py --help lists them)")
         key, value = arg[2:].split("=", 1)
         if key not in CONFIG_KEYS:
             raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(CONFIG_KEYS)}")
-        default = globals()[key]
+        default = DEFAULTS[key]
         if isinstance(default, str):
             globals()[key] = value
             continue
         try:
             parsed = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            raise SystemExit(f"--{key} needs a {type(default).__name__}, got {value!r}")
+            raise SystemExit(f"--{key} needs a {type(default).__name__ if default is not None else 'int or None'}, "
+                             f"got {value!r}")
         if isinstance(default, float) and isinstance(parsed, int):
             parsed = float(parsed)
-        if type(parsed) is not type(default):
-            raise SystemExit(f"--{key} needs a {type(default).__name__}, got {value!r}")
+        if default is None and (parsed is None or type(parsed) is int):
+            pass                                 # every None default is an int knob (group_size)
+        elif type(parsed) is not type(default):
+            raise SystemExit(f"--{key} needs a {type(default).__name__ if default is not None else 'int or None'}, "
+                             f"got {value!r}")
         globals()[key] = parsed
     if bits not in (2, 3, 4):
         raise SystemExit(f"--bits must be 2, 3 or 4, got {bits}")
+    if group_size is not None and group_size < 1:
+        raise SystemExit(f"--group_size must be a positive number of columns per codebook, or None for one codebook "
+                         f"per row; got {group_size} (0 no longer means one per row: write --group_size=None)")
 
 
 def parse_shapes(text):
@@ -186,9 +212,9 @@ def roofline(shape_list):
                 "fp16 / LUT microseconds at peak bandwidth (vendor datasheets)",
                 ["layer", "bits", "eff. bits", "limit", *[f"{n} ({g / 1000:.2f} TB/s)" for n, g in ROOFLINE_GPUS]], rows)
     N, K = TARGET_SHAPE
-    target = TARGET_FRACTION * roofline_limit(N, K, 2, 0)
+    target = TARGET_FRACTION * roofline_limit(N, K, 2, None)
     print(f"\nTarget (README): batch 1, 2-bit, one codebook per row: a LUT kernel at >= {TARGET_FRACTION:.0%} of the "
-          f"roofline, i.e. >= {target:.2f}x over fp16 on {N}x{K} (limit {roofline_limit(N, K, 2, 0):.2f}x).")
+          f"roofline, i.e. >= {target:.2f}x over fp16 on {N}x{K} (limit {roofline_limit(N, K, 2, None):.2f}x).")
     return numbers
 
 
@@ -299,12 +325,12 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
                 ["layer", "batch", "kernel", "us", "GB/s", "% peak", "speedup", "limit"], rows)
     N, K = TARGET_SHAPE
     best = [r for r in numbers if tuple(r["shape"]) == TARGET_SHAPE and r["batch"] == 1 and r["version"] != "dequant"]
-    if best and group_size == 0 and bits == 2:
+    if best and group_size is None and bits == 2:
         top = max(best, key=lambda r: r["speedup"])
-        need = TARGET_FRACTION * roofline_limit(N, K, 2, 0)
+        need = TARGET_FRACTION * roofline_limit(N, K, 2, None)
         verdict = "MET" if top["speedup"] >= need else "NOT MET"
         print(f"\nTarget {verdict}: best GEMV kernel at batch 1 on {N}x{K}: {top['version']} {top['speedup']:.2f}x "
-              f"(needs >= {need:.2f}x, {100 * top['speedup'] / roofline_limit(N, K, 2, 0):.0f}% of the roofline)")
+              f"(needs >= {need:.2f}x, {100 * top['speedup'] / roofline_limit(N, K, 2, None):.0f}% of the roofline)")
     return numbers
 
 
@@ -318,7 +344,7 @@ def bench_decode_gpu():
     config.setdefault("vocab_size", 50257)
     dense = GPT(config).cuda().half().eval()
     t0 = time.perf_counter()
-    quantized = lcd.quantize(copy.deepcopy(dense).float().cpu(), bits, group_size=group_size or None, method="rtn")
+    quantized = lcd.quantize(copy.deepcopy(dense).float().cpu(), bits, group_size=group_size, method="rtn")
     quantize_seconds = time.perf_counter() - t0
     quantized = quantized.cuda().half().eval()
     rows, numbers = [], {"model_size": model_size, "quantize_seconds": quantize_seconds}
@@ -354,7 +380,7 @@ def bench_footprint_cpu():
     # the footprint depends on the format only; LCD's slower clustering is timed at --bits alone
     for method, b in [("rtn", 2), ("rtn", 3), ("rtn", 4), ("lcd", bits)]:
         t0 = time.perf_counter()
-        quantized = lcd.quantize(copy.deepcopy(model), b, group_size=group_size or None,
+        quantized = lcd.quantize(copy.deepcopy(model), b, group_size=group_size,
                                  calib=calib if method == "lcd" else None, method=method)
         seconds = time.perf_counter() - t0
         fp = lcd.footprint(quantized)
@@ -370,35 +396,48 @@ def bench_footprint_cpu():
 
 
 def cpu_time_ms(fn):
+    """Best of cpu_reps timings of fn() in milliseconds, after one untimed call: on a shared machine other
+    work only ever adds time, so the minimum is the least disturbed measurement."""
     fn()
     times = []
     for _ in range(cpu_reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def bench_reference_cpu():
-    print("\nWARNING: CPU timings below time the PyTorch reference (unpack, gather, matmul); they say nothing "
+    """The CPU table: each cpu_shapes layer as a dense fp32 F.linear against the LUTLinear PyTorch reference
+    (lcd.py section 4: partial-sum tables for a few rows, else the weight built from the packed bytes and
+    dropped; no dense copy is kept), at every cpu_batches size."""
+    gs_text = "one codebook per row" if group_size is None else f"groups of {group_size}"
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    threads = torch.get_num_threads()
+    print(f"\nCPU, measured here: {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}, best of {cpu_reps} "
+          "(a busy machine slows both columns, not always alike). These time the PyTorch reference; they say nothing "
           "about the GPU kernels in kernels.cu.")
-    (N, K), = parse_shapes(cpu_shape)
-    gs = layer_group_size(K, group_size)
     generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
-    codebook = torch.randn(N, -(-K // gs), 2 ** bits, generator=generator)
-    layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, gs if group_size else None).eval()
-    W = layer.weight_dequantized()
     rows, numbers = [], []
-    with torch.no_grad():
-        for batch in parse_ints(cpu_batches):
-            x = torch.randn(batch, K, generator=generator)
-            dense_ms = cpu_time_ms(lambda: F.linear(x, W))
-            lut_ms = cpu_time_ms(lambda: layer(x))
-            rows.append([f"{N}x{K}", batch, f"{dense_ms:.3f}", f"{lut_ms:.3f}", f"{lut_ms / dense_ms:.1f}x slower"])
-            numbers.append({"shape": [N, K], "batch": batch, "dense_ms": dense_ms, "lut_reference_ms": lut_ms})
-    print_table(f"CPU, {bits}-bit: dense F.linear (fp32) vs the LUTLinear PyTorch reference",
-                ["layer", "batch", "dense ms", "LUT ref ms", "ratio"], rows)
+    for N, K in parse_shapes(cpu_shapes):
+        gs = layer_group_size(K, group_size)
+        idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
+        codebook = torch.randn(N, -(-K // gs), 2 ** bits, generator=generator)
+        layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size).eval()
+        W = layer.weight_dequantized()   # the dense layer's weight: only the dense column uses it
+        with torch.no_grad():
+            for batch in parse_ints(cpu_batches):
+                x = torch.randn(batch, K, generator=generator)
+                dense_ms = cpu_time_ms(lambda: F.linear(x, W))
+                lut_ms = cpu_time_ms(lambda: layer(x))
+                path = "partial sums" if layer.partial_sums_apply(x) else "built W"
+                rows.append([f"{N}x{K}", batch, f"{dense_ms:.3f}", f"{lut_ms:.3f}", f"{lut_ms / dense_ms:.1f}x", path])
+                numbers.append({"shape": [N, K], "batch": batch, "dense_ms": dense_ms, "lut_reference_ms": lut_ms,
+                                "ratio": lut_ms / dense_ms, "path": path})
+    print_table(f"CPU, {bits}-bit, {gs_text}: dense F.linear (fp32) vs the LUTLinear PyTorch reference "
+                "(ratio = LUT / dense; issue 14's targets on 2 idle cores: <= 10x at batch 1, <= 2x at batch 16)",
+                ["layer", "batch", "dense ms", "LUT ref ms", "ratio", "LUT path"], rows)
     return numbers
 
 
@@ -436,14 +475,21 @@ def bench_emulate():
 H100_SMS, H100_SCHEDULERS, H100_CLOCK_GHZ, H100_PEAK_GBPS = 132, 4, 1.755, 3350
 
 
-def sass_functions(arch):
-    """{kernel name: [(address, instruction text)]} of kernels.cu compiled for arch (nvcc, cuobjdump)."""
+def sass_tools():
+    """(nvcc, cuobjdump) paths; SystemExit saying what to install when either is missing (main asks first,
+    before any other work)."""
     nvcc = shutil.which("nvcc")
     cuda_bin = os.path.dirname(os.path.realpath(nvcc)) if nvcc else ""
     cuobjdump = shutil.which("cuobjdump") or shutil.which("cuobjdump", path=cuda_bin)
     if nvcc is None or cuobjdump is None:
         raise SystemExit("--sass needs nvcc and cuobjdump (with nvdisasm) from the CUDA toolkit on PATH; without the "
                          "full toolkit, pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm gives the two tools")
+    return nvcc, cuobjdump
+
+
+def sass_functions(arch):
+    """{kernel name: [(address, instruction text)]} of kernels.cu compiled for arch (nvcc, cuobjdump)."""
+    nvcc, cuobjdump = sass_tools()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernels.cubin")
         built = subprocess.run([nvcc, "-cubin", f"-arch={arch}", lcd.KERNELS_CU, "-o", cubin], capture_output=True, text=True)
@@ -532,7 +578,7 @@ def bench_sass():
         "v4": (c["V4_ROWS_PER_WARP"] * c["V4_COLUMNS"], f"{c['V4_ROWS_PER_WARP']} rows x 128-bit load", "HFMA2"),
     }
     N, K = TARGET_SHAPE
-    memory_us = lut_bytes(N, K, bits, 0, 1) / H100_PEAK_GBPS / 1e3
+    memory_us = lut_bytes(N, K, bits, None, 1) / H100_PEAK_GBPS / 1e3
     issue_per_us = H100_SMS * H100_SCHEDULERS * WARP_THREADS * H100_CLOCK_GHZ * 1e3   # thread-instructions
     rows, numbers = [], []
     for version, (weights, what, multiply_add) in weights_per_pass.items():
@@ -564,11 +610,75 @@ def bench_sass():
     return {"arch": sass_arch, "memory_us": memory_us, "kernels": numbers}
 
 
-# ---- quality: every method on the teacher of train_kd.py (baselines.quality_table) ----
+# ---- quality: every method on the teacher of train_kd.py (bench.py --quality) ----
+# Every method on the same teacher, calibration data and validation windows (train_kd's), one row each:
+# validation loss, perplexity, effective bits per weight (lcd.footprint: everything stored), seconds.
+# `trained` is true only for end-to-end distillation on the training split with the teacher (plain KD and
+# LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
+# statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
+# from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
+QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
+
+
+def quality_rows(bits):
+    """(row name, method name for baselines.quantize, group_size, kwargs) of the post-training rows at `bits`."""
+    g = QUALITY_GROUP
+    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
+            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
+            ("lcq", "lcq", None, {})]
+    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
+        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
+    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
+        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
+    return rows
+
+
+def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
+    """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
+    post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
+    train_kd's budget (kd_steps). methods: row names to keep (None: all). overrides: train_kd config keys
+    (out_dir, preset, kd_steps, ...); the teacher is loaded from out_dir, or trained first if missing."""
+    import train_kd   # the pipeline whose teacher, data and distillation the methods are compared on
+    config = dict({k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}, **overrides)
+    teacher, meta = train_kd.ensure_teacher(**overrides)
+    train, val = train_kd.load_tokens(meta["dir"], "train"), train_kd.load_tokens(meta["dir"], "val")
+    T = teacher.config.block_size
+    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)                 # as train_kd does
+    calib = [train_kd.get_batch(train, config["batch_size"], T, calib_gen)[0]
+             for _ in range(config["calib_batches"])]
+    calib_x = train_kd.get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    wanted = (lambda name: True) if methods is None else (lambda name: name in methods)
+
+    def row(method, bits, model, seconds, was_trained, bits_per_weight=None):
+        loss = train_kd.evaluate(model, val, T, config["batch_size"], config["eval_batches"])
+        bpw = lcd.footprint(model)["bits_per_weight"] if bits_per_weight is None else bits_per_weight
+        log(f"{method:>12} b={bits}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {bpw:6.3f} bits/w  "
+            f"{seconds:6.1f} s")
+        return dict(method=method, bits=bits, bits_per_weight=bpw, val_loss=loss, ppl=math.exp(loss),
+                    trained=was_trained, seconds=seconds)
+
+    fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
+    rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
+    for bits in bits_list:
+        for name, method, group_size, kw in quality_rows(bits):
+            if wanted(name):
+                t0 = time.time()
+                model = baselines.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
+                rows.append(row(name, bits, model, time.time() - t0, False))
+        for method in ("kd", "lcd") if trained else ():
+            if wanted(method):
+                run = dict(config, bits=bits)
+                student, _, seconds, path = train_kd.run_distillation(method, teacher, run, train, calib,
+                                                                      calib_x, 0, 1, config["device"])
+                if os.path.exists(path):          # the run is complete: its resume checkpoint has served
+                    os.remove(path)
+                rows.append(row(method, bits, student, seconds, True))
+    return rows
+
 
 def bench_quality():
-    import baselines
-    return baselines.quality_table(out_dir=out_dir)
+    return quality_table(out_dir=out_dir)
 
 
 # ---- figures: what the measured runs look like (matplotlib, imported only here) ----
@@ -656,35 +766,68 @@ def read_json(path):
         return None
 
 
+def figure_inputs():
+    """[(figure file, the file it is drawn from, the command that writes that file)] of --figures, in out_dir."""
+    path = lambda name: os.path.join(out_dir, name)
+    return [("ppl_vs_bits.png", path("quality.json"), f"python bench.py --quality --json={path('quality.json')}"),
+            ("centroids.png", path("teacher.pt"), f"python train_kd.py --out_dir={out_dir} --stop_after=teacher"),
+            ("kd_curves.png", path("results.json"), f"python train_kd.py --out_dir={out_dir}")]
+
+
+def check_figures():
+    """--figures' prerequisites, asked before any other work: matplotlib (SystemExit if missing) and the input
+    of each figure (a figure whose input is missing is announced as skipped, with the command that makes it;
+    SystemExit when none can be drawn). The quality.json this same run writes (--quality --json) counts."""
+    written_now = os.path.abspath(json) if quality and json else None
+    missing = [(figure, source, command) for figure, source, command in figure_inputs()
+               if not os.path.exists(source) and os.path.abspath(source) != written_now]
+    for figure, source, command in missing:
+        print(f"--figures: skipping {figure}: {source} not found (written by {command})")
+    if len(missing) == len(figure_inputs()):
+        raise SystemExit(f"--figures has nothing to draw in {out_dir}/: run the commands above first")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("--figures needs matplotlib, an optional dependency: pip install matplotlib")
+
+
 def draw_figures():
     """out_dir/ppl_vs_bits.png (from quality.json, written by --quality --json), centroids.png (the teacher),
     kd_curves.png (the curves in train_kd.py's results.json; with --ablate=1 they include lcd+progressive
-    and its merges): each drawn when its input exists."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("--figures needs matplotlib, an optional dependency: pip install matplotlib")
+    and its merges): each drawn when its input exists, else a line says which figure was skipped and why."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     import train_kd
-    written = []
-    quality_json = read_json(os.path.join(out_dir, "quality.json"))
+    written, skipped = [], []
+    (ppl_png, quality_path, quality_cmd), (centroids_png, teacher_path, teacher_cmd), \
+        (curves_png, results_path, results_cmd) = figure_inputs()
+    quality_json = read_json(quality_path)
     if quality_json and quality_json.get("rows"):
-        written.append(os.path.join(out_dir, "ppl_vs_bits.png"))
+        written.append(os.path.join(out_dir, ppl_png))
         figure_ppl_vs_bits(plt, quality_json["rows"], written[-1])
-    if os.path.exists(os.path.join(out_dir, "teacher.pt")):
+    else:
+        skipped.append(f"{ppl_png}: {quality_path} " + ("holds no rows" if quality_json else "not found")
+                       + f" (written by {quality_cmd})")
+    if os.path.exists(teacher_path):
         teacher, meta = train_kd.ensure_teacher(out_dir=out_dir)
         config = {k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}
         train = train_kd.load_tokens(meta["dir"], "train")
         calib, _ = train_kd.calibration_data(train, config, teacher.config.block_size)
-        written.append(os.path.join(out_dir, "centroids.png"))
+        written.append(os.path.join(out_dir, centroids_png))
         figure_centroids(plt, teacher, calib, bits, written[-1])
-    results = read_json(os.path.join(out_dir, "results.json"))
+    else:
+        skipped.append(f"{centroids_png}: {teacher_path} not found (written by {teacher_cmd})")
+    results = read_json(results_path)
     if results and results.get("curves"):
-        written.append(os.path.join(out_dir, "kd_curves.png"))
+        written.append(os.path.join(out_dir, curves_png))
         figure_kd_curves(plt, results["curves"], written[-1])
-    print("\nfigures: " + (", ".join(written) if written else f"nothing to draw: run train_kd.py and "
-                           f"bench.py --quality=1 --json={out_dir}/quality.json first"))
+    else:
+        skipped.append(f"{curves_png}: {results_path} " + ("holds no curves" if results else "not found")
+                       + f" (written by {results_cmd})")
+    print("\nfigures: " + (", ".join(written) if written else "none drawn"))
+    for line in skipped:
+        print(f"  skipped {line}")
     return written
 
 
@@ -703,17 +846,23 @@ def main(argv):
         raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")
     if on_gpu and not lcd.cuda_kernels_available():
         raise SystemExit("the GPU benchmark needs CuPy and a CUDA GPU (pip install cupy-cuda12x); use --device=cpu")
+    if sass:                    # prerequisites first, not after minutes of other work
+        sass_tools()
+    if figures:
+        check_figures()
     results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "device": "cuda" if on_gpu else "cpu"}
-    results["roofline"] = roofline(parse_shapes(shapes))
     if on_gpu:
         peak, source = gpu_peak_gbps()
         print(f"\nGPU: {source}, peak {peak:.0f} GB/s")
         results["gpu"] = {"peak_gbps": peak, "peak_source": source}
         results["kernels"] = bench_kernels_gpu(peak)
         results["decode"] = bench_decode_gpu()
-    else:
-        results["footprint"] = bench_footprint_cpu()
+    else:                       # what this machine measured comes first
         results["cpu_reference"] = bench_reference_cpu()
+        # end-to-end tokens per second of generation, teacher vs packed student (--generate): its table goes here
+        results["footprint"] = bench_footprint_cpu()
+    print("\nThe roofline below is COMPUTED from datasheet bandwidths and byte counts, not measured on this machine.")
+    results["roofline"] = roofline(parse_shapes(shapes))
     if emulate:
         results["emulation"] = bench_emulate()
     if quality:

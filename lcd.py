@@ -14,9 +14,12 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 """
 
 # ==== 1. calibration ============================================================================ [A]
+import functools
 import math
 import os
+import sys
 import tempfile
+import tokenize
 
 import torch
 import torch.nn as nn
@@ -348,12 +351,19 @@ def lloyd(W, h, codebook, idx, group_size, max_iters=LLOYD_MAX_ITERS, outliers=N
 
 
 def dequantize(codebook, idx, group_size):
-    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) -> (N, K)."""
+    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) int32 or int64
+    -> (N, K) float32. One flat look-up: the centroid of (n, k) is entry (n G + k // group_size) C + idx[n, k]
+    of the flattened codebook (int32 idx keeps that index half the size: the CPU reference's choice)."""
     N, G, C = codebook.shape
     K = idx.shape[1]
     group_size = check_group_size(group_size, K)
-    group_of = torch.arange(K, device=idx.device) // group_size                    # (K,)
-    return codebook.float().reshape(N, G * C).gather(1, group_of * C + idx)
+    if codebook.numel() >= 2 ** 31:           # a flat position would not fit in int32
+        idx = idx.long()
+    row_start = torch.arange(N, dtype=idx.dtype, device=idx.device)[:, None] * (G * C)      # (N, 1)
+    group_start = (torch.arange(K, dtype=idx.dtype, device=idx.device) // group_size) * C  # (K,)
+    flat = idx + row_start
+    flat += group_start                       # in place: (N, K) is written twice, not three times
+    return codebook.float().reshape(-1).index_select(0, flat.reshape(-1)).view(N, K)
 
 
 def weighted_sse(W, h, codebook, idx, group_size, outliers=None):
@@ -401,20 +411,51 @@ def pack_indices(idx, bits):
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # same bits as uint32
 
 
-def unpack_indices(packed, bits, K):
-    """(N, n_words) int32 words -> (N, K) int64 indices: the inverse of pack_indices."""
+@functools.lru_cache(maxsize=None)
+def byte_entries(bits, device="cpu"):
+    """(256, 8 // bits) int32: the b-bit entries of every byte value, entry 0 in the lowest bits. At b = 2
+    and 4 a word is 4 bytes of whole entries, so byte j of word w holds the entries 8j/b .. 8j/b + 8/b - 1."""
+    values = torch.arange(256, dtype=torch.int32, device=device)[:, None]
+    shifts = torch.arange(0, 8, bits, dtype=torch.int32, device=device)
+    return (values >> shifts) & (2 ** bits - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def byte_one_hot(device="cpu"):
+    """(4, 256 * 4) float32: [p, 4 v + c] = 1 where entry p of byte value v is the 2-bit index c, so that
+    (4 activations) @ byte_one_hot gives, for every byte value, the sum of the activations of each centroid."""
+    entries = byte_entries(2, device).long()                                      # (256, 4): v, p
+    return F.one_hot(entries, 4).float().permute(1, 0, 2).reshape(4, 256 * 4)     # (p, v c)
+
+
+def unpack_indices(packed, bits, K, dtype=torch.int64):
+    """(N, n_words) int32 words -> (N, K) indices of `dtype` (int32 halves the memory written): the
+    inverse of pack_indices. At b = 2 and 4 every byte of the words (little-endian: byte 0 holds the lowest
+    bits) is looked up in byte_entries, one F.embedding over N * 4 * n_words bytes; 3-bit entries straddle
+    bytes and are shifted out of the words in int32 (an arithmetic shift: the mask drops the sign copies)."""
     check_bits(bits)
     E = ENTRIES_PER_WORD[bits]
     if packed.dtype != torch.int32 or packed.dim() != 2 or packed.shape[1] != math.ceil(K / E):
         raise ValueError(f"packed must be int32 (N, {math.ceil(K / E)}) for K={K}, b={bits}; got "
                          f"{packed.dtype} {tuple(packed.shape)}")
-    words = packed.long() & 0xFFFFFFFF                                             # uint32 value
-    shifts = torch.arange(E, device=packed.device) * bits
-    entries = (words[:, :, None] >> shifts) & (2 ** bits - 1)                      # (N, n_words, E)
-    return entries.reshape(packed.shape[0], -1)[:, :K]
+    N = packed.shape[0]
+    if bits in (2, 4) and sys.byteorder == "little":
+        entries = F.embedding(packed.view(torch.uint8).int(), byte_entries(bits, packed.device))  # (N, 4 n_words, 8/b)
+    else:
+        shifts = torch.arange(E, dtype=torch.int32, device=packed.device) * bits
+        entries = (packed[:, :, None] >> shifts) & (2 ** bits - 1)                 # (N, n_words, E)
+    return entries.reshape(N, -1)[:, :K].to(dtype)
 
 
 # ==== 4. LUTLinear ============================================================================== [A]
+# The CPU reference computes y = x W_hat^T in one of two ways, both without keeping any dense weight:
+# up to PARTIAL_SUM_ROWS rows of fp32 x at 2 bits, from look-up tables of partial sums of x (no W_hat at
+# all, LUTLinear.partial_sums_forward); otherwise W_hat is built by table look-ups of the packed bytes a
+# cache-sized block of rows at a time, each block multiplied at once (LUTLinear.blocked_forward).
+# Outliers and the bias are added to either. Non-fp32 activations: F.linear with W_hat in their dtype.
+WEIGHT_BLOCK_BYTES = 2 ** 20  # fp32 bytes of W_hat built at a time by blocked_forward (to stay in L2 cache)
+PARTIAL_SUM_ROWS = 1    # most activation rows served by the partial-sum tables (measured on 2 busy cores:
+                        # 2 rows won on 2048x2048 and lost on 576x1536 to building W; the tables grow with rows)
 
 def fake_quantize_per_token(x, bits):
     """Symmetric per-token activation quantization, kept in floating point: round(x / s) * s with
@@ -477,13 +518,93 @@ class LUTLinear(nn.Module):
             layer.in_scale.copy_(in_scale)
         return layer
 
+    def weight_rows(self, start=0, stop=None, out=None):
+        """Rows start:stop of W_hat from the codebooks alone (outliers not put back): (stop - start, K)
+        float32, built anew (nothing is cached). With one codebook per row at b = 2 or 4, a byte of row n
+        can only stand for 256 known runs of 8/b weights, so the rows are one look-up of every packed byte
+        in a table of each row's 256 runs (256 * 8/b floats a row while it lives: 4 KiB at b = 2), written
+        into `out` (a float32 buffer of at least (stop - start) * 32 n_words / b elements) when given;
+        otherwise the indices are unpacked and looked up in the codebooks (dequantize; `out` unused)."""
+        stop = self.out_features if stop is None else min(stop, self.out_features)
+        n, K, b = stop - start, self.in_features, self.bits
+        packed, codebook = self.packed[start:stop], self.codebook[start:stop]
+        if codebook.shape[1] == 1 and b in (2, 4) and sys.byteorder == "little":
+            runs = codebook.float().view(n, 2 ** b).index_select(1, byte_entries(b, packed.device).view(-1))
+            rows = packed.view(torch.uint8).int() + torch.arange(0, 256 * n, 256, dtype=torch.int32,
+                                                                 device=packed.device)[:, None]   # (n, J)
+            if out is not None:
+                out = out[:rows.numel() * (8 // b)].view(-1, 8 // b)
+            W = torch.index_select(runs.view(256 * n, 8 // b), 0, rows.view(-1), out=out)   # (n J, 8/b)
+            return W.view(n, -1)[:, :K]                                        # (n, K): padding entries dropped
+        return dequantize(codebook, unpack_indices(packed, b, K, torch.int32), self.group_size)
+
     def weight_dequantized(self):
-        """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back."""
-        idx = unpack_indices(self.packed, self.bits, self.in_features)
-        W = dequantize(self.codebook, idx, self.group_size)
+        """The (N, K) float32 weight this layer computes with: unpack, look up, put the outliers back.
+        Built anew at every call (4 N K bytes while it lives); forward() never builds it whole at fp32."""
+        W = self.weight_rows().contiguous()                                   # (N, K)
         if self.outlier_vals is not None:
             W[self.outlier_rows.long(), self.outlier_cols.long()] = self.outlier_vals.float()
         return W
+
+    def blocked_forward(self, x):
+        """x (R, K) float32 -> x W_hat^T (R, N) float32 from the codebooks alone (outliers are forward's
+        corrections): W_hat is built WEIGHT_BLOCK_BYTES of rows at a time into one reused buffer and each
+        block multiplied while it is still in cache, so W_hat never exists whole (on the shared 2-core
+        machine, 2048x2048 at batch 16: 3-4x faster than building all of it first, then multiplying)."""
+        N, K = self.out_features, self.in_features
+        row_bytes = 4 * 4 * self.packed.shape[1] * (8 // self.bits) if self.bits in (2, 4) else 4 * K
+        step = max(1, min(N, WEIGHT_BLOCK_BYTES // row_bytes))               # rows per block
+        buffer = torch.empty(step * row_bytes // 4, device=x.device)
+        y_t = torch.empty(N, x.shape[0], device=x.device)                     # (N, R): blocks of rows of y^T
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            torch.mm(self.weight_rows(start, stop, out=buffer), x.T, out=y_t[start:stop])
+        return y_t.T
+
+    def outlier_corrections(self):
+        """(rows, cols, delta) int64, int64, float32 (n_outliers,): an outlier replaces its centroid, so a
+        product from the codebook alone is corrected by adding x[:, col] * delta to y[:, row]."""
+        rows, cols = self.outlier_rows.long(), self.outlier_cols.long()
+        E = ENTRIES_PER_WORD[self.bits]
+        words = self.packed[rows, cols // E].long() & 0xFFFFFFFF
+        j = (words >> ((cols % E) * self.bits)) & (2 ** self.bits - 1)
+        delta = self.outlier_vals.float() - self.codebook[rows, cols // self.group_size, j].float()
+        return rows, cols, delta
+
+    def partial_sums_apply(self, x):
+        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
+        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
+        fp32 activations on the CPU take blocked_forward; other dtypes, and x that needs a gradient,
+        F.linear with weight_dequantized() (the out= buffers of the fast paths have no autograd)."""
+        return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
+                and self.bits == 2 and sys.byteorder == "little"
+                and (self.group_size >= self.in_features or self.group_size % 4 == 0))
+
+    def partial_sums_forward(self, x):
+        """x (R, K) float32 -> x W_hat^T (R, N) float32 without building W_hat, T-MAC's idea (Wei et al.,
+        "T-MAC: CPU Renaissance via Table Lookup for Low-Bit LLM Deployment on Edge", arXiv:2407.00088:
+        tables of precomputed partial sums of groups of 4 activations, there indexed by 4 weight bits of one
+        bit-plane) applied to codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so
+        for the 4 activations it meets there are only 256 possible byte values, and for each the sums of the
+        activations that go
+        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul with
+        byte_one_hot; K * 256 * R floats in all, while the call lasts).
+        Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one
+        F.embedding_bag over N * K / 4 bytes (each a 4R-float row of P), and y[n] = sum_{g, c} S * codebook.
+        From the codebooks alone (outliers are forward's corrections): x @ weight_rows().T, summed in
+        another order."""
+        N, K, R = self.out_features, self.in_features, x.shape[0]
+        n_bytes = 4 * self.packed.shape[1]                                   # J = 4 n_words >= K / 4
+        G = self.codebook.shape[1]
+        xg = F.pad(x, (0, 4 * n_bytes - K)).view(R, n_bytes, 4).transpose(0, 1)   # (J, R, 4); padding meets 0
+        P = (xg @ byte_one_hot(x.device)).transpose(1, 2).reshape(n_bytes * 256, 4 * R)  # (J * 256, 4R)
+        rows_of_P = self.packed.view(torch.uint8).int() + torch.arange(0, 256 * n_bytes, 256, dtype=torch.int32,
+                                                                       device=x.device)  # (N, J): row j * 256 + byte
+        bytes_per_group = n_bytes if G == 1 else self.group_size // 4        # the last group also takes the padding
+        bag_starts = (torch.arange(N, dtype=torch.int32, device=x.device)[:, None] * n_bytes
+                      + torch.arange(0, G * bytes_per_group, bytes_per_group, dtype=torch.int32, device=x.device))
+        S = F.embedding_bag(rows_of_P.view(-1), P, bag_starts.view(-1), mode="sum")   # (N G, 4R)
+        return (S.view(N, 4 * G, R) * self.codebook.float().view(N, 4 * G, 1)).sum(1).T   # (R, N)
 
     def storage_bits(self):
         """Every bit stored for the weight: the packed words as they are (b=3 holds 10 indices in 32 bits,
@@ -511,7 +632,16 @@ class LUTLinear(nn.Module):
             if y is not None:
                 return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N)
+        if x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N): x's dtype, autograd
+        x2 = x.reshape(-1, self.in_features)                                # (R, K)
+        y = self.partial_sums_forward(x2) if self.partial_sums_apply(x2) else self.blocked_forward(x2)
+        y = y.contiguous()                                                  # (R, N), row-major like F.linear's
+        if self.outlier_vals is not None:
+            rows, cols, delta = self.outlier_corrections()
+            y = y.index_add(1, rows, x2[:, cols] * delta)                   # (R, n_outliers) into (R, N)
+        y = y if bias is None else y + bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def config(self):
         """The constructor arguments that rebuild this layer's shape (save_quantized's header)."""
@@ -535,28 +665,12 @@ class GridLinear(LUTLinear):
 
 
 # ==== 5. quantize(), footprint, save / load ===================================================== [A]
-BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own; other names come from baselines.METHODS
+BUILTIN_METHODS = ("lcd", "rtn", "kmeans")  # quantize()'s own names; other quantizers are passed as functions
 
 
 def _set_module(model, name, module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
-
-
-def _baseline(method):
-    """Look a baseline up in baselines.METHODS: (function, whether it needs the full Hessian, how many
-    input rows it wants to see)."""
-    try:
-        import baselines
-    except ModuleNotFoundError as e:
-        if e.name != "baselines":
-            raise
-        baselines = None
-    methods = getattr(baselines, "METHODS", {})
-    if method not in methods:
-        raise ValueError(f"unknown method {method!r}: use one of {list(BUILTIN_METHODS) + sorted(methods)}")
-    return (methods[method], method in getattr(baselines, "NEEDS_HESSIAN", ()),
-            getattr(baselines, "NEEDS_INPUTS", {}).get(method, 0))
 
 
 def quantize_linear(linear, bits, group_size=None, h=None, method="lcd", outlier_frac=0.0, **kw):
@@ -586,8 +700,13 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
 
     bits: 2, 3 or 4; group_size: inputs per codebook (None: one codebook per row); calib: an iterable of
     (B, T) int64 token-id tensors for the importance h_k = mean x_k^2 (None: h = 1, plain magnitude);
-    method: "lcd", "rtn", "kmeans" or a name in baselines.METHODS; outlier_frac: fraction of weights kept
-    exactly (dense-and-sparse). Works on any model whose forward takes token ids."""
+    method: "lcd", "rtn", "kmeans", or a per-layer quantizer function
+        layer = method(W (N, K) float32, stats, bits, group_size, bias=..., **kw)
+    (baselines.METHODS["gptq"], ...; baselines.quantize resolves those names), whose attributes
+    needs_hessian (bool: stats["H"] = X^T X / n) and needs_inputs (int: stats["X"], input rows kept) say
+    what calibration must record; outlier_frac: fraction of weights kept exactly (dense-and-sparse).
+    Works on any model whose forward takes token ids. lcd.py imports no file built on it, so names of
+    quantizers outside it are resolved by the caller."""
     check_bits(bits)
     if not 0.0 <= outlier_frac < 1.0:
         raise ValueError(f"outlier_frac must be in [0, 1), got {outlier_frac!r}")
@@ -597,7 +716,15 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     for name, linear in linears.items():                         # check everything before changing anything
         check_group_size(group_size, linear.in_features)
         check_weight(linear.weight, f"layer {name!r}")
-    baseline, needs_hessian, needs_inputs = (None, False, 0) if method in BUILTIN_METHODS else _baseline(method)
+    if callable(method):
+        baseline = method
+        needs_hessian, needs_inputs = bool(getattr(method, "needs_hessian", False)), getattr(method, "needs_inputs", 0)
+    elif method in BUILTIN_METHODS:
+        baseline, needs_hessian, needs_inputs = None, False, 0
+    else:
+        raise ValueError(f"unknown method {method!r}: lcd.quantize knows {list(BUILTIN_METHODS)} or takes a per-layer "
+                         f"quantizer function; for a baseline pass it, e.g. method=baselines.METHODS[{method!r}] "
+                         f"(import baselines), or call baselines.quantize(model, bits, ..., method={method!r})")
     stats = None
     if calib is not None and method not in ("rtn", "kmeans"):     # the plain baselines ignore importance
         stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian, keep_inputs=needs_inputs)
@@ -676,6 +803,27 @@ def load_quantized(model, path):
     return model
 
 
+def describe_config(source_path, defaults):
+    """The --help text of a script configured nanoGPT-style by module-level lines `name = value  # meaning`:
+    one line `--name=default  meaning` per key of `defaults` (name -> default, in that order), the meaning
+    read from the comment on the line of source_path that assigns the name (tokenize: a '#' inside a
+    string is no comment). ValueError names any key without such a comment: the line is its documentation."""
+    meanings, assigned = {}, {}
+    with open(source_path, "rb") as f:
+        tokens = list(tokenize.tokenize(f.readline))
+    for token, following in zip(tokens, tokens[1:]):
+        if token.type == tokenize.NAME and token.start[1] == 0 and following.string == "=":
+            assigned[token.start[0]] = token.string                   # line number -> the name it assigns
+        elif token.type == tokenize.COMMENT and token.start[0] in assigned:
+            meanings.setdefault(assigned[token.start[0]], token.string.lstrip("#").strip())
+    missing = [name for name in defaults if not meanings.get(name)]
+    if missing:
+        raise ValueError(f"{source_path}: config keys without a '# meaning' comment on their line: {missing}")
+    shown = {name: value if isinstance(value, str) and value else repr(value) for name, value in defaults.items()}
+    width = min(28, max(len(f"--{name}={text}") for name, text in shown.items()))   # longer ones push their meaning
+    return "\n".join(f"  {f'--{name}={text}':<{width}}  {meanings[name]}" for name, text in shown.items())
+
+
 # ==== 6. CUDA path ============================================================================== [B]
 # On a GPU, LUTLinear.forward hands its work to lut_forward_cuda(): kernels.cu, compiled by CuPy (NVRTC) at
 # first use, runs on torch's own CUDA tensors and stream (raw pointers, no copies). Only the LUT product
@@ -683,7 +831,6 @@ def load_quantized(model, path):
 # activation fake-quantization before it calls us, lut_forward adds the outlier corrections and the bias.
 # The launch geometry is plain Python (kernel_launches), so tests/cuda_emulation.py replays on the CPU
 # exactly the launches CuPy makes on the GPU. Without CuPy or a GPU, LUTLinear keeps its PyTorch reference.
-import functools
 import re
 
 import numpy as np
@@ -833,11 +980,7 @@ def lut_forward(layer, x, launch, version=None):
         y = lut_matmul(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x16, launch)
     y = y.float()                                                             # (B, N)
     if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
-        rows, cols = layer.outlier_rows.long(), layer.outlier_cols.long()
-        E = ENTRIES_PER_WORD[layer.bits]
-        words = layer.packed[rows, cols // E].long() & 0xFFFFFFFF
-        j = (words >> ((cols % E) * layer.bits)) & (2 ** layer.bits - 1)
-        delta = layer.outlier_vals.float() - layer.codebook[rows, cols // layer.group_size, j].float()
+        rows, cols, delta = layer.outlier_corrections()
         y.index_add_(1, rows, x2[:, cols].float() * delta)                    # (B, n_outliers) into (B, N)
     if layer.bias is not None:
         y = y + layer.bias.float()

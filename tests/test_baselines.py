@@ -1,5 +1,5 @@
 """Tests of baselines.py: each baseline does what its paper's method says, on tiny shapes (seconds)."""
-import math
+import copy
 
 import pytest
 import torch
@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import baselines
 import lcd
-import train_kd
 from model import GPT, SIZES
 
 
@@ -225,7 +224,7 @@ def test_lcd_quantize_dispatches_to_every_baseline(name):
     x = torch.randint(0, 64, (1, 16))
     bits = 2 if name == "lbllm" else 3
     biases = {n: m.bias.detach().clone() for n, m in lcd.find_linears(model).items()}
-    quantized = lcd.quantize(model, bits, calib=calib, method=name, **FAST.get(name, {}))
+    quantized = lcd.quantize(model, bits, calib=calib, method=baselines.METHODS[name], **FAST.get(name, {}))
     layers = {n: m for n, m in quantized.named_modules() if hasattr(m, "storage_bits")}
     assert sorted(layers) == sorted(biases)                  # 4 linears in each of the 2 blocks
     for n, layer in layers.items():
@@ -247,18 +246,18 @@ def test_lcq_counts_its_parameters_not_the_materialized_codebook():
     assert torch.allclose(layer.codebook.float(), C.half().float())      # the codebook comes from S, V, B
 
 
-# ---- the quality comparison -----------------------------------------------------------------------
-
-def test_quality_table_rows(tiny_teacher, tmp_path):
-    teacher, meta = tiny_teacher
-    train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))        # quality_table loads it from out_dir
-    rows = baselines.quality_table(bits_list=(2,), methods=("teacher", "rtn", "gptq"), trained=False,
-                                   log=lambda *a: None, dataset=meta["dir"], out_dir=str(tmp_path),
-                                   preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
-    assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
-    for r in rows:
-        assert set(r) == {"method", "bits", "bits_per_weight", "val_loss", "ppl", "trained", "seconds"}
-        assert r["val_loss"] > 0 and r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
-        assert r["trained"] is False
-    assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
-    assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
+def test_methods_by_name_go_through_baselines_quantize():
+    torch.manual_seed(0)
+    model = GPT(SIZES["tiny"] | {"vocab_size": 64})
+    calib = [torch.randint(0, 64, (2, 32))]
+    with pytest.raises(ValueError, match=r"baselines.METHODS\['gptq'\]"):   # lcd.py resolves its own names only
+        lcd.quantize(copy.deepcopy(model), 2, calib=calib, method="gptq")
+    with pytest.raises(ValueError, match="unknown method"):
+        baselines.quantize(copy.deepcopy(model), 2, calib=calib, method="no-such-method")
+    by_name = baselines.quantize(copy.deepcopy(model), 2, calib=calib, method="gptq")
+    by_function = lcd.quantize(copy.deepcopy(model), 2, calib=calib, method=baselines.gptq)
+    x = torch.randint(0, 64, (1, 16))
+    assert torch.equal(lcd.model_logits(by_name(x)), lcd.model_logits(by_function(x)))
+    rtn = baselines.quantize(copy.deepcopy(model), 2, method="rtn")              # lcd.py's own names pass through
+    same = lcd.quantize(copy.deepcopy(model), 2, method="rtn")
+    assert torch.equal(lcd.model_logits(rtn(x)), lcd.model_logits(same(x)))

@@ -1,5 +1,7 @@
-"""bench.py's figures: the smoothing of the curves, and each figure drawn from run outputs of the right shape."""
+"""bench.py: the figures (smoothing, each figure drawn from run outputs of the right shape), the quality
+table, the command line."""
 import json
+import math
 
 import pytest
 
@@ -44,3 +46,96 @@ def test_bare_flags_switch_a_part_on_and_bad_keys_are_refused():
     finally:
         for key, value in saved.items():
             setattr(bench, key, value)
+
+
+# ---- the quality comparison -----------------------------------------------------------------------
+
+def test_quality_table_rows(tiny_teacher, tmp_path):
+    teacher, meta = tiny_teacher
+    train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))        # quality_table loads it from out_dir
+    rows = bench.quality_table(bits_list=(2,), methods=("teacher", "rtn", "gptq"), trained=False,
+                               log=lambda *a: None, dataset=meta["dir"], out_dir=str(tmp_path),
+                               preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
+    assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
+    for r in rows:
+        assert set(r) == {"method", "bits", "bits_per_weight", "val_loss", "ppl", "trained", "seconds"}
+        assert r["val_loss"] > 0 and r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert r["trained"] is False
+    assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
+    assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
+
+
+# ---- the command line: --help, group_size, prerequisites first -------------------------------------
+
+def test_help_lists_every_key_with_its_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.apply_overrides(["-h"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    lines = {line.split()[0].split("=")[0]: line for line in text.splitlines() if line.startswith("  --")}
+    assert sorted(lines) == sorted(f"--{key}" for key in bench.CONFIG_KEYS)
+    assert "--group_size=None" in lines["--group_size"] and "one codebook per row" in lines["--group_size"]
+    assert f"--cpu_reps={bench.cpu_reps}" in lines["--cpu_reps"] and "repetitions" in lines["--cpu_reps"]
+
+
+def test_describe_config_reads_the_comments_and_refuses_a_key_without_one(tmp_path):
+    source = tmp_path / "script.py"
+    source.write_text('name = "a # b"   # what it means\ncount = 3\nratio = 0.5  # a ratio\n')
+    text = bench.lcd.describe_config(str(source), {"name": "a # b", "ratio": 0.5})
+    assert text.splitlines() == ["  --name=a # b  what it means", "  --ratio=0.5   a ratio"]
+    with pytest.raises(ValueError, match="count"):
+        bench.lcd.describe_config(str(source), {"count": 3})
+
+
+def test_group_size_none_is_one_codebook_per_row_and_zero_is_refused():
+    saved = bench.group_size
+    try:
+        bench.apply_overrides(["--group_size=64"])
+        assert bench.group_size == 64
+        bench.apply_overrides(["--group_size=None"])
+        assert bench.group_size is None
+        for bad in ("0", "-3", "1.5", "x"):
+            with pytest.raises(SystemExit, match="group_size"):
+                bench.apply_overrides([f"--group_size={bad}"])
+    finally:
+        bench.group_size = saved
+
+
+def test_figures_check_their_inputs_before_any_work(tmp_path, capsys):
+    try:
+        import matplotlib  # noqa: F401
+        has_matplotlib = True
+    except ImportError:
+        has_matplotlib = False
+    saved = dict(out_dir=bench.out_dir, quality=bench.quality, json=bench.json)
+    try:
+        bench.out_dir, bench.quality, bench.json = str(tmp_path), 0, ""
+        with pytest.raises(SystemExit, match="nothing to draw"):
+            bench.check_figures()
+        capsys.readouterr()
+        (tmp_path / "results.json").write_text(json.dumps({"curves": {}}))
+        if has_matplotlib:
+            bench.check_figures()                                 # one input is there: no exit
+        else:
+            with pytest.raises(SystemExit, match="pip install matplotlib"):
+                bench.check_figures()
+        out = capsys.readouterr().out
+        assert "skipping ppl_vs_bits.png" in out and "skipping centroids.png" in out and "kd_curves" not in out
+    finally:
+        for key, value in saved.items():
+            setattr(bench, key, value)
+
+
+def test_cpu_table_times_every_shape_and_batch(capsys):
+    saved = dict(cpu_shapes=bench.cpu_shapes, cpu_batches=bench.cpu_batches, cpu_reps=bench.cpu_reps)
+    try:
+        bench.cpu_shapes, bench.cpu_batches, bench.cpu_reps = "48x64,30x40", "1,5", 2
+        numbers = bench.bench_reference_cpu()
+    finally:
+        for key, value in saved.items():
+            setattr(bench, key, value)
+    assert [(tuple(r["shape"]), r["batch"]) for r in numbers] == [((48, 64), 1), ((48, 64), 5), ((30, 40), 1),
+                                                                   ((30, 40), 5)]
+    assert all(r["dense_ms"] > 0 and r["lut_reference_ms"] > 0 for r in numbers)
+    assert [r["path"] for r in numbers] == ["partial sums", "built W"] * 2
+    assert "CPU, measured here" in capsys.readouterr().out
