@@ -233,3 +233,20 @@ def load_safetensors(path):
 def config_fields():
     """Names of the GPTConfig fields (for the command-line config in train_kd.py)."""
     return [f.name for f in fields(GPTConfig)]
+
+
+def config_dict(model):
+    """The plain dict that rebuilds `model`'s architecture: dict(architecture="gpt", **GPTConfig fields)."""
+    return dict(architecture="gpt", **vars(model.config))
+
+
+def from_config(cfg):
+    """A fresh model from config_dict()'s dict (the "architecture" key picks the class; only "gpt" here)."""
+    cfg = dict(cfg)
+    architecture = cfg.pop("architecture", None)
+    if architecture != "gpt":
+        raise ValueError(f"unknown architecture {architecture!r}: this model.py builds 'gpt'")
+    unknown = set(cfg) - set(config_fields())
+    if unknown:
+        raise ValueError(f"GPT has no config fields {sorted(unknown)}; its fields: {config_fields()}")
+    return GPT(cfg)
