@@ -764,7 +764,7 @@ def describe_config(source_path, defaults):
 def _describe_key(name, default, meaning):
     plain = isinstance(default, str) and default.isprintable() and default and " " not in default
     shown = default if plain or not isinstance(default, str) else repr(default)   # bare, as typed, if it can be
-    return f"  --{name}={shown}".ljust(34) + f" {meaning}".rstrip()
+    return (f"  --{name}={shown}".ljust(34) + f" {meaning}").rstrip()
 
 
 # ==== 6. CUDA path ============================================================================== [B]
