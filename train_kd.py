@@ -444,10 +444,12 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
         saved = step
 
     model.train()
-    step, updating, rng_at_step = start, False, None
+    # On Ctrl-C the run can be saved where the weights, the optimizer and the sampler agree: at the start of
+    # a step, or after its update; not during the update (resume_at None), which leaves it half-done.
+    resume_at = None
     try:
         for step in range(start, config["max_iters"]):
-            rng_at_step = gen.get_state() if world == 1 else None   # to save this step's start on Ctrl-C
+            resume_at = (step, gen.get_state())
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
             x, y = get_batch(train, config["batch_size"], T, gen, device)
@@ -456,17 +458,16 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
             loss.backward()
             if config["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-            updating = True              # a Ctrl-C from here on may leave the parameters half-updated
+            resume_at = None
             optimizer.step()
-            updating = False
+            resume_at = (step + 1, gen.get_state())
             progress.update(step, loss.item())
             if (step + 1) % config["ckpt_interval"] == 0 and step + 1 < config["max_iters"]:
                 save(step + 1, sampler_states(gen, world))
     except KeyboardInterrupt:
-        # the weights and the optimizer are still those of the start of `step` unless the update had begun;
-        # one process only: several would have to agree on a step first (they keep the periodic checkpoints)
-        if world == 1 and not updating and step > saved:
-            save(step, [rng_at_step])
+        # one process only: several would first have to agree on a step (they keep the periodic checkpoints)
+        if world == 1 and resume_at is not None and resume_at[0] > saved:
+            save(resume_at[0], [resume_at[1]])
         where = (f"the teacher's progress is saved in {ckpt_path} (step {saved} of {config['max_iters']})"
                  if saved > 0 else "no teacher checkpoint was written yet")
         raise Interrupted(f"{where}; run the same command to resume") from None

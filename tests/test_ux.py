@@ -111,27 +111,50 @@ def _write(path, text):
 
 # ---- Ctrl-C, progress lines -------------------------------------------------------------------------
 
-def test_ctrl_c_in_the_teacher_saves_that_step_and_says_where(tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["get_batch", "after the update"])
+def test_ctrl_c_in_the_teacher_saves_that_step_and_says_where(tiny_data, tmp_path, monkeypatch, where):
     data_dir, meta = tiny_data
     args = ["--preset=tiny", "--max_iters=6", "--ckpt_interval=100", "--batch_size=4", "--warmup_iters=2"]
     straight = train_kd.train_teacher(train_kd.parse_config(args + [f"--out_dir={tmp_path / 'a'}"]), meta)
     config = train_kd.parse_config(args + [f"--out_dir={tmp_path / 'b'}"])
-    real_get_batch, calls = train_kd.get_batch, []
+    real_get_batch, real_update, calls = train_kd.get_batch, train_kd.Progress.update, []
 
-    def ctrl_c_in_step_5(*a, **kw):
+    def ctrl_c_in_step_5(*a, **kw):        # before step 5's update: saved at its start, step 4
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
         return real_get_batch(*a, **kw)
 
-    monkeypatch.setattr(train_kd, "get_batch", ctrl_c_in_step_5)
-    with pytest.raises(train_kd.Interrupted, match="teacher_ckpt.pt \\(step 4 of 6\\); run the same command"):
+    def ctrl_c_after_update_5(self, step, *a, **kw):   # after step 5's update: saved as 5 steps done
+        if step == 4:
+            raise KeyboardInterrupt
+        return real_update(self, step, *a, **kw)
+
+    if where == "get_batch":
+        monkeypatch.setattr(train_kd, "get_batch", ctrl_c_in_step_5)
+    else:
+        monkeypatch.setattr(train_kd.Progress, "update", ctrl_c_after_update_5)
+    saved_at = 4 if where == "get_batch" else 5
+    with pytest.raises(train_kd.Interrupted, match=f"teacher_ckpt.pt \\(step {saved_at} of 6\\); run the same"):
         train_kd.train_teacher(config, meta)                  # no periodic checkpoint came (interval 100)
-    monkeypatch.setattr(train_kd, "get_batch", real_get_batch)
-    assert train_kd.load_checkpoint(str(tmp_path / "b" / "teacher_ckpt.pt"))["step"] == 4
+    monkeypatch.undo()
+    assert train_kd.load_checkpoint(str(tmp_path / "b" / "teacher_ckpt.pt"))["step"] == saved_at
     resumed = train_kd.train_teacher(config, meta)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_ctrl_c_elsewhere_says_what_is_done(tiny_data, tiny_teacher, tmp_path, monkeypatch):
+    data_dir, _ = tiny_data
+    train_kd.save_teacher(tiny_teacher[0], str(tmp_path / "teacher.pt"))
+
+    def ctrl_c(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_kd, "calibration_data", ctrl_c)
+    with pytest.raises(train_kd.Interrupted, match=f"saves nothing; what is done is in {tmp_path}/ and the same"):
+        train_kd.main([f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--preset=tiny", "--eval_batches=1",
+                       "--batch_size=4"])
 
 
 def test_log_interval_is_the_configs(tiny_data, tmp_path, capsys):
