@@ -823,9 +823,9 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
             print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
             results["ablation"] = ablation
         if "lcd" in curves and config["sample_tokens"] > 0:   # the packed file, as a user would load it
-            student, _ = load_student(packed_path, device)
+            packed, _ = load_student(packed_path, device)
             results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
-                {"teacher": teacher, f"packed {b}-bit student {packed_path}": student}, meta["tokenizer"],
+                {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
                 config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
                 config["sample_top_k"], config["seed"]))
         for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
