@@ -732,8 +732,9 @@ def load_student(path, device="cpu", teacher_path=None):
 def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=0, log=print):
     """Each model's continuation of `prompt`, all from the same seed, printed one after the other, labelled.
     models: {label: model with .generate(idx (1, T), n, temperature, top_k)}; tokenizer: a name for
-    get_tokenizer; top_k 0: all tokens. Only generate() is timed, after a one-token warm-up. Returns {label: dict(text, tokens,
-    seconds, tokens_per_s)}."""
+    get_tokenizer; top_k 0: all tokens. Only generate() is timed, after a one-token warm-up.
+    Returns {label: dict(text, tokens, seconds, tokens_per_s)}; ValueError for an empty prompt or one whose
+    token ids lie outside a model's vocabulary."""
     enc = get_tokenizer(tokenizer)
     ids = enc.encode_ordinary(prompt)
     if not ids:
