@@ -21,6 +21,7 @@ speed measurement.
     python bench.py --quality --json=out/quality.json   # every method's quality (a bare --flag means =1)
     python bench.py --figures                # the README's figures from the runs' JSON (matplotlib)
     python bench.py --help                   # every key, its default and its meaning
+    python bench.py --generate=out/lcd_w2.pt --prompt="ROMEO:" --teacher=out/teacher.pt   # text + tokens/s
 """
 
 import ast
@@ -68,6 +69,12 @@ figures = 0                # 1: draw the README's figures (needs matplotlib) fro
 out_dir = "out"            # where --figures reads quality.json, results*.json and teacher.pt, and writes PNGs
 json = ""                  # write all numbers to this file
 seed = 1337                # random weights and activations of every benchmark
+generate = ""              # a packed student file (out/lcd_w2.pt): only print its text and tokens/s (bench_generate)
+teacher = ""               # with --generate: also the teacher checkpoint's text, e.g. out/teacher.pt
+prompt = ""                # with --generate: the text to continue, \n for a line break ('': train_kd.sample_prompt)
+max_new_tokens = 200       # with --generate: tokens each model writes after the prompt
+temperature = 0.8          # with --generate: sampling temperature (0: greedy)
+top_k = 40                 # with --generate: sample among the k likeliest tokens (0: all of them)
 # -----------------------------------------------------------------------------------------------------
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))
                and k not in ("CONFIG_KEYS",)]
@@ -831,16 +838,45 @@ def draw_figures():
     return written
 
 
+def bench_generate():
+    """--generate=FILE: the packed student's continuation of --prompt (and --teacher's, from the same seed),
+    decoded with the tokenizer its header names; tokens per second for each, timing generation only."""
+    import train_kd
+    if max_new_tokens < 1 or temperature < 0 or top_k < 0:
+        raise SystemExit(f"--max_new_tokens must be >= 1 and --temperature, --top_k >= 0; got {max_new_tokens}, "
+                         f"{temperature}, {top_k}")
+    for path in (generate, teacher):
+        if path and not os.path.exists(path):
+            raise SystemExit(f"{path} not found: train_kd.py writes out/lcd_w<bits>.pt and out/teacher.pt")
+    dev = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    try:
+        student, tokenizer = train_kd.load_student(generate, dev, teacher_path=teacher or None)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}" + ("" if teacher else "; or give --teacher=out/teacher.pt to build it"))
+    models = {}
+    if teacher:
+        models[f"teacher ({teacher})"] = train_kd.load_teacher(teacher, dev)
+    models[f"student ({generate})"] = student
+    text = prompt.replace("\\n", "\n") if prompt else train_kd.sample_prompt
+    samples = train_kd.sample_texts(models, tokenizer, text, max_new_tokens, temperature, top_k, seed)
+    return dict(prompt=text, tokenizer=tokenizer, texts=samples)
+
+
 def write_json(path, results):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(os.path.abspath(path)), delete=False, suffix=".tmp") as f:
-        jsonlib.dump(results, f, indent=2)
-    os.replace(f.name, path)   # atomic
+    def write(tmp):
+        with open(tmp, "w") as f:
+            jsonlib.dump(results, f, indent=2)
+    lcd.atomic_write(path, write)   # atomic, and the usual file mode
     print(f"\nwrote {path}")
 
 
 def main(argv):
     apply_overrides(argv)
+    if generate:                     # text and its speed only: none of the benchmarks below
+        results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "generate": bench_generate()}
+        if json:
+            write_json(json, results)
+        return results
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")

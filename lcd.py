@@ -17,6 +17,7 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 import functools
 import math
 import os
+import re
 import sys
 import tempfile
 import tokenize
@@ -755,8 +756,43 @@ def footprint(model):
             "bits_per_weight": total_bits / total_params if total_params else 0.0}
 
 
-def save_quantized(model, path):
-    """Write the quantized model's state_dict and a header describing each LUTLinear (atomically)."""
+def atomic_write(path, write):
+    """Write `path` atomically: write(tmp) fills a temporary file beside it, which is then renamed over
+    `path`, so a crash never leaves a half-written file. The file gets the mode a plain open() would give
+    (0666 minus the umask, usually 0644), not mkstemp's private 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)                      # reading the umask means setting it: put it straight back
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_model_config(model_config, where):
+    """A model configuration as a header holds it: a dict of str keys with plain JSON values (str, int,
+    float, bool, None), naming its "architecture"; returned as a plain dict."""
+    plain = (str, int, float, bool, type(None))
+    if not isinstance(model_config, dict) or not all(
+            isinstance(k, str) and isinstance(v, plain) for k, v in model_config.items()):
+        raise ValueError(f"{where}: model_config must be a dict of str keys and plain values "
+                         f"(str, int, float, bool, None), got {model_config!r}")
+    if not isinstance(model_config.get("architecture"), str):
+        raise ValueError(f"{where}: model_config names no architecture (a str, e.g. 'gpt'): {model_config!r}")
+    return dict(model_config)
+
+
+def save_quantized(model, path, model_config=None, tokenizer=None):
+    """Write the quantized model's state_dict and a header describing each LUTLinear (atomically).
+    model_config: optional dict(architecture=..., **sizes) of plain values that rebuilds the architecture
+    (model.config_dict(model)), so that load_quantized can build the model from the file alone;
+    tokenizer: optional name of the tokenizer its token ids come from (e.g. 'bytes', 'gpt2')."""
     layers = {}
     for name, m in model.named_modules():
         if isinstance(m, LUTLinear):
@@ -764,30 +800,52 @@ def save_quantized(model, path):
         elif hasattr(m, "storage_bits"):
             raise ValueError(f"save_quantized stores LUTLinear layers only; {name!r} is a {type(m).__name__}")
     header = {"format": "lcd-quantized", "version": FORMAT_VERSION, "layers": layers}
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"header": header, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    if model_config is not None:        # optional keys: a reader of version 1 that predates them ignores them
+        header["model_config"] = _check_model_config(model_config, "save_quantized")
+    if tokenizer is not None:
+        if not isinstance(tokenizer, str):
+            raise ValueError(f"save_quantized: tokenizer must be a name (str), got {tokenizer!r}")
+        header["tokenizer"] = tokenizer
+    atomic_write(path, lambda tmp: torch.save({"header": header, "state_dict": model.state_dict()}, tmp))
 
 
-def load_quantized(model, path):
-    """Load save_quantized's file into `model`, a freshly built copy of the original architecture: its
-    nn.Linear layers named in the header become LUTLinear of the stored shape first. Returns the model."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+def _read_quantized(path, mmap=False):
+    """save_quantized's file as (header, state_dict), the header validated before anything in it is used."""
+    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     header = blob.get("header") if isinstance(blob, dict) else None
     if not isinstance(header, dict) or header.get("format") != "lcd-quantized" or "state_dict" not in blob:
         raise ValueError(f"{path} is not a file written by lcd.save_quantized")
     if header.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format version {header.get('version')!r}; this lcd.py reads "
                          f"version {FORMAT_VERSION}: re-save it with a matching lcd.py")
-    modules, keys = dict(model.named_modules()), set(LUTLinear(1, 1, 2).config())
     if not isinstance(header.get("layers"), dict):
         raise ValueError(f"{path}: the header lists no layers: not a file written by lcd.save_quantized")
+    if "model_config" in header:
+        _check_model_config(header["model_config"], path)
+    if not isinstance(header.get("tokenizer", ""), str):
+        raise ValueError(f"{path}: malformed tokenizer name in the header: {header['tokenizer']!r}")
+    return header, blob["state_dict"]
+
+
+def quantized_header(path):
+    """The validated header of save_quantized's file: format, version, layers, and where stored
+    model_config and tokenizer. Memory-maps the file, so the tensors are not read."""
+    return _read_quantized(path, mmap=True)[0]
+
+
+def load_quantized(model, path):
+    """Load save_quantized's file into `model`, a freshly built copy of the original architecture: its
+    nn.Linear layers named in the header become LUTLinear of the stored shape first. Returns the model.
+    `model` may instead be a function model_config -> nn.Module (e.g. model.from_config): it builds the
+    architecture from the model_config stored in the file's header."""
+    header, state_dict = _read_quantized(path)
+    if not isinstance(model, nn.Module):
+        if "model_config" not in header:
+            raise ValueError(f"{path} stores no model configuration (it was saved without model_config, "
+                             "by an older train_kd.py): it cannot be loaded by itself; build the original "
+                             "architecture first (e.g. from the teacher.pt beside it) and pass that model")
+        model = model(dict(header["model_config"]))
+    modules, keys = dict(model.named_modules()), set(LUTLinear(1, 1, 2).config())
     for name, spec in header["layers"].items():
         if not isinstance(spec, dict) or set(spec) != keys:
             raise ValueError(f"{path}: malformed header entry for layer {name!r}: {spec!r}")
@@ -799,29 +857,47 @@ def load_quantized(model, path):
                              f"not match the model's {old!r}: build the same architecture before loading")
         device = old.weight.device if isinstance(old, nn.Linear) else old.packed.device
         _set_module(model, name, LUTLinear(**spec, device=device))
-    model.load_state_dict(blob["state_dict"])
+    model.load_state_dict(state_dict)
     return model
 
 
 def describe_config(source_path, defaults):
     """The --help text of a script configured nanoGPT-style by module-level lines `name = value  # meaning`:
-    one line `--name=default  meaning` per key of `defaults` (name -> default, in that order), the meaning
-    read from the comment on the line of source_path that assigns the name (tokenize: a '#' inside a
-    string is no comment). ValueError names any key without such a comment: the line is its documentation."""
-    meanings, assigned = {}, {}
+    one line `--name=default  meaning` per key of `defaults` ({name: default}), in the order of the source;
+    a full-line comment just above a key becomes the heading of the keys below it. The source is read with
+    tokenize, so a '#' inside a string is no comment. ValueError names every key without a meaning on its
+    line: that comment is the key's documentation."""
+    meanings, order, headings, assigned, comment_lines = {}, [], {}, {}, {}
     with open(source_path, "rb") as f:
         tokens = list(tokenize.tokenize(f.readline))
     for token, following in zip(tokens, tokens[1:]):
-        if token.type == tokenize.NAME and token.start[1] == 0 and following.string == "=":
-            assigned[token.start[0]] = token.string                   # line number -> the name it assigns
-        elif token.type == tokenize.COMMENT and token.start[0] in assigned:
-            meanings.setdefault(assigned[token.start[0]], token.string.lstrip("#").strip())
+        line, col = token.start
+        if token.type == tokenize.NAME and col == 0 and following.string == "=":
+            assigned[line] = token.string                                   # line number -> the name it assigns
+            if token.string in defaults and token.string not in order:
+                order.append(token.string)
+                if line - 1 in comment_lines:
+                    headings[token.string] = comment_lines[line - 1]
+        elif token.type == tokenize.COMMENT:
+            if line in assigned:
+                meanings.setdefault(assigned[line], token.string.lstrip("#").strip())
+            elif col == 0:
+                comment_lines[line] = token.string.lstrip("# ").strip()
     missing = [name for name in defaults if not meanings.get(name)]
     if missing:
         raise ValueError(f"{source_path}: config keys without a '# meaning' comment on their line: {missing}")
-    shown = {name: value if isinstance(value, str) and value else repr(value) for name, value in defaults.items()}
-    width = min(28, max(len(f"--{name}={text}") for name, text in shown.items()))   # longer ones push their meaning
-    return "\n".join(f"  {f'--{name}={text}':<{width}}  {meanings[name]}" for name, text in shown.items())
+    lines = []
+    for name in order:
+        if headings.get(name):
+            lines.append(f"{headings[name]}:")
+        lines.append(_describe_key(name, defaults[name], meanings[name]))
+    return "\n".join(lines)
+
+
+def _describe_key(name, default, meaning):
+    plain = isinstance(default, str) and default.isprintable() and default and " " not in default
+    shown = default if plain or not isinstance(default, str) else repr(default)   # bare, as typed, if it can be
+    return (f"  --{name}={shown}".ljust(34) + f" {meaning}").rstrip()
 
 
 # ==== 6. CUDA path ============================================================================== [B]

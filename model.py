@@ -1067,3 +1067,4 @@ def load_pretrained(path):
 def config_fields():
     """Names of the GPTConfig fields (for the command-line config in train_kd.py)."""
     return [f.name for f in fields(GPTConfig)]
+

@@ -8,15 +8,18 @@ The whole LCD pipeline in one script, stage by stage:
   5. kd       - plain KD: k-means init at 2^b, distilled with the same steps and optimizer as LCD
   6. lcd      - LCD: density init, progressive merges, speculative steps (+ adaptive smoothing with a_bits);
                 --ablate=1 repeats it with each piece switched off
-  7. report   - freeze to LUTLinear, evaluate, save out/lcd_w<b>.pt, print the table, write out/results.json
+  7. report   - freeze to LUTLinear, evaluate, save out/lcd_w<b>.pt (lcd_w<b>_g<group>.pt with groups), print the
+                table and a text sample of the teacher and the packed student, write out/results_w<b>.json
 
     python train_kd.py                                  # everything, CPU-sized defaults
+    python train_kd.py --help                           # every flag, its default and meaning
     python train_kd.py --preset=tiny --max_iters=50     # any global below can be overridden
     torchrun --nproc_per_node=2 train_kd.py             # the same, data-parallel (DDP)
 
 Every run is resumable: checkpoints are written atomically (temp file + rename) and a killed run picks up
 from the last one. Config values are module-level globals (nanoGPT style); `--key=value` overrides them,
-type-checked, unknown keys rejected.
+type-checked, range-checked before any work starts, unknown keys rejected. Ctrl-C saves the teacher's
+progress and says which checkpoint holds it; the same command resumes.
 """
 import ast
 import copy
@@ -35,7 +38,7 @@ import lcd
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import GPT, SIZES
+from model import GPT, SIZES, config_dict, from_config
 
 # -----------------------------------------------------------------------------------------------
 # Config: defaults as globals, one line each. `--key=value` overrides them.
@@ -87,6 +90,11 @@ speculative_every = 25         # steps between LCD's speculative steps (0: off)
 reassign_every = 1             # steps between re-assigning weights to the centroid nearest their latent
 smoothing = False              # LCD's adaptive smoothing (only with a_bits; off: it did not help when measured)
 ablate = 0                     # 1: also run LCD with each piece switched off in turn
+# the report's text sample: teacher and packed student continue one prompt from a held-out play
+sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the prompt (Hamlet is never trained on)
+sample_tokens = 200            # tokens each model writes after the prompt (0: no sample)
+sample_temperature = 0.8       # sampling temperature of the sample (0: greedy)
+sample_top_k = 40              # sample among the k likeliest tokens (0: all of them)
 
 CONFIG_KEYS = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
@@ -123,7 +131,102 @@ def parse_config(argv, defaults=None):
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
+    check_config(config)
     return config
+
+
+# The range of every numeric key, checked before any work starts (a bad value found after the teacher has
+# trained costs its training time). Keys missing from a config (a caller's partial dict) are skipped.
+POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
+AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
+                "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size")  # None: preset
+NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
+                "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens",
+                "sample_temperature", "sample_top_k")
+FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
+
+
+def check_config(config):
+    """Raise ValueError naming the key, the value and the allowed range for any value out of range;
+    group_size is checked against the model's width as far as the config knows it (the preset)."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{key} must be a finite number, got {value!r}")
+    for keys, ok, wanted in ((POSITIVE, lambda v: v > 0, "> 0"), (AT_LEAST_ONE, lambda v: v >= 1, ">= 1"),
+                             (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
+        for key in keys:
+            if config.get(key) is not None and not ok(config[key]):
+                raise ValueError(f"--{key} must be {wanted}, got {config[key]!r}")
+    for key, lo, lo_ok, hi, hi_ok in FRACTIONS:
+        if key in config and not ((lo <= config[key] if lo_ok else lo < config[key]) and
+                                  (config[key] <= hi if hi_ok else config[key] < hi)):
+            raise ValueError(f"--{key} must lie in {'[' if lo_ok else '('}{lo}, {hi}{']' if hi_ok else ')'}, "
+                             f"got {config[key]!r}")
+    if "min_lr" in config and "learning_rate" in config and config["min_lr"] > config["learning_rate"]:
+        raise ValueError(f"--min_lr={config['min_lr']} is above --learning_rate={config['learning_rate']}: "
+                         "the cosine decays from learning_rate down to min_lr")
+    if config.get("ablate", 0) not in (0, 1):
+        raise ValueError(f"--ablate must be 0 or 1, got {config['ablate']!r}")
+    if config.get("stop_after", "") not in STAGES:
+        raise ValueError(f"--stop_after must be one of {STAGES}, got {config['stop_after']!r}")
+    if "device" in config:
+        check_device(config["device"])
+    if config.get("init_from", "scratch") != "scratch":
+        if not os.path.exists(os.path.join(config["init_from"], "model.safetensors")):
+            raise ValueError(f"--init_from={config['init_from']}: no model.safetensors there (use 'scratch' "
+                             "to train a teacher, or a directory holding a GPT-2 model.safetensors)")
+        if config.get("tokenizer") != "gpt2":
+            raise ValueError("--init_from loads GPT-2 weights, which read GPT-2 tokens: add --tokenizer=gpt2 "
+                             "and a dataset prepared with it (e.g. --dataset=shakespeare_gpt2)")
+    if "preset" in config and config.get("init_from", "scratch") == "scratch":
+        mc = model_config(config, vocab_size=1)
+        if mc["n_embd"] % mc["n_head"]:
+            raise ValueError(f"n_embd={mc['n_embd']} is not divisible by n_head={mc['n_head']}: every head gets "
+                             "n_embd / n_head channels; change --n_embd or --n_head")
+        check_groups(config, mc["n_embd"])
+    elif "group_size" in config:
+        check_groups(config, None)
+
+
+def check_groups(config, width=None):
+    """group_size: None (one codebook per row) or a multiple of 16 (a 2-bit index word never straddles two
+    codebooks: kernels.cu's fast path), large enough that the fp16 codebooks cost no more bits than the
+    indices (16 * 2^b / group_size <= b), and at most the model's narrowest layer input (width)."""
+    gs, b = config.get("group_size"), config.get("bits", bits)
+    if gs is None:
+        return
+    if gs < 1:
+        raise ValueError(f"--group_size={gs}: a group is a positive number of inputs sharing one codebook; "
+                         "use e.g. 64, or None for one codebook per row")
+    if width is not None and gs > width:
+        raise ValueError(f"--group_size={gs} is wider than the model's narrowest layer input ({width}, its "
+                         f"n_embd): use a group_size <= {width}, or None for one codebook per row")
+    smallest = 16 * math.ceil(2 ** b / b)       # the least multiple of 16 with 16 * 2^b / group_size <= b
+    if gs < smallest or gs % 16:
+        cost = f"; {gs} would cost {16 * 2 ** b / gs:.1f} bits a weight" if gs < smallest else ""
+        raise ValueError(f"--group_size={gs} at {b} bits is refused: use a multiple of 16 (index words never "
+                         f"straddle two codebooks) and at least {smallest} (each group's fp16 codebook costs "
+                         f"16*2^{b}/group_size bits a weight, at most the {b} bits of the indices{cost}), or None "
+                         "for one codebook per row")
+
+
+def check_device(name):
+    """A torch device this machine has: 'cpu', 'cuda', 'cuda:N'."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device={name!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name}: this machine has no CUDA GPU that torch can use: use --device=cpu")
+
+
+def help_text():
+    """`python train_kd.py --help`: the usage lines of the docstring, then every key, default and meaning."""
+    usage = next(part for part in __doc__.split("\n\n") if "python train_kd.py" in part)
+    defaults = {k: globals()[k] for k in CONFIG_KEYS}
+    return (f"usage: python train_kd.py [--key=value ...]   (the whole LCD pipeline, stages 1-7)\n\n{usage}"
+            f"\n\nEvery key below takes --key=value (a Python literal, or a bare word for a string):\n\n"
+            + lcd.describe_config(os.path.abspath(__file__), defaults))
 
 
 def model_config(config, vocab_size):
@@ -213,8 +316,9 @@ def evaluate(model, tokens, block_size, batch_size=32, max_batches=20):
 class Progress:
     """A live progress line: step, loss, tokens/s, elapsed, ETA. Redraws on a terminal, else logs."""
 
-    def __init__(self, name, total, tokens_per_step, enabled=True, start=0):
+    def __init__(self, name, total, tokens_per_step, enabled=True, start=0, log_interval=log_interval):
         self.name, self.total, self.tokens_per_step, self.enabled = name, total, tokens_per_step, enabled
+        self.log_interval = log_interval       # seconds between lines when the output is not a terminal
         self.t0, self.start, self.last_log = time.time(), start, 0.0
         self.tty = sys.stdout.isatty()
 
@@ -230,7 +334,7 @@ class Progress:
                 f"{_clock(elapsed)} elapsed | ETA {_clock(eta)}{extra}")
         if self.tty:
             print("\r" + line, end="\n" if step + 1 == self.total else "", flush=True)
-        elif now - self.last_log >= log_interval or step + 1 == self.total or done == 1:
+        elif now - self.last_log >= self.log_interval or step + 1 == self.total or done == 1:
             print(line, flush=True)
             self.last_log = now
 
@@ -241,11 +345,12 @@ def _clock(seconds):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename: a crash never leaves a half-written checkpoint."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temp file, then rename (lcd.atomic_write): a crash never leaves a half-written checkpoint."""
+    lcd.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with one line saying where the progress is saved (raised by the stages, printed by the script)."""
 
 
 def load_checkpoint(path):
@@ -328,24 +433,44 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     train = load_tokens(meta["dir"], "train")
     T = mc["block_size"]
     progress = Progress("teacher", config["max_iters"], config["batch_size"] * T * world,
-                        enabled=rank == 0, start=start)
+                        enabled=rank == 0, start=start, log_interval=config["log_interval"])
+    saved = start                        # the step the checkpoint on disk resumes at (start: none newer)
+
+    def save(step, rng):
+        nonlocal saved
+        if rank == 0:
+            atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                             rng=rng, model_config=mc, config=fingerprint), ckpt_path)
+        saved = step
+
     model.train()
-    for step in range(start, config["max_iters"]):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        x, y = get_batch(train, config["batch_size"], T, gen, device)
-        _, loss = ddp_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
-        optimizer.step()
-        progress.update(step, loss.item())
-        if (step + 1) % config["ckpt_interval"] == 0 and step + 1 < config["max_iters"]:
-            rng = sampler_states(gen, world)
-            if rank == 0:
-                atomic_save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step + 1,
-                                 rng=rng, model_config=mc, config=fingerprint), ckpt_path)
+    # On Ctrl-C the run can be saved where the weights, the optimizer and the sampler agree: at the start of
+    # a step, or after its update; not during the update (resume_at None), which leaves it half-done.
+    resume_at = None
+    try:
+        for step in range(start, config["max_iters"]):
+            resume_at = (step, gen.get_state())
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            x, y = get_batch(train, config["batch_size"], T, gen, device)
+            _, loss = ddp_model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            resume_at = None
+            optimizer.step()
+            resume_at = (step + 1, gen.get_state())
+            progress.update(step, loss.item())
+            if (step + 1) % config["ckpt_interval"] == 0 and step + 1 < config["max_iters"]:
+                save(step + 1, sampler_states(gen, world))
+    except KeyboardInterrupt:
+        # one process only: several would first have to agree on a step (they keep the periodic checkpoints)
+        if world == 1 and resume_at is not None and resume_at[0] > saved:
+            save(resume_at[0], [resume_at[1]])
+        where = (f"the teacher's progress is saved in {ckpt_path} (step {saved} of {config['max_iters']})"
+                 if saved > 0 else "no teacher checkpoint was written yet")
+        raise Interrupted(f"{where}; run the same command to resume") from None
     return model
 
 
@@ -356,25 +481,61 @@ def ensure_teacher(**overrides):
     path = os.path.join(config["out_dir"], "teacher.pt")
     if not os.path.exists(path):
         model = train_teacher(config, meta, device=config["device"])
-        save_teacher(model, path)
-    return load_teacher(path, config["device"]), meta
+        save_teacher(model, path, teacher_data(config, meta))
+    return load_teacher(path, config["device"], teacher_data(config, meta)), meta
 
 
-def save_teacher(model, path):
-    """The trained teacher; its training run is complete, so the resume checkpoint beside it goes."""
-    atomic_save(dict(model=model.state_dict(), model_config=vars(model.config)), path)
+def teacher_data(config, meta):
+    """What a teacher was trained on, stored in teacher.pt: a later run on other data must not reuse it."""
+    return dict(dataset=config["dataset"], tokenizer=meta["tokenizer"], vocab_size=meta["vocab_size"],
+                source_sha256=meta.get("source_sha256"))
+
+
+def save_teacher(model, path, data=None):
+    """The trained teacher (and `data`, teacher_data()); its training run is complete, so the resume
+    checkpoint beside it goes."""
+    ckpt = dict(model=model.state_dict(), model_config=vars(model.config))
+    if data is not None:
+        ckpt["data"] = data
+    atomic_save(ckpt, path)
     resume = os.path.join(os.path.dirname(path), "teacher_ckpt.pt")
     if os.path.exists(resume):
         os.remove(resume)
 
 
-def load_teacher(path, device="cpu"):
+def load_teacher(path, device="cpu", data=None, log=print):
+    """The teacher saved by save_teacher. data (teacher_data() of this run): refuse a teacher trained on
+    other data (another dataset, tokenizer or vocabulary), which would be reused silently otherwise."""
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise RuntimeError(f"{path} is not a teacher checkpoint (no 'model'/'model_config'): delete it")
+    if data is not None:
+        check_teacher_data(ckpt.get("data"), data, ckpt["model_config"].get("vocab_size"), path, log)
     model = GPT(ckpt["model_config"])
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def check_teacher_data(stored, wanted, vocab_size, path, log=print):
+    """Raise RuntimeError if the teacher in `path` (trained on `stored`) does not fit this run's `wanted`
+    data; a teacher.pt from before these records (stored None) is accepted with a note if its vocabulary fits."""
+    advice = (f"use another --out_dir for this dataset, or delete {path} to train a new teacher on it")
+    if vocab_size != wanted["vocab_size"]:
+        raise RuntimeError(f"{path} is a teacher with a vocabulary of {vocab_size} tokens, but --dataset="
+                           f"{wanted['dataset']} holds {wanted['tokenizer']!r} tokens (vocabulary "
+                           f"{wanted['vocab_size']}): {advice}")
+    if stored is None:
+        if log:
+            log(f"note: {path} does not record the dataset it was trained on (saved by an older train_kd.py); "
+                f"it is reused for --dataset={wanted['dataset']}: delete it if it was trained on other data")
+        return
+    differ = [k for k in ("dataset", "tokenizer", "vocab_size", "source_sha256")
+              if stored.get(k) is not None and wanted.get(k) is not None and stored.get(k) != wanted[k]]
+    if differ:
+        def show(d):
+            return ", ".join(f"{k}={d.get(k)!r}" for k in differ)
+        raise RuntimeError(f"{path} is a teacher trained on other data ({show(stored)}) than this run reads "
+                           f"({show(wanted)}): {advice}")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -470,7 +631,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
     student = student_for(method, teacher, config, calib, log=log)
     T = model_block_size(teacher)
     gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
-    path = os.path.join(config["out_dir"], f"distill_{method}_w{config['bits']}.pt")
+    path = os.path.join(config["out_dir"], f"distill_{method}_{run_tag(config)}.pt")
     fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher))
     state = None
     if os.path.exists(path):
@@ -483,22 +644,32 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
         if rank == 0:
             print(f"{method}: resuming distillation from {path} at step {state['step']}")
 
+    saved = state["step"] if state else None       # the step the checkpoint on disk resumes at
+
     def checkpoint(distill_state):
+        nonlocal saved
         rng = sampler_states(gen, world)
         if rank == 0:
             atomic_save(dict(state=distill_state, rng=rng, config=fingerprint), path)
+        saved = distill_state["step"]
 
     progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
-                        start=state["step"] if state else 0)
+                        start=state["step"] if state else 0, log_interval=config["log_interval"])
     t0 = time.time()
-    student, history = lcd.distill(
-        teacher, student, batch_stream(train, config["kd_batch_size"], T, gen, device), config["kd_steps"],
-        calib_x=calib_x, bits=config["bits"], tau=config["kd_tau"], ce_weight=config["kd_ce"],
-        lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
-        warmup=config["kd_warmup"], final_frac=config["final_frac"], train_norms=config["kd_train_norms"],
-        speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
-        ddp=world > 1, state=state, checkpoint=checkpoint, checkpoint_every=config["kd_ckpt_interval"],
-        log=log, on_step=progress.update)
+    try:
+        student, history = lcd.distill(
+            teacher, student, batch_stream(train, config["kd_batch_size"], T, gen, device), config["kd_steps"],
+            calib_x=calib_x, bits=config["bits"], tau=config["kd_tau"], ce_weight=config["kd_ce"],
+            lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
+            warmup=config["kd_warmup"], final_frac=config["final_frac"], train_norms=config["kd_train_norms"],
+            speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
+            ddp=world > 1, state=state, checkpoint=checkpoint, checkpoint_every=config["kd_ckpt_interval"],
+            log=log, on_step=progress.update)
+    except KeyboardInterrupt:
+        where = (f"{method}'s distillation progress is saved in {path} (step {saved} of {config['kd_steps']})"
+                 if saved else f"no {method} distillation checkpoint was written yet (one comes every "
+                 f"{config['kd_ckpt_interval']} steps)")
+        raise Interrupted(f"{where}; run the same command to resume") from None
     if rank == 0 and history["spec_checks"]:
         print(f"{method}: speculative wins {history['spec_wins']} over {history['spec_checks']} checks")
     return lcd.freeze(student), history, time.time() - t0, path
@@ -515,10 +686,90 @@ def print_table(rows, title):
               + (f" {r['delta_vs_lcd']:>+8.4f}" if delta and r.get("delta_vs_lcd") is not None else ""))
 
 
+def run_tag(config):
+    """The name of a run's outputs: w<bits>, then _g<group_size> and _a<a_bits> when set (lcd_w2_g64.pt)."""
+    tag = f"w{config['bits']}"
+    if config.get("group_size") is not None:
+        tag += f"_g{config['group_size']}"
+    if config.get("a_bits") is not None:
+        tag += f"_a{config['a_bits']}"
+    return tag
+
+
+def replaced(path):
+    """' (replaced an earlier one)' when `path` exists: a later run says what it overwrites."""
+    return " (replaced an earlier one)" if os.path.exists(path) else ""
+
+
+def get_tokenizer(name):
+    """data/prepare.py's tokenizer `name` ('bytes' or 'gpt2'): a tiktoken Encoding."""
+    if DATA_ROOT not in sys.path:
+        sys.path.insert(0, DATA_ROOT)
+    import prepare  # data/prepare.py
+    return prepare.get_tokenizer(name)
+
+
+def load_student(path, device="cpu", teacher_path=None):
+    """(model, tokenizer name) of a packed student file (lcd.save_quantized), built from the model
+    configuration in its header. A file written before headers held it needs `teacher_path`: the
+    teacher.pt whose architecture it was quantized from."""
+    header = lcd.quantized_header(path)
+    tokenizer = header.get("tokenizer")
+    if "model_config" in header or teacher_path is None:
+        model = lcd.load_quantized(from_config, path)   # a clear error when the header holds no model_config
+    else:
+        ckpt = load_checkpoint(teacher_path)
+        model = lcd.load_quantized(GPT(ckpt["model_config"]), path)
+        tokenizer = tokenizer or (ckpt.get("data") or {}).get("tokenizer")
+    if tokenizer is None:   # neither file names it: the two tokenizers have different vocabulary sizes
+        vocab = model.config.vocab_size
+        tokenizer = "bytes" if vocab == 256 else "gpt2"
+        print(f"note: {path} names no tokenizer; a vocabulary of {vocab} suggests {tokenizer!r}")
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=0, log=print):
+    """Each model's continuation of `prompt`, all from the same seed, printed one after the other, labelled.
+    models: {label: model with .generate(idx (1, T), n, temperature, top_k)}; tokenizer: a name for
+    get_tokenizer; top_k 0: all tokens. Only generate() is timed, after a one-token warm-up.
+    Returns {label: dict(text, tokens, seconds, tokens_per_s)}; ValueError for an empty prompt or one whose
+    token ids lie outside a model's vocabulary."""
+    enc = get_tokenizer(tokenizer)
+    ids = enc.encode_ordinary(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give at least one character to continue")
+    samples = {}
+    log(f"\ntext sample: {max_new_tokens} tokens after the prompt, seed {seed}, temperature {temperature}, "
+        f"top-k {top_k or 'off'}\n--- prompt ---\n{prompt}")
+    for label, model in models.items():
+        vocab = model.config.vocab_size
+        if max(ids) >= vocab:
+            raise ValueError(f"the prompt's {tokenizer!r} token id {max(ids)} is outside the vocabulary of "
+                             f"{vocab} of {label}: the model was trained on another tokenizer")
+        device = next(model.parameters()).device
+        idx = torch.tensor([ids], dtype=torch.long, device=device)                        # (1, T)
+        model.generate(idx, 1)        # untimed warm-up: a first call pays for allocations and thread start-up
+        torch.manual_seed(seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        text = enc.decode(out[0, len(ids):].tolist())
+        samples[label] = dict(text=text, tokens=max_new_tokens, seconds=seconds,
+                              tokens_per_s=max_new_tokens / max(seconds, 1e-9))
+        log(f"--- {label}: {samples[label]['tokens_per_s']:.1f} tokens/s ---\n{text}")
+    return samples
+
+
 def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
-    """Stages 3-7. Writes out_dir/lcd_w<bits>.pt (packed student) and out_dir/results.json (rank 0)."""
+    """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
+    out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
     train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
-    T, out, b = model_block_size(teacher), config["out_dir"], config["bits"]
+    T, out, b, tag = model_block_size(teacher), config["out_dir"], config["bits"], run_tag(config)
     calib, calib_x = calibration_data(train, config, T)                    # stage 3
     teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
     rows, checkpoints = [teacher_row], []
@@ -551,8 +802,12 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
             curves[method] = dict(loss=history["loss"], stages=history["stages"],
                                   spec_wins=history["spec_wins"], spec_checks=history["spec_checks"])
             (rows if method in ("kd", "lcd") else ablation).append(row)
-            if method == "lcd":  # stage 7: the packed student
-                lcd.save_quantized(student, os.path.join(out, f"lcd_w{b}.pt"))
+            if method == "lcd":  # stage 7: the packed student, a checkpoint that loads by itself
+                packed_path = os.path.join(out, f"lcd_{tag}.pt")
+                note = replaced(packed_path)
+                lcd.save_quantized(student, packed_path, model_config=config_dict(teacher),
+                                   tokenizer=meta["tokenizer"])
+                print(f"wrote {packed_path}{note}")
     if config["ablate"] and rank == 0 and last > 2:
         t0 = time.time()   # KD off: LCD's initialization at 2^bits, frozen without training
         no_kd = lcd.freeze(student_for("lcd-no-kd", teacher, dict(config, progressive_p=0), calib))
@@ -568,8 +823,17 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
                 r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
             print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
             results["ablation"] = ablation
-        write_json(results, os.path.join(out, "results.json"))
-        print(f"wrote {os.path.join(out, 'results.json')}")
+        if "lcd" in curves and config["sample_tokens"] > 0:   # the packed file, as a user would load it
+            packed, _ = load_student(packed_path, device)
+            results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
+                {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
+                config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
+                config["sample_top_k"], config["seed"]))
+        for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
+            note = replaced(path)
+            write_json(results, path)
+            print(f"wrote {path}{note}" + (" (a copy: the latest run, read by bench.py --figures)"
+                                            if path.endswith("results.json") else ""))
         for path in checkpoints:   # the run is complete: its distillation checkpoints have served
             if os.path.exists(path):
                 os.remove(path)
@@ -578,10 +842,10 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
 
 
 def write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    lcd.atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -591,12 +855,24 @@ STAGES = ("", "teacher", "baselines", "kd", "lcd")  # values of --stop_after (''
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        return
     try:
         config = parse_config(argv)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if config["stop_after"] not in STAGES:
-        sys.exit(f"error: --stop_after must be one of {STAGES}, got {config['stop_after']!r}")
+    try:
+        run(config)
+    except KeyboardInterrupt as e:   # Ctrl-C: the stages say where their progress is saved (Interrupted)
+        if isinstance(e, Interrupted):
+            raise
+        raise Interrupted(f"the stage under way saves nothing; what is done is in {config['out_dir']}/ and the "
+                          "same command goes on from there") from None
+
+
+def run(config):
+    """Stages 1-7 for a checked config (parse_config)."""
     rank, world, device = setup_distributed(config["device"])
     config["device"] = device
     torch.manual_seed(config["seed"])
@@ -616,19 +892,23 @@ def main(argv):
     if config["init_from"] != "scratch":
         teacher = GPT.from_pretrained(config["init_from"]).to(device)
     elif os.path.exists(teacher_path):
-        teacher = load_teacher(teacher_path, device)
+        teacher = load_teacher(teacher_path, device, teacher_data(config, meta), log=print if rank == 0 else None)
         if rank == 0:
             print(f"teacher: loaded {teacher_path}")
     else:
         t0 = time.time()
         teacher = train_teacher(config, meta, rank, world, device)
         if rank == 0:
-            save_teacher(teacher, teacher_path)
+            save_teacher(teacher, teacher_path, teacher_data(config, meta))
             print(f"teacher: trained in {time.time() - t0:.0f} s, saved {teacher_path}")
         if world > 1:
             dist.barrier()
     teacher.eval()
     T = teacher.config.block_size
+    try:
+        check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if rank == 0:
         teacher_loss = evaluate(teacher, val, T, config["batch_size"], config["eval_batches"])
         print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {teacher_loss:.4f} "
@@ -646,4 +926,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt as e:      # one line, not a traceback: what was saved and how to go on
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\ninterrupted: {e}" if str(e) else "\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -82,7 +82,7 @@ def test_describe_config_reads_the_comments_and_refuses_a_key_without_one(tmp_pa
     source = tmp_path / "script.py"
     source.write_text('name = "a # b"   # what it means\ncount = 3\nratio = 0.5  # a ratio\n')
     text = bench.lcd.describe_config(str(source), {"name": "a # b", "ratio": 0.5})
-    assert text.splitlines() == ["  --name=a # b  what it means", "  --ratio=0.5   a ratio"]
+    assert text.splitlines() == ["  --name='a # b'".ljust(34) + " what it means", "  --ratio=0.5".ljust(34) + " a ratio"]
     with pytest.raises(ValueError, match="count"):
         bench.lcd.describe_config(str(source), {"count": 3})
 
