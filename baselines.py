@@ -548,6 +548,24 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
 
 # ==== 7. the registry: names of the methods, and lcd.quantize by name ================================
 
+# ---- the comparison: every post-training row of the quality tables (bench.py --quality, train_kd's --ptq) ----
+QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
+
+
+def quality_rows(bits):
+    """(row name, method name for quantize(), group_size, kwargs) of the post-training rows at `bits`."""
+    g = QUALITY_GROUP
+    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
+            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
+            ("lcq", "lcq", None, {})]
+    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
+        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
+    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
+        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
+    return rows
+
+
 METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
 NEEDS_HESSIAN = {"gptq", "claq", "lbllm"}
 NEEDS_INPUTS = {"lbllm": LBLLM_ACT_SAMPLES}   # calibration input rows kept for LBLLM's activation quantizer

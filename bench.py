@@ -624,23 +624,6 @@ def bench_sass():
 # LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
 # statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
 # from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
-QUALITY_GROUP = 64       # group size of the group-wise rtn-g / gptq-g rows
-
-
-def quality_rows(bits):
-    """(row name, method name for baselines.quantize, group_size, kwargs) of the post-training rows at `bits`."""
-    g = QUALITY_GROUP
-    rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
-            ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
-            ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
-            ("lcq", "lcq", None, {})]
-    if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
-        rows += [("claq-ap", "claq", None, {"target_bits": bits + 0.1})]
-    if bits == 2:   # W(1+1) exists at 2 bits only; weight-only, and with its learned 4-bit activations
-        rows += [("lbllm", "lbllm", None, {"a_bits": None}), ("lbllm-w2a4", "lbllm", None, {})]
-    return rows
-
-
 def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
     """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
     post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
@@ -668,7 +651,7 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **
     fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
     rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
     for bits in bits_list:
-        for name, method, group_size, kw in quality_rows(bits):
+        for name, method, group_size, kw in baselines.quality_rows(bits):
             if wanted(name):
                 t0 = time.time()
                 model = baselines.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)

@@ -1717,7 +1717,8 @@ def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
 
 
 def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, latent_lr=1e-3, other_lr=1e-4,
-                       warmup=5, train_norms=True, reassign_every=1, ddp=False, log=None, on_step=None):
+                       warmup=5, train_norms=True, reassign_every=1, ddp=False, state=None, checkpoint=None,
+                       log=None, on_step=None):
     """Train each LCD block of `student` (from prepare_student) to reproduce the teacher's block output,
     one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
     calibration sequences. Loss: mean squared error of the block output relative to the target's mean
@@ -1728,6 +1729,8 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     plus the student's running input and the target: 3 n T C floats in memory.
     ddp: every process draws its own minibatches (seeded by its rank) and DistributedDataParallel averages
     the block's gradients, so the processes keep identical students.
+    state / checkpoint: checkpoint(state) is called after every block; reconstruct_blocks(..., state=state)
+    resumes after the last finished block (the blocks before it are only run forward, to rebuild the inputs).
     on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
     Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
     relative error before, after)]). Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
@@ -1746,8 +1749,16 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     X_s = X_t.clone()                                         # the student's input: embeddings are not quantized
     rank = dist.get_rank() if ddp else 0
     gen = torch.Generator().manual_seed(rank)
-    history = dict(loss=[], blocks=[])
+    history, done = dict(loss=[], blocks=[]), 0
+    if state is not None:                                     # resume: the finished blocks come back as trained
+        student.load_state_dict(state["student"])
+        history, done = state["history"], state["block"]
+        gen.set_state(state["rng"])
     for i, (t_block, s_block) in enumerate(zip(t_blocks, s_blocks)):
+        if i < done:
+            with torch.no_grad():
+                X_t, X_s = _run_block(t_block, X_t, args, kwargs), _run_block(s_block, X_s, args, kwargs)
+            continue
         with torch.no_grad():
             Y = _run_block(t_block, X_t, args, kwargs)        # (n, T, C) target
             scale = Y.pow(2).mean().clamp_min(1e-30)
@@ -1794,4 +1805,6 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
         if log:
             log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")
         X_t = Y
+        if checkpoint:
+            checkpoint(dict(student=student.state_dict(), block=i + 1, history=history, rng=gen.get_state()))
     return student, history

