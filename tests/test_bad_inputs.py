@@ -40,6 +40,16 @@ def calib_batches(vocab=64, seed=0, n=2):
     return [torch.randint(0, vocab, (2, 24), generator=g) for _ in range(n)]
 
 
+FAST = {"lcq": dict(steps=5), "lbllm": dict(steps=5, act_steps=5)}   # small budgets: the tests check errors
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    """(teacher, student) made once: the tests below copy the student and expect an error before any work."""
+    teacher = tiny_gpt()
+    return teacher, lcd.prepare_student(teacher, 2, calib=calib_batches())
+
+
 def quantized_layers(model):
     return [n for n, m in model.named_modules() if hasattr(m, "storage_bits")]
 
@@ -92,7 +102,8 @@ def test_a_layer_no_token_reached_gets_zero_statistics_not_nan():
     assert stats["expert"]["n"] == 0 and stats["dense"]["n"] == 10
     assert torch.equal(stats["expert"]["h"], torch.zeros(8)) and torch.equal(stats["expert"]["H"], torch.zeros(8, 8))
     for method in ("lcd", "gptq", "lbllm"):                            # and every method quantizes it
-        q = lcd.quantize(copy.deepcopy(model), 2, calib=[torch.randint(0, 16, (2, 5))], method=method)
+        q = lcd.quantize(copy.deepcopy(model), 2, calib=[torch.randint(0, 16, (2, 5))], method=method,
+                         **FAST.get(method, {}))
         assert torch.isfinite(q.expert.weight_dequantized()).all()
 
 
@@ -141,7 +152,7 @@ def test_a_weight_past_fp16_is_an_error_naming_the_layer_and_the_value(method):
         lcd.quantize(model, 2, calib=calib_batches(), method=method)
     assert quantized_layers(model) == []                               # nothing changed
     # the remedy the message gives works: the layer stays in full precision, everything stored is finite
-    lcd.quantize(model, 2, calib=calib_batches(), method=method, skip="h.1.mlp.c_fc")
+    lcd.quantize(model, 2, calib=calib_batches(), method=method, skip="h.1.mlp.c_fc", **FAST.get(method, {}))
     assert isinstance(model.transformer.h[1].mlp.c_fc, nn.Linear)
     with torch.no_grad():
         assert torch.isfinite(model(calib_batches()[0])[0]).all()
@@ -265,9 +276,8 @@ def test_kd_loss_is_accurate_at_large_temperatures(tau):
 
 
 @pytest.mark.parametrize("tau", [0, -1.0, float("nan"), float("inf")])
-def test_a_temperature_that_is_not_positive_is_refused_before_any_step(tau):
-    teacher = tiny_gpt()
-    student = lcd.prepare_student(teacher, 2, calib=calib_batches())
+def test_a_temperature_that_is_not_positive_is_refused_before_any_step(tau, prepared):
+    teacher, student = prepared[0], copy.deepcopy(prepared[1])
     before = copy.deepcopy(student.state_dict())
     with pytest.raises(ValueError, match="tau"):
         lcd.distill(teacher, student, iter(calib_batches(n=4)), 2, tau=tau)
@@ -286,9 +296,8 @@ def test_a_temperature_that_is_not_positive_is_refused_before_any_step(tau):
     (dict(reassign_every=0.5), "reassign_every must be"), (dict(checkpoint_every=-2), "checkpoint_every must be"),
     (dict(bits=5), "bits must be 2, 3 or 4"), (dict(speculative_paths=("keep", "magic")), "speculative_paths"),
 ])
-def test_distill_checks_every_numeric_hyperparameter_first(kwargs, words):
-    teacher = tiny_gpt()
-    student = lcd.prepare_student(teacher, 2, calib=calib_batches())
+def test_distill_checks_every_numeric_hyperparameter_first(kwargs, words, prepared):
+    teacher, student = prepared[0], copy.deepcopy(prepared[1])
     args = dict(dict(steps=2), **kwargs)
     with pytest.raises(ValueError, match=words):
         lcd.distill(teacher, student, iter(calib_batches(n=4)), args.pop("steps"), **args)
@@ -380,7 +389,7 @@ def test_a_writer_that_fails_midway_leaves_the_old_file(tmp_path):
 
 # ---- 7. token ids outside the vocabulary ----------------------------------------------------------------
 
-def test_token_ids_outside_the_vocabulary_name_the_id_the_vocabulary_and_the_cause():
+def test_token_ids_outside_the_vocabulary_name_the_id_the_vocabulary_and_the_cause(prepared):
     bad = [torch.arange(60, 100).view(2, 20)]                          # ids 60..99, vocabulary 64
     words = r"token id 99 is outside the model's vocabulary of 64.*another tokenizer"
     model = tiny_gpt()
@@ -394,7 +403,7 @@ def test_token_ids_outside_the_vocabulary_name_the_id_the_vocabulary_and_the_cau
         lcd.collect_stats(model, bad, ["transformer.h.0.mlp.c_fc"])
     with pytest.raises(ValueError, match="token id -1 is outside"):
         lcd.quantize(model, 2, calib=[torch.full((1, 4), -1)])
-    student = lcd.prepare_student(model, 2, calib=calib_batches())
+    student = copy.deepcopy(prepared[1])
     with pytest.raises(ValueError, match="batch of step 1: " + words):
         lcd.distill(model, student, iter(calib_batches(n=1) + bad), 2)
     with pytest.raises(ValueError, match="calib_x: " + words):
@@ -434,9 +443,8 @@ def test_evaluate_checks_the_split_against_the_model(tmp_path):
 
 # ---- 8. batches that run out ------------------------------------------------------------------------------
 
-def test_a_batch_iterator_shorter_than_steps_is_a_clear_error():
-    teacher = tiny_gpt()
-    student = lcd.prepare_student(teacher, 2, calib=calib_batches())
+def test_a_batch_iterator_shorter_than_steps_is_a_clear_error(prepared):
+    teacher, student = prepared[0], copy.deepcopy(prepared[1])
     with pytest.raises(ValueError, match="the batch iterator ran out after 3 of 5 steps"):
         lcd.distill(teacher, student, iter(calib_batches(n=3)), 5)
     _, history = lcd.distill(teacher, student, calib_batches(n=2), 2)  # a list does as well as an iterator
