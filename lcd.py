@@ -90,7 +90,8 @@ def check_number(name, value, low=-math.inf, high=math.inf, integer=False, open_
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
         and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
-        span = f"{'(' if open_low or low == -math.inf else '['}{low:g}, {high:g}{')' if open_high or high == math.inf else ']'}"
+        left, right = "(" if open_low or low == -math.inf else "[", ")" if open_high or high == math.inf else "]"
+        span = f"{left}{low:g}, {high:g}{right}"
         raise ValueError(f"{name} must be {'an int' if integer else 'a finite number'} in {span}, got {value!r}")
     return value
 
@@ -1350,37 +1351,59 @@ def freeze(model):
 
 # ---- the distillation loss ---------------------------------------------------------------------------
 
-def _exp_excess(e):
-    """exp(e) - 1 - e, accurate also where e is tiny (there it is ~ e^2 / 2, which expm1(e) - e would
-    lose to cancellation): a Taylor series for |e| < 0.1 (next term e^7 / 5040: relative 1e-8)."""
-    series = e * e / 2 * (1 + e / 3 * (1 + e / 4 * (1 + e / 5 * (1 + e / 6))))
-    return torch.where(e.abs() < 0.1, series, torch.expm1(e) - e)
+KD_FAR = 20.0  # a token whose centred logit difference e passes this takes the log-sum-exp form (no overflow)
+
+
+class _TemperedKL(torch.autograd.Function):
+    """Per token KL(p_t || p_s) of p = softmax(z / tau), z (n, V) float32 -> (n,), and its gradient
+    (p_s - p_t) / tau to the student logits (the teacher's get none: the teacher is fixed).
+
+    At a large tau the two distributions are close, KL ~ tau^-2, and the textbook sum p_t (log p_t -
+    log p_s) is a small difference of large terms (float32: negative at tau = 100, 2000x too large at
+    10 000). Written in the centred differences e = d - E_pt[d], d = (z_s - z_t) / tau, nothing cancels:
+        KL = log E_pt[exp(d)] - E_pt[d] = log E_pt[exp(e)] = log1p(E_pt[exp(e) - 1 - e])    (E_pt[e] = 0)
+        p_s - p_t = p_t * expm1(e - KL)
+    with exp(e) - 1 - e >= 0 from its Taylor series where |e| < 0.01 (expm1(e) - e cancels there). The
+    rounding of E_pt[e] (~1e-7 |d|) moves KL only at second order. A token with some e > KD_FAR (far from
+    the teacher: nothing to lose to cancellation, but exp(e) could overflow) takes the plain
+    KL = logsumexp(log p_t + e) and p_s = exp(log p_t + e - KL) instead. All in float32."""
+
+    @staticmethod
+    def forward(ctx, z_s, z_t, tau):
+        log_p_t = F.log_softmax(z_t / tau, dim=-1)                               # (n, V)
+        p_t = log_p_t.exp()
+        d = (z_s - z_t) / tau                                                    # (n, V), no cancellation
+        e = d - (p_t * d).sum(-1, keepdim=True)
+        excess = torch.where(e.abs() < 0.01, e * e * (0.5 + e / 6), torch.expm1(e) - e)  # exp(e) - 1 - e
+        kl = torch.log1p((p_t * excess).sum(-1))                                 # (n,)
+        far = (e.amax(-1) > KD_FAR).nonzero()[:, 0]                              # rows, usually none
+        if len(far):
+            kl[far] = torch.logsumexp(log_p_t[far] + e[far], dim=-1)
+        ctx.save_for_backward(p_t, e, kl, far)
+        ctx.tau = tau
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):                                                     # grad (n,)
+        p_t, e, kl, far = ctx.saved_tensors
+        shifted = e - kl[:, None]
+        diff = p_t * torch.expm1(shifted.clamp(max=KD_FAR))                      # p_s - p_t, (n, V)
+        if len(far):
+            diff[far] = (p_t[far].log() + shifted[far]).exp() - p_t[far]
+        return diff * (grad / ctx.tau)[:, None], None, None
 
 
 def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0):
     """tau^2 KL(p_teacher || p_student) at temperature tau, averaged over tokens, + ce_weight * CE(targets).
-    Logits (..., V); tau > 0 (a ValueError otherwise). Hinton et al., "Distilling the Knowledge in a
-    Neural Network" (arXiv:1503.02531): the tau^2 keeps the gradient's scale independent of tau.
-
-    Computed so that it stays accurate at any tau: at a large tau the two distributions are close and
-    KL ~ tau^-2, so sum p_t (log p_t - log p_s) is a small difference of large terms (float32 gave a
-    negative loss at tau = 100). Instead, with d = (z_s - z_t) / tau and e = d - E_pt[d] (so E_pt[e] = 0),
-        KL = log E_pt[exp(d)] - E_pt[d] = log(1 + m1 + E_pt[exp(e) - 1 - e]) - m1,  m1 = E_pt[e] ~ 0,
-    in float64, exp(e) - 1 - e by _exp_excess; a token with e > 1 somewhere (far from the teacher: no
-    cancellation to fear) takes log E_pt[exp(e)] - m1 as a log-sum-exp instead, which cannot overflow."""
-    if not (isinstance(tau, numbers.Real) and math.isfinite(tau) and tau > 0):
+    Logits (..., V); tau a finite number > 0 (else a ValueError). Hinton et al., "Distilling the Knowledge
+    in a Neural Network" (arXiv:1503.02531): the tau^2 keeps the gradient's scale independent of tau. The
+    KL stays accurate at any tau (_TemperedKL); no gradient flows to the teacher logits."""
+    if not (isinstance(tau, numbers.Real) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0):
         raise ValueError(f"the distillation temperature tau must be a finite number > 0, got {tau!r}")
     V = student_logits.shape[-1]
-    z_t = teacher_logits.double().reshape(-1, V) / tau                       # (n, V)
-    d = student_logits.double().reshape(-1, V) / tau - z_t                   # (n, V)
-    log_p_t = F.log_softmax(z_t, dim=-1)
-    p_t = log_p_t.exp()
-    e = d - (p_t * d).sum(-1, keepdim=True)                                  # centred under p_t
-    m1 = (p_t * e).sum(-1)                                                   # (n,) rounding only
-    near = e.amax(-1) <= 1
-    kl_near = torch.log1p(m1 + (p_t * _exp_excess(e.clamp(max=1))).sum(-1)) - m1
-    kl_far = torch.logsumexp(log_p_t + e, dim=-1) - m1
-    loss = (torch.where(near, kl_near, kl_far).mean() * tau ** 2).float()
+    kl = _TemperedKL.apply(student_logits.float().reshape(-1, V), teacher_logits.detach().float().reshape(-1, V),
+                           float(tau))                                           # (n,)
+    loss = kl.mean() * tau ** 2
     if ce_weight and targets is not None:
         loss = loss + ce_weight * F.cross_entropy(student_logits.float().reshape(-1, V), targets.reshape(-1))
     return loss

@@ -267,12 +267,15 @@ def test_kd_loss_is_accurate_at_large_temperatures(tau):
                                                                       rel=1e-2)
     far = teacher + 30 * torch.randn(4, 8, 256, generator=g)           # far apart: the log-sum-exp branch
     assert lcd.kd_loss(far, teacher, tau).item() == pytest.approx(kl_reference(far, teacher, tau), rel=1e-2)
-    x = student.clone().requires_grad_()                               # and its gradient is the KL's
-    lcd.kd_loss(x, teacher, tau).backward()
-    x64 = student.double().requires_grad_()
-    log_p_t = F.log_softmax(teacher.double() / tau, -1)
-    ((log_p_t.exp() * (log_p_t - F.log_softmax(x64 / tau, -1))).sum(-1).mean() * tau ** 2).backward()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3 * x64.grad.abs().max().item())
+    mixed = torch.cat([student[:2], far[2:]])                          # near and far tokens in one batch
+    assert lcd.kd_loss(mixed, teacher, tau).item() == pytest.approx(kl_reference(mixed, teacher, tau), rel=1e-2)
+    for logits in (student, mixed):                                    # and its gradient is the KL's
+        x = logits.clone().requires_grad_()
+        lcd.kd_loss(x, teacher, tau).backward()
+        x64 = logits.double().requires_grad_()
+        log_p_t = F.log_softmax(teacher.double() / tau, -1)
+        ((log_p_t.exp() * (log_p_t - F.log_softmax(x64 / tau, -1))).sum(-1).mean() * tau ** 2).backward()
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-3, atol=1e-3 * x64.grad.abs().max().item())
 
 
 @pytest.mark.parametrize("tau", [0, -1.0, float("nan"), float("inf")])
