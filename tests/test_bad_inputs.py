@@ -13,6 +13,7 @@ right answer. Every test is a small input a new user would try; messages are mat
 import copy
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -475,6 +476,8 @@ try:
 except ValueError as e:
     message = str(e)
 open(os.path.join({out!r}, f"rank{{rank}}.txt"), "w").write(message)
+del student
+dist.barrier()                                   # both done before the group is torn down
 dist.destroy_process_group()
 """
 
@@ -482,7 +485,10 @@ dist.destroy_process_group()
 def test_uneven_batches_under_ddp_stop_every_process_with_the_same_error(tmp_path):
     script = tmp_path / "uneven.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=ROOT, out=str(tmp_path))))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523", str(script)]
+    with socket.socket() as s:                                         # a free port: other runs may share the host
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", str(script)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]   # nobody hung or died
