@@ -35,6 +35,7 @@ import lcd
 GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
 GPTQ_BLOCK = 128         # columns per lazy batch update
 GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
+GPTQ_DAMP_MAX = 1.0      # a failed Cholesky factorization is retried with 10x the damping, up to this much
 # CLAQ
 CLAQ_OUTLIER_RATIO = 13.0     # a weight is an outlier when |w| >= this times mean|W| of the layer
 CLAQ_HEAVY_FRACTION = 0.10    # this fraction of columns (most outliers) reserves more full-precision values
@@ -74,7 +75,30 @@ def hessian(stats, K):
         H = torch.diag(stats["h"].float())
     if H.shape != (K, K):
         raise ValueError(f"stats Hessian has shape {tuple(H.shape)}, the layer needs ({K}, {K})")
+    if not torch.isfinite(H).all():
+        raise ValueError("the layer Hessian holds NaN or inf: its calibration inputs overflowed or held no "
+                         "tokens; check the calibration data")
     return H.float()
+
+
+def damped_factor(H, damp, factor):
+    """factor(H + lambda I) with lambda = damp * mean diag(H) (damp alone when diag(H) is all 0: no input
+    ever active). A factorization that fails (H not positive definite in floating point: collinear
+    inputs) is retried with damp 10x larger while damp <= max(GPTQ_DAMP_MAX, damp); then a ValueError."""
+    lcd.check_number("damp", damp, 0.0, open_low=True)
+    mean = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tried = damp
+    while True:
+        try:
+            return factor(H + tried * (mean if mean > 0 else 1.0) * eye)
+        except torch.linalg.LinAlgError:
+            if tried * 10 > max(GPTQ_DAMP_MAX, damp) * (1 + 1e-9):
+                break
+            tried *= 10
+    raise ValueError(f"the layer Hessian is not positive definite even damped by {tried:g} x its mean diagonal: "
+                     "the calibration inputs of this layer are degenerate or not a Hessian (check the "
+                     "calibration data, or pass a larger damp)")
 
 
 def output_error(W, W_hat, H):
@@ -88,6 +112,7 @@ def _check(W, bits):
         raise ValueError(f"W must be (N, K), got shape {tuple(W.shape)}")
     lcd.check_bits(bits)
     lcd.check_weight(W)
+    lcd.check_fp16(W, "W: a weight")            # every method here stores fp16 codebooks, grids or scales
     return W.detach().float()
 
 
@@ -120,17 +145,18 @@ def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_B
     columns ks (for grids fit when a group starts); it returns the quantized column (N,).
     Returns the quantized W (N, K) in the original column order.
     """
+    lcd.check_number("block_size", block_size, 1, integer=True)
     W = W.clone().double()
     H = H.clone().double()
     N, K = W.shape
     dead = torch.diag(H) == 0                                 # inputs never active: weights irrelevant
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
+    H[dead, dead] = 1.0                                       # (the GPTQ reference's fallback: an all-zero
+    W[:, dead] = 0.0                                          # Hessian becomes I and W zero, exact on X = 0)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     position = torch.argsort(perm)                            # position[k] = step at which column k is done
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Hinv = damped_factor(H, damp, lambda A: torch.linalg.cholesky(       # upper Cholesky factor of H^-1
+        torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True))
     Q = torch.zeros_like(W)
     for i1 in range(0, K, block_size):
         i2 = min(i1 + block_size, K)
@@ -281,6 +307,10 @@ class CLAQLinear(nn.Module):
     def __init__(self, N, K, col_bits, codebooks, idx, outliers=None, bias=None):
         super().__init__()
         self.in_features, self.out_features = K, N
+        for k, codebook in enumerate(codebooks):
+            lcd.check_fp16(codebook, f"the codebook of column {k}")
+        if outliers is not None:
+            lcd.check_fp16(outliers[2], "a reserved outlier (fp16)")
         self.register_buffer("col_bits", col_bits.to(torch.uint8))
         for b in (2, 3, 4):
             cols = (col_bits == b).nonzero()[:, 0]
@@ -407,9 +437,13 @@ class LCQLinear(lcd.LUTLinear):
 
 
 def lcq(W, stats, bits, group_size=None, bias=None, rank=LCQ_RANK, steps=LCQ_STEPS, lr=LCQ_LR):
+    lcd.check_number("rank", rank, 1, integer=True)
+    lcd.check_number("steps", steps, 0, integer=True)
+    lcd.check_number("lr", lr, 0.0, open_low=True)
     C, idx, p = lcq_fit(W, stats["h"], bits, group_size, rank, steps, lr)
     layer = LCQLinear.from_clustered(C, idx, bits, group_size, bias=bias)
     for name, value in p.items():           # not in the state_dict: save_quantized keeps the codebook
+        lcd.check_fp16(value, f"LCQ's parameter {name}")
         layer.register_buffer(f"lcq_{name}", value.half(), persistent=False)
     return layer
 
@@ -526,6 +560,10 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
     """W(1+1) at 2 bits per weight, the only width the format has."""
     if bits != 2:
         raise ValueError(f"lbllm is W(1+1): 2 bits per weight (a sign and a bitmap bit), got bits={bits}")
+    lcd.check_number("steps", steps, 0, integer=True)
+    lcd.check_number("act_steps", act_steps, 0, integer=True)
+    if a_bits is not None:
+        lcd.check_number("a_bits", a_bits, 2, 8, integer=True)
     W = _check(W, 2)
     H = hessian(stats, W.shape[1])
     scales, idx = lbllm_fit(W, H, group_size, steps, h=stats["h"])
@@ -536,10 +574,9 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
     if a_bits is not None:
         X = stats.get("X")
         if X is None:            # no calibration inputs (called directly): surrogates with their covariance
-            K = H.shape[0]
-            L = torch.linalg.cholesky(H.double() + 1e-6 * H.diag().mean() * torch.eye(K, dtype=torch.double))
+            L = damped_factor(H.double(), 1e-6, torch.linalg.cholesky)   # H = 0 (dead inputs) works too
             generator = generator or torch.Generator().manual_seed(0)    # deterministic by default
-            z = torch.randn(LBLLM_ACT_SAMPLES, K, generator=generator, dtype=torch.double)
+            z = torch.randn(LBLLM_ACT_SAMPLES, H.shape[0], generator=generator, dtype=torch.double)
             X = (z @ L.t()).float()
         clip = lbllm_clip(lcd.dequantize(codebook, idx, group_size), X.float(), a_bits, act_steps)
     layer.register_buffer("act_clip", torch.tensor(clip).half(), persistent=False)   # see LBLLMLinear
@@ -574,7 +611,7 @@ for _name, _function in METHODS.items():   # what lcd.quantize reads off the fun
     _function.needs_inputs = NEEDS_INPUTS.get(_name, 0)
 
 
-def quantize(model, bits, group_size=None, calib=None, method="gptq", **kw):
+def quantize(model, bits, group_size=None, calib=None, method="lcd", **kw):
     """lcd.quantize with a method given by name: lcd.py's own ("lcd", "rtn", "kmeans") or one of METHODS.
     The other arguments are lcd.quantize's. ValueError for an unknown name."""
     if not callable(method) and method not in lcd.BUILTIN_METHODS:

@@ -16,6 +16,7 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 # ==== 1. calibration ============================================================================ [A]
 import functools
 import math
+import numbers
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row sto
 DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search (exact up to 128 wide)
 ENTRIES_PER_WORD = {2: 16, 3: 10, 4: 8}  # b-bit indices per 32-bit word (3-bit: 10 a word, 2 bits spare)
 FORMAT_VERSION = 1      # version of the file written by save_quantized
+FP16_MAX = 65504.0      # largest finite fp16: every stored codebook, outlier and scale must stay within it
 
 
 def model_logits(output):
@@ -84,13 +86,68 @@ def check_calib_batch(batch):
                          "pass a list of such tensors, e.g. [get_batch(...)[0] for _ in range(8)]")
 
 
+def check_number(name, value, low=-math.inf, high=math.inf, integer=False, open_low=False, open_high=False):
+    """A hyperparameter checked before any work: a finite int (integer=True; a bool is not one) or real
+    number in [low, high], an end excluded with open_low / open_high. Returns it; else a ValueError naming
+    the argument, the allowed range and the value given."""
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
+    if not ok:
+        left, right = "(" if open_low or low == -math.inf else "[", ")" if open_high or high == math.inf else "]"
+        span = f"{left}{low:g}, {high:g}{right}"
+        raise ValueError(f"{name} must be {'an int' if integer else 'a finite number'} in {span}, got {value!r}")
+    return value
+
+
+def input_embedding(model):
+    """The model's token embedding: get_input_embeddings() where the model has it (Hugging Face), else
+    its first nn.Embedding (nanoGPT's wte); None for a model without one."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if isinstance(embedding, nn.Embedding):
+        return embedding
+    return next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+
+
+def check_token_ids(model, ids, where):
+    """Every id of `ids` (an integer tensor, any shape) must index the model's vocabulary: an id outside
+    it would end in F.embedding's bare IndexError. The usual cause is named in the error: data prepared
+    with another tokenizer than the model's, or a model (a saved teacher) trained on such data."""
+    embedding = input_embedding(model)
+    if embedding is None or ids.numel() == 0:
+        return
+    V, lo, hi = embedding.num_embeddings, int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"{where}: token id {hi if hi >= V else lo} is outside the model's vocabulary of {V} "
+                         f"(ids 0..{V - 1}; the ids here span {lo}..{hi}): the data was likely prepared with "
+                         "another tokenizer than the model's, or the model (e.g. a saved teacher) was trained "
+                         "on a dataset of another tokenizer; use a model and data of the same tokenizer")
+
+
+def calibration_batches(model, calib):
+    """calib (one (B, T) int64 batch or an iterable of them) as a checked list, before any work: token
+    ids, at least one batch, at least one token in all, every id inside the model's vocabulary."""
+    batches = [calib] if isinstance(calib, torch.Tensor) else list(calib)   # one (B, T) batch is fine too
+    for batch in batches:
+        check_calib_batch(batch)
+    if not batches:
+        raise ValueError("calibration data is empty: pass at least one (B, T) batch of token ids")
+    if sum(batch.numel() for batch in batches) == 0:
+        raise ValueError(f"the calibration batches hold no tokens (shapes {[tuple(b.shape) for b in batches]}): "
+                         "every statistic is a mean over tokens; pass at least one non-empty (B, T) batch")
+    for i, batch in enumerate(batches):
+        check_token_ids(model, batch, f"calibration batch {i}")
+    return batches
+
+
 @torch.no_grad()
 def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
     """Run the model on the calibration batches and record, with forward hooks, the input statistics of
     the named linear layers: {name: {"h": (K,), "H": (K, K) or None, "n": tokens seen, "X": rows or None}}.
     h_k = mean over tokens of x_k^2 (the diagonal of the layer Hessian X^T X / n); H = X^T X / n in full;
     X = the first keep_inputs input rows themselves (methods that fit activation quantizers want them)."""
-    calib = [calib] if isinstance(calib, torch.Tensor) else calib  # one (B, T) batch is fine too
+    calib = calibration_batches(model, calib)
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -110,24 +167,23 @@ def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
 
     device = next(model.parameters()).device
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
-    was_training, n_batches = model.training, 0
+    was_training = model.training
     model.eval()
     try:
         for batch in calib:
-            check_calib_batch(batch)
-            model(batch.to(device))
-            n_batches += 1
+            if batch.numel():                                  # an empty batch adds nothing
+                model(batch.to(device))
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("calibration data is empty: pass at least one (B, T) batch of token ids")
     unused = [n for n in names if n not in sums]
     if unused:
         raise ValueError(f"the calibration forward never reached layers {unused}: does forward() use them?")
-    return {n: {"h": s["h"] / s["n"], "H": s["H"] / s["n"] if full_hessian else None, "n": s["n"],
-                "X": torch.cat(s["X"]) if keep_inputs else None} for n, s in sums.items()}
+    # a layer reached by no token at all (a routed expert no token chose) has no statistics: h = H = 0,
+    # which the clustering reads as no importance (equal weights) and GPTQ as dead inputs
+    return {n: {"h": s["h"] / max(1, s["n"]), "H": s["H"] / max(1, s["n"]) if full_hessian else None,
+                "n": s["n"], "X": torch.cat(s["X"]) if keep_inputs else None} for n, s in sums.items()}
 
 
 # ==== 2. clustering ============================================================================= [A]
@@ -149,6 +205,17 @@ def check_group_size(group_size, K):
 def check_weight(W, name="weight"):
     if not torch.isfinite(W).all():
         raise ValueError(f"{name} holds NaN or inf values: fix or retrain the model before quantizing it")
+
+
+def check_fp16(t, what, remedy="keep the layer in full precision (quantize(..., skip=[its name])) or rescale it"):
+    """Values stored in fp16 (codebooks, outliers, scales) must be finite there, |v| <= FP16_MAX: a bf16 or
+    fp32 model may hold weights past 65504, which fp16 would store as inf. Such a layer is an error that
+    names the largest value (no per-row scale is added: the format and bits/weight stay as documented)."""
+    t = t.detach()
+    if t.numel() and not (t.float().abs() <= FP16_MAX).all():          # NaN fails the comparison too
+        largest = t.float().abs().nan_to_num(math.inf).max().item()
+        raise ValueError(f"{what} reaches |value| {largest:.6g}, past fp16's largest finite value {FP16_MAX:g}: "
+                         f"stored as fp16 it would become inf; {remedy}")
 
 
 def _grouped(t, group_size):
@@ -227,9 +294,12 @@ def density_init(v, m, C, n_atoms=DENSITY_ATOMS):
 
     P, Q = prefix(m), prefix(m * v)
     cuts = _optimal_cuts(P, Q, prefix(m * v * v), C)           # (R, C+1)
-    bin_mass = P.gather(1, cuts[:, 1:]) - P.gather(1, cuts[:, :-1])
-    bin_sum = Q.gather(1, cuts[:, 1:]) - Q.gather(1, cuts[:, :-1])
-    return bin_sum / bin_mass.clamp_min(1e-30) + mean
+    # each bin's mass and sum straight from its weights, not as differences of the prefix sums: those
+    # cancel, and a bin of tiny mass (importance spanning 1e-7..1) got a centroid of 1e20 from round-off
+    bin_of = torch.searchsorted(cuts[:, 1:-1].contiguous(), atom.contiguous(), right=True)     # (R, n)
+    bin_mass = torch.zeros(R, C, device=v.device).scatter_add_(1, bin_of, m)
+    bin_sum = torch.zeros(R, C, device=v.device).scatter_add_(1, bin_of, m * v)
+    return torch.where(bin_mass > 0, bin_sum / bin_mass.clamp_min(1e-30), 0.0) + mean
 
 
 def uniform_init(w, keep, C):
@@ -276,15 +346,25 @@ def _lloyd_sorted(v, m, codebook, max_iters):
     return codebook
 
 
+def _unit_importance(h):
+    """h scaled by a power of two so that its largest value is in [0.5, 1): every weighted sum of the
+    clustering keeps its argmin under any common scale of h, and huge activations (h ~ x^2 past 1e19)
+    would overflow float32's squares and products of masses (centroids of 1e20 from weights of 0.1)."""
+    h = h.float()
+    top = h.max() if h.numel() else h.new_zeros(())
+    return h if not 0 < top < math.inf else torch.ldexp(h, -torch.frexp(top).exponent)
+
+
 def _grouped_problem(W, h, group_size, outliers=None):
     """Grouped rows w (R, g) of W, the mask of weights the codebook has to fit (not padding, not outliers)
-    and their mass h_k; a group with no importance at all (dead input channels) gets equal weights."""
+    and their mass h_k (scaled, _unit_importance); a group with no importance at all (dead input channels)
+    gets equal weights."""
     N, K = W.shape
     keep = torch.ones_like(W, dtype=torch.bool)
     if outliers is not None:
         keep[outliers[0], outliers[1]] = False
     w, keep = _grouped(W.detach().float(), group_size), _grouped(keep, group_size)
-    mass = _grouped(h.float().expand(N, K), group_size) * keep
+    mass = _grouped(_unit_importance(h).expand(N, K), group_size) * keep
     return w, keep, torch.where(mass.sum(1, keepdim=True) > 0, mass, keep.float())
 
 
@@ -508,6 +588,11 @@ class LUTLinear(nn.Module):
         if codebook.shape != layer.codebook.shape:
             raise ValueError(f"codebook has shape {tuple(codebook.shape)}, expected "
                              f"{tuple(layer.codebook.shape)} for K={K}, group_size={layer.group_size}, b={bits}")
+        check_fp16(codebook, "the codebook")
+        if outliers is not None:
+            check_fp16(outliers[2], "an outlier kept in full precision (fp16)")
+        if in_scale is not None:
+            check_fp16(in_scale, "the input (smoothing) scale")
         layer.packed.copy_(pack_indices(idx, bits))
         layer.codebook.copy_(codebook)
         if bias is not None:
@@ -707,16 +792,26 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     needs_hessian (bool: stats["H"] = X^T X / n) and needs_inputs (int: stats["X"], input rows kept) say
     what calibration must record; outlier_frac: fraction of weights kept exactly (dense-and-sparse).
     Works on any model whose forward takes token ids. lcd.py imports no file built on it, so names of
-    quantizers outside it are resolved by the caller."""
+    quantizers outside it are resolved by the caller.
+
+    Errors (ValueError, before any work): bad arguments; calibration data that is not token ids, holds
+    no tokens, or has ids outside the model's vocabulary; a layer with NaN/inf weights or weights past
+    fp16's range (FP16_MAX: codebooks are stored in fp16), named with its largest value. The model is
+    changed only once every layer has been quantized: an error leaves it as it was."""
     check_bits(bits)
-    if not 0.0 <= outlier_frac < 1.0:
-        raise ValueError(f"outlier_frac must be in [0, 1), got {outlier_frac!r}")
+    check_number("outlier_frac", outlier_frac, 0.0, 1.0, open_high=True)
+    if "max_iters" in kw:
+        check_number("max_iters", kw["max_iters"], 0, integer=True)
+    if calib is not None:
+        calib = calibration_batches(model, calib)
     linears = find_linears(model, skip)
     if not linears:
         raise ValueError("no nn.Linear layers to quantize (embeddings and the output head are always kept)")
     for name, linear in linears.items():                         # check everything before changing anything
         check_group_size(group_size, linear.in_features)
         check_weight(linear.weight, f"layer {name!r}")
+        check_fp16(linear.weight, f"layer {name!r}: a weight", f"keep the layer in full precision with "
+                   f"skip=[{name!r}], or rescale the model")
     if callable(method):
         baseline = method
         needs_hessian, needs_inputs = bool(getattr(method, "needs_hessian", False)), getattr(method, "needs_inputs", 0)
@@ -729,16 +824,21 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     stats = None
     if calib is not None and method not in ("rtn", "kmeans"):     # the plain baselines ignore importance
         stats = collect_stats(model, calib, list(linears), full_hessian=needs_hessian, keep_inputs=needs_inputs)
+    quantized = {}
     for name, linear in linears.items():
-        if baseline is None:
-            h = stats[name]["h"] if stats else None
-            layer = quantize_linear(linear, bits, group_size, h, method, outlier_frac, **kw)
-        else:
-            ones = torch.ones(linear.in_features, device=linear.weight.device)
-            layer_stats = stats[name] if stats else {"h": ones, "H": None, "n": 0}
-            extra = {"outlier_frac": outlier_frac} if outlier_frac else {}
-            layer = baseline(linear.weight.detach().float(), layer_stats, bits, group_size, bias=linear.bias,
-                             **extra, **kw)
+        try:
+            if baseline is None:
+                h = stats[name]["h"] if stats else None
+                quantized[name] = quantize_linear(linear, bits, group_size, h, method, outlier_frac, **kw)
+            else:
+                ones = torch.ones(linear.in_features, device=linear.weight.device)
+                layer_stats = stats[name] if stats else {"h": ones, "H": None, "n": 0}
+                extra = {"outlier_frac": outlier_frac} if outlier_frac else {}
+                quantized[name] = baseline(linear.weight.detach().float(), layer_stats, bits, group_size,
+                                           bias=linear.bias, **extra, **kw)
+        except ValueError as e:                                  # say which layer
+            raise ValueError(f"layer {name!r}: {e}") from e
+    for name, layer in quantized.items():
         _set_module(model, name, layer)
     return model
 
@@ -757,9 +857,10 @@ def footprint(model):
 
 
 def atomic_write(path, write):
-    """Write `path` atomically: write(tmp) fills a temporary file beside it, which is then renamed over
-    `path`, so a crash never leaves a half-written file. The file gets the mode a plain open() would give
-    (0666 minus the umask, usually 0644), not mkstemp's private 0600."""
+    """Write `path` atomically: write(tmp) fills a temporary file beside it, flushed to disk, which is then
+    renamed over `path`: a crash, a full disk or an error midway leaves the old file (or none) as it was,
+    never a half-written one. The file gets the mode a plain open() would give (0666 minus the umask,
+    usually 0644), not mkstemp's private 0600."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
@@ -769,10 +870,29 @@ def atomic_write(path, write):
         os.umask(umask)                      # reading the umask means setting it: put it straight back
         os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())          # the data on disk before the rename makes it the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def read_torch_file(path, remedy, mmap=False):
+    """torch.load(path, weights_only=True, mmap=mmap) onto the CPU. A missing file is a FileNotFoundError; an empty,
+    truncated or otherwise unreadable one a ValueError naming the file as incomplete or corrupt, followed
+    by `remedy` (what to do)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): an incomplete or corrupt file (an interrupted copy or "
+                         f"a full disk?); {remedy}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:   # truncated zip: OSError/RuntimeError; cut pickle: EOFError/UnpicklingError
+        raise ValueError(f"{path} ({size} bytes) is incomplete or corrupt: it cannot be read as a torch file "
+                         f"of tensors ({type(e).__name__}: {e}); {remedy}") from None
 
 
 def _check_model_config(model_config, where):
@@ -811,7 +931,7 @@ def save_quantized(model, path, model_config=None, tokenizer=None):
 
 def _read_quantized(path, mmap=False):
     """save_quantized's file as (header, state_dict), the header validated before anything in it is used."""
-    blob = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    blob = read_torch_file(path, "save the quantized model again (lcd.save_quantized)", mmap=mmap)
     header = blob.get("header") if isinstance(blob, dict) else None
     if not isinstance(header, dict) or header.get("format") != "lcd-quantized" or "state_dict" not in blob:
         raise ValueError(f"{path} is not a file written by lcd.save_quantized")
@@ -837,7 +957,9 @@ def load_quantized(model, path):
     """Load save_quantized's file into `model`, a freshly built copy of the original architecture: its
     nn.Linear layers named in the header become LUTLinear of the stored shape first. Returns the model.
     `model` may instead be a function model_config -> nn.Module (e.g. model.from_config): it builds the
-    architecture from the model_config stored in the file's header."""
+    architecture from the model_config stored in the file's header.
+    Errors: FileNotFoundError; ValueError for an empty, truncated or corrupt file, a file of another
+    kind or version, a header that does not match the model, or non-finite stored codebooks or scales."""
     header, state_dict = _read_quantized(path)
     if not isinstance(model, nn.Module):
         if "model_config" not in header:
@@ -858,6 +980,11 @@ def load_quantized(model, path):
         device = old.weight.device if isinstance(old, nn.Linear) else old.packed.device
         _set_module(model, name, LUTLinear(**spec, device=device))
     model.load_state_dict(state_dict)
+    for name in header["layers"]:
+        layer = model.get_submodule(name)
+        for buffer in ("codebook", "outlier_vals", "in_scale"):
+            if getattr(layer, buffer) is not None and not torch.isfinite(getattr(layer, buffer)).all():
+                raise ValueError(f"{path}: layer {name!r} stores non-finite {buffer} values: the file is corrupt")
     return model
 
 
@@ -1100,11 +1227,18 @@ def cuda_launch(name, grid, block, args):
 
 def lut_forward_cuda(layer, x):
     """LUTLinear.forward on a GPU: the best kernels.cu kernel for the batch (see lut_forward); None when
-    CuPy is missing, and LUTLinear runs its PyTorch reference instead."""
+    CuPy is missing, and LUTLinear runs its PyTorch reference instead. The kernels take and give fp16: for
+    fp32 or bf16 activations past FP16_MAX, or outputs past it, they would give inf where x's own dtype
+    holds the value, so such a batch (a non-finite result) also goes back to the reference, in x's dtype."""
     global _cuda_available
     if _cuda_available is None:
         _cuda_available = cuda_kernels_available()
-    return lut_forward(layer, x, cuda_launch) if _cuda_available else None
+    if not _cuda_available:
+        return None
+    y = lut_forward(layer, x, cuda_launch)
+    if x.dtype != torch.float16 and not torch.isfinite(y).all():   # one check; fp16 x overflows alike in torch
+        return None
+    return y
 
 
 # ==== 7. distillation =========================================================================== [D]
@@ -1266,7 +1400,7 @@ def merge_codebook(codebook, idx, h, group_size, n_merges=None):
     if not 0 <= n_merges < C:
         raise ValueError(f"cannot merge {n_merges} times a codebook of {C} centroids")
     gidx = _grouped(idx, group_size)                                                  # (R, g), padding -> 0
-    weight_mass = _grouped(h.float().expand(N, K), group_size)                        # padding has mass 0
+    weight_mass = _grouped(_unit_importance(h).expand(N, K), group_size)              # padding has mass 0
     masses = torch.zeros(N * G, C, device=idx.device).scatter_add_(1, gidx, weight_mass)  # (R, C)
     c, order = codebook.detach().float().reshape(N * G, C).sort(dim=1)
     m = masses.gather(1, order)
@@ -1297,13 +1431,16 @@ def collect_inputs(model, calib, names, max_tokens=SMOOTHING_TOKENS):
     device, was_training = next(model.parameters()).device, model.training
     model.eval()
     try:
-        for batch in ([calib] if isinstance(calib, torch.Tensor) else calib):
-            check_calib_batch(batch)
-            model(batch.to(device))
+        for batch in calibration_batches(model, calib):
+            if batch.numel():
+                model(batch.to(device))
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+    unused = [n for n, xs in rows.items() if not xs]
+    if unused:
+        raise ValueError(f"the calibration forward never reached layers {unused}: does forward() use them?")
     out = {}
     for n, xs in rows.items():
         X = torch.cat(xs)
@@ -1324,16 +1461,24 @@ def choose_smoothing(W, X, h, n_centroids, group_size, a_bits, alphas=SMOOTHING_
     x / s to a_bits, and measure the layer's output error on the calibration inputs X (n, K):
     || fq(X / s) W_hat^T - X W^T ||^2. Returns (s or None, {alpha or 'off': relative error}).
     The clustering here only ranks the alphas: a uniform grid + a few weighted Lloyd iterations, about 20x
-    cheaper than the density init (which runs once, on the chosen scale)."""
+    cheaper than the density init (which runs once, on the chosen scale).
+    A layer whose output is zero on X (||X W^T|| = 0) has relative error 0 where the error is 0 and inf
+    elsewhere, so it keeps no smoothing; an alpha whose W * s passes fp16's range (the codebook could not
+    be stored) scores inf."""
     W = W.detach().float()
     Y = X @ W.T                                                                       # (n, N) FP output
+    energy = (Y ** 2).sum().item()
     x_absmax = X.abs().amax(0)
     errors, best = {}, (math.inf, None)
     for alpha in (None, *alphas):
         s = torch.ones(W.shape[1], device=W.device) if alpha is None else smoothing_scale(x_absmax, W, alpha)
+        if not ((W * s).abs() <= FP16_MAX).all():
+            errors["off" if alpha is None else alpha] = math.inf
+            continue
         cl = cluster(W * s, h / s ** 2, n_centroids, group_size, init="uniform", max_iters=SMOOTHING_LLOYD_ITERS)
         W_hat = dequantize(cl["codebook"].half().float(), cl["idx"], group_size)
-        err = ((fake_quantize_per_token(X / s, a_bits) @ W_hat.T - Y) ** 2).sum().item() / (Y ** 2).sum().item()
+        sse = ((fake_quantize_per_token(X / s, a_bits) @ W_hat.T - Y) ** 2).sum().item()
+        err = sse / energy if energy > 0 else (0.0 if sse == 0 else math.inf)
         errors["off" if alpha is None else alpha] = err
         if err < best[0]:
             best = (err, None if alpha is None else s)
@@ -1354,15 +1499,30 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
     (or group). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
     importance h (plain k-means). With a_bits and smoothing, each layer gets the input scale of its best
-    alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights."""
+    alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights.
+    Errors (ValueError, before any work): bad arguments, bad calibration data (see quantize), a layer
+    with weights past fp16's range (FP16_MAX: the student computes with fp16 centroids)."""
     if bits not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
     if not (isinstance(progressive_p, int) and progressive_p >= 0):
         raise ValueError(f"progressive_p must be an int >= 0, got {progressive_p!r}")
     if a_bits not in (None, 8, 4):
         raise ValueError(f"a_bits must be None (weight-only), 8 or 4, got {a_bits!r}")
+    if init not in ("density", "kmeans++", "uniform"):
+        raise ValueError(f"init must be 'density', 'kmeans++' or 'uniform', got {init!r}")
+    alphas = tuple(alphas)
+    if not alphas:
+        raise ValueError("alphas must hold at least one SmoothQuant migration strength in [0, 1]")
+    for alpha in alphas:
+        check_number("each smoothing alpha", alpha, 0.0, 1.0)
     if calib is None:
         raise ValueError("prepare_student needs calibration batches (token ids (B, T)) for the importance h")
+    calib = calibration_batches(teacher, calib)
+    for name, linear in find_linears(teacher, skip).items():
+        check_group_size(group_size, linear.in_features)
+        check_weight(linear.weight, f"layer {name!r}")
+        check_fp16(linear.weight, f"layer {name!r}: a weight", f"keep the layer in full precision with "
+                   f"skip=[{name!r}], or rescale the model")
     student = copy.deepcopy(teacher)
     for p in student.parameters():
         p.requires_grad_(False)
@@ -1378,7 +1538,7 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
         if name in inputs:
             s, errors = choose_smoothing(W, inputs[name], h, 2 ** bits, group_size, a_bits, alphas)
             if log:
-                choice = "off" if s is None else min((e, a) for a, e in errors.items())[1]
+                choice = "off" if s is None else min(errors, key=errors.get)   # the first least error
                 log(f"smoothing {name}: alpha {choice} (relative output error "
                     + ", ".join(f"{a}: {e:.4f}" for a, e in errors.items()) + ")")
         if s is not None:
@@ -1394,18 +1554,69 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
 def freeze(model):
     """Swap every LCDLinear of a student for its packed LUTLinear (in place); returns the model."""
     for name, layer in lcd_layers(model).items():
-        _set_module(model, name, layer.freeze())
+        try:
+            frozen = layer.freeze()
+        except ValueError as e:                                # say which layer
+            raise ValueError(f"layer {name!r}: {e}") from e
+        _set_module(model, name, frozen)
     return model.eval()
 
 
 # ---- the distillation loss ---------------------------------------------------------------------------
 
+KD_FAR = 20.0  # a token whose centred logit difference e passes this takes the log-sum-exp form (no overflow)
+
+
+class _TemperedKL(torch.autograd.Function):
+    """Per token KL(p_t || p_s) of p = softmax(z / tau), z (n, V) float32 -> (n,), and its gradient
+    (p_s - p_t) / tau to the student logits (the teacher's get none: the teacher is fixed).
+
+    At a large tau the two distributions are close, KL ~ tau^-2, and the textbook sum p_t (log p_t -
+    log p_s) is a small difference of large terms (float32: negative at tau = 100, 2000x too large at
+    10 000). Written in the centred differences e = d - E_pt[d], d = (z_s - z_t) / tau, nothing cancels:
+        KL = log E_pt[exp(d)] - E_pt[d] = log E_pt[exp(e)] = log1p(E_pt[exp(e) - 1 - e])    (E_pt[e] = 0)
+        p_s - p_t = p_t * expm1(e - KL)
+    with exp(e) - 1 - e >= 0 from its Taylor series where |e| < 0.01 (expm1(e) - e cancels there). The
+    rounding of E_pt[e] (~1e-7 |d|) moves KL only at second order. A token with some e > KD_FAR (far from
+    the teacher: nothing to lose to cancellation, but exp(e) could overflow) takes the plain
+    KL = logsumexp(log p_t + e) and p_s = exp(log p_t + e - KL) instead. All in float32."""
+
+    @staticmethod
+    def forward(ctx, z_s, z_t, tau):
+        log_p_t = F.log_softmax(z_t / tau, dim=-1)                               # (n, V)
+        p_t = log_p_t.exp()
+        d = (z_s - z_t) / tau                                                    # (n, V), no cancellation
+        e = d - (p_t * d).sum(-1, keepdim=True)
+        excess = torch.where(e.abs() < 0.01, e * e * (0.5 + e / 6), torch.expm1(e) - e)  # exp(e) - 1 - e
+        kl = torch.log1p((p_t * excess).sum(-1))                                 # (n,)
+        far = (e.amax(-1) > KD_FAR).nonzero()[:, 0]                              # rows, usually none
+        if len(far):
+            kl[far] = torch.logsumexp(log_p_t[far] + e[far], dim=-1)
+        ctx.save_for_backward(p_t, e, kl, far)
+        ctx.tau = tau
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad):                                                     # grad (n,)
+        p_t, e, kl, far = ctx.saved_tensors
+        shifted = e - kl[:, None]
+        diff = p_t * torch.expm1(shifted.clamp(max=KD_FAR))                      # p_s - p_t, (n, V)
+        if len(far):
+            diff[far] = (p_t[far].log() + shifted[far]).exp() - p_t[far]
+        return diff * (grad / ctx.tau)[:, None], None, None
+
+
 def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0):
-    """tau^2 KL(p_teacher || p_student) at temperature tau, averaged over tokens, + ce_weight * CE(targets)."""
+    """tau^2 KL(p_teacher || p_student) at temperature tau, averaged over tokens, + ce_weight * CE(targets).
+    Logits (..., V); tau a finite number > 0 (else a ValueError). Hinton et al., "Distilling the Knowledge
+    in a Neural Network" (arXiv:1503.02531): the tau^2 keeps the gradient's scale independent of tau. The
+    KL stays accurate at any tau (_TemperedKL); no gradient flows to the teacher logits."""
+    if not (isinstance(tau, numbers.Real) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"the distillation temperature tau must be a finite number > 0, got {tau!r}")
     V = student_logits.shape[-1]
-    log_p_s = F.log_softmax(student_logits.float().reshape(-1, V) / tau, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float().reshape(-1, V) / tau, dim=-1)
-    loss = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * tau ** 2
+    kl = _TemperedKL.apply(student_logits.float().reshape(-1, V), teacher_logits.detach().float().reshape(-1, V),
+                           float(tau))                                           # (n,)
+    loss = kl.mean() * tau ** 2
     if ce_weight and targets is not None:
         loss = loss + ce_weight * F.cross_entropy(student_logits.float().reshape(-1, V), targets.reshape(-1))
     return loss
@@ -1529,7 +1740,30 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     state / checkpoint: resume from a state dict returned to the `checkpoint(state)` callback, which is
         called every checkpoint_every steps and at the end. log(str): progress messages;
         on_step(step, loss, info): called after every step (a progress line).
-    Returns (student, history) with history = dict(loss, lr, stages: [(step, centroids)], spec_wins, ...)."""
+    Returns (student, history) with history = dict(loss, lr, stages: [(step, centroids)], spec_wins, ...).
+    Errors (ValueError): a bad hyperparameter (before any work); token ids outside the teacher's
+    vocabulary; a batch iterator that runs out before `steps` - under DDP on every process at the same
+    step, since all agree before each forward that each has a batch (no process is left waiting)."""
+    check_number("steps", steps, 0, integer=True)
+    check_number("tau", tau, 0.0, open_low=True)
+    check_number("ce_weight", ce_weight, 0.0)
+    for name, value in (("lr", lr), ("latent_lr", latent_lr), ("other_lr", other_lr)):
+        check_number(name, value, 0.0)
+    check_number("warmup", warmup, 0, integer=True)
+    check_number("final_frac", final_frac, 0.0, 1.0, open_low=True)
+    for name, value in (("speculative_every", speculative_every), ("reassign_every", reassign_every),
+                        ("checkpoint_every", checkpoint_every)):
+        check_number(name, value, 0, integer=True)
+    if bits is not None:
+        check_bits(bits)
+    unknown = [p for p in speculative_paths if p not in SPECULATIVE_PATHS]
+    if unknown or (speculative_every and not speculative_paths):
+        raise ValueError(f"speculative_paths must be a non-empty selection of {SPECULATIVE_PATHS}, got "
+                         f"{tuple(speculative_paths)!r}")
+    if calib_x is not None:
+        check_calib_batch(calib_x)
+        check_token_ids(teacher, calib_x, "distill: the held-out batch calib_x")
+    batches = iter(batches)                                    # a list is fine too
     device = next(student.parameters()).device
     layers = lcd_layers(student)
     if not layers:
@@ -1552,6 +1786,10 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     history = dict(loss=[], lr=[], stages=[], spec_wins={p: 0 for p in speculative_paths}, spec_checks=0,
                    spec_loss=[], reassigned=[])
     step, stage = 0, 0
+    missing = [k for k in ("student", "optimizer", "step", "stage", "history")
+               if not isinstance(state, dict) or k not in state] if state is not None else []
+    if missing:
+        raise ValueError(f"the resume state lacks {missing}: it is not a state that distill() checkpointed")
     if state is not None:   # resume: the codebooks have the size of the stage the checkpoint was taken in
         for name, layer in layers.items():
             layer.codebook = nn.Parameter(state["student"][f"{name}.codebook"].clone().to(device),
@@ -1593,8 +1831,11 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
         scale = min(1.0, (step - stage_start + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
-        batch = next(batches)
+        batch = _next_batch(batches, step, steps, ddp, device)
         x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+        check_token_ids(teacher, x, f"distill: the batch of step {step}")
+        if y is not None and ce_weight:
+            check_token_ids(teacher, y, f"distill: the targets of step {step}")
         x = x.to(device)
         with torch.no_grad():
             t_logits = model_logits(teacher(x))
@@ -1634,6 +1875,28 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     if checkpoint:
         checkpoint(save_state())
     return student, history
+
+
+_RAN_OUT = object()   # what _next_batch's next() returns when the iterator is exhausted
+
+
+def _next_batch(batches, step, steps, ddp, device):
+    """The next batch, or a clear error when the iterator has run out. Under DDP every process reports
+    whether it has a batch (an all_reduce of one flag each) before any forward: if one has run out, all
+    stop here with the same error, instead of the others waiting for it inside the gradient all-reduce."""
+    batch = next(batches, _RAN_OUT)
+    ran_out = [batch is _RAN_OUT]
+    if ddp and dist.is_available() and dist.is_initialized():
+        flags = torch.zeros(dist.get_world_size(), device=device if dist.get_backend() == "nccl" else "cpu")
+        flags[dist.get_rank()] = float(batch is _RAN_OUT)
+        dist.all_reduce(flags)                                        # sum: each process set its own slot
+        ran_out = [bool(f) for f in flags.tolist()]
+    if any(ran_out):
+        where = "" if len(ran_out) == 1 else f" on process(es) {[r for r, out in enumerate(ran_out) if out]}"
+        raise ValueError(f"the batch iterator ran out after {step} of {steps} steps{where}: pass batches that "
+                         "last `steps` steps on every process (e.g. an endless stream like "
+                         "train_kd.batch_stream), or fewer steps")
+    return batch
 
 
 def _wrap_ddp(student, ddp):

@@ -353,7 +353,10 @@ def evaluate(model, tokens, block_size, batch_size=32, max_batches=20):
     model.eval()
     device = next(model.parameters()).device
     losses = []
-    for x, y in eval_windows(tokens, block_size, batch_size, max_batches):
+    for i, (x, y) in enumerate(eval_windows(tokens, block_size, batch_size, max_batches)):
+        if i == 0:   # the split's largest id, once (a model of another tokenizer fails here, clearly)
+            lcd.check_token_ids(model, torch.from_numpy(np.asarray([tokens.min(), tokens.max()], dtype=np.int64)),
+                                "evaluate: the split")
         logits = lcd.model_logits(model(x.to(device)))                                # (B, T, V)
         losses.append(torch.nn.functional.cross_entropy(
             logits.float().flatten(0, 1), y.to(device).flatten()).item())
@@ -396,7 +399,8 @@ def _clock(seconds):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, then rename (lcd.atomic_write): a crash never leaves a half-written checkpoint."""
+    """torch.save to a temp file, flushed to disk, then renamed (lcd.atomic_write): a crash or a full disk
+    never leaves a half-written checkpoint, and the previous one stays as it was."""
     lcd.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -404,12 +408,18 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with one line saying where the progress is saved (raised by the stages, printed by the script)."""
 
 
-def load_checkpoint(path):
-    """Load a checkpoint written by atomic_save (tensors and plain containers only)."""
+def load_checkpoint(path, keys=(), remedy="delete it to restart that stage"):
+    """Load a checkpoint written by atomic_save (tensors and plain containers only): a dict holding `keys`.
+    An empty, truncated or corrupt file, or one without those keys, is a RuntimeError naming the file and
+    saying what to do (`remedy`)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise RuntimeError(f"{path} is not a readable checkpoint ({e}); delete it to start over") from None
+        ckpt = lcd.read_torch_file(path, remedy)
+    except ValueError as e:
+        raise RuntimeError(str(e)) from None
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise RuntimeError(f"{path} is not a checkpoint of this stage (it lacks {missing}): {remedy}")
+    return ckpt
 
 
 def setup_distributed(device):
@@ -470,7 +480,8 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     start = 0
     fingerprint = {k: config[k] for k in TEACHER_KEYS}
     if os.path.exists(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "step", "rng", "model_config"),
+                               "delete it to restart the teacher's training")
         if ckpt["model_config"] != mc or ckpt.get("config") != fingerprint:
             raise RuntimeError(f"{ckpt_path} was written by a run with another model or training configuration "
                                f"({ckpt['model_config']}, {ckpt.get('config')}): delete it or use another --out_dir")
@@ -555,11 +566,10 @@ def save_teacher(model, path, data=None):
 
 
 def load_teacher(path, device="cpu", data=None, log=print):
-    """The teacher saved by save_teacher. data (teacher_data() of this run): refuse a teacher trained on
-    other data (another dataset, tokenizer or vocabulary), which would be reused silently otherwise."""
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise RuntimeError(f"{path} is not a teacher checkpoint (no 'model'/'model_config'): delete it")
+    """The teacher saved by save_teacher; RuntimeError for an incomplete, corrupt or foreign file. data
+    (teacher_data() of this run): refuse a teacher trained on other data (another dataset, tokenizer or
+    vocabulary), which would be reused silently otherwise."""
+    ckpt = load_checkpoint(path, ("model", "model_config"), "delete it to train the teacher again")
     if data is not None:
         check_teacher_data(ckpt.get("data"), data, ckpt["model_config"].get("vocab_size"), path, log)
     model = GPT(ckpt["model_config"])
@@ -714,7 +724,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
     fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"])
     ckpt = {}
     if os.path.exists(path):
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, ("rng", "config"), f"delete it to restart the {method} distillation")
         if ckpt.get("config") != fingerprint:
             raise RuntimeError(f"{path} was written by a run with another configuration ({ckpt.get('config')}); "
                                "delete it or use another --out_dir")
@@ -958,6 +968,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
 
 
 def write_json(obj, path):
+    """json.dump, atomically (lcd.atomic_write): an error midway leaves the previous file as it was."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
