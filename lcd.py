@@ -97,7 +97,7 @@ def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
         def hook(module, inputs, output):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
             s = sums.setdefault(name, {"h": 0.0, "H": 0.0 if full_hessian else None, "n": 0, "X": []})
-            s["h"] = s["h"] + (x * x).sum(0)
+            s["h"] = s["h"] + torch.linalg.vector_norm(x, dim=0).square()    # sum of x^2 in one pass, (K,)
             s["X"].append(x[:max(0, keep_inputs - s["n"])])
             if full_hessian:
                 s["H"] = s["H"] + x.T @ x
@@ -934,6 +934,31 @@ def _nearest(W, codebook, group_size):
     return idx.view(N, -1)[:, :K].contiguous()
 
 
+class _StraightThrough(torch.autograd.Function):
+    """W_q[n, k] = fp16(codebook)[n, k // group_size, idx[n, k]] (N, K) from weight (N, K), codebook (N, G, C),
+    idx (N, K); backward: dL/dweight = dL/dW_q (straight through), dL/dcodebook[n, g, c] = sum of dL/dW_q
+    over the weights of row n, group g assigned to c. The same as dequantize(fp16 codebook + (p - p.detach()),
+    idx) + (weight - weight.detach()) but without the (N, K) temporaries of that expression."""
+
+    @staticmethod
+    def forward(ctx, weight, codebook, idx, group_size):
+        N, G, C = codebook.shape
+        flat = idx + torch.arange(idx.shape[1], device=idx.device) // group_size * C   # (N, K) into (N, G*C)
+        ctx.save_for_backward(flat)
+        ctx.codebook_shape = codebook.shape
+        return codebook.detach().half().float().reshape(N, G * C).gather(1, flat)
+
+    @staticmethod
+    def backward(ctx, grad):
+        flat, = ctx.saved_tensors
+        N, G, C = ctx.codebook_shape
+        grad_codebook = None
+        if ctx.needs_input_grad[1]:
+            grad_codebook = torch.zeros(N, G * C, dtype=grad.dtype, device=grad.device).scatter_add_(1, flat, grad)
+            grad_codebook = grad_codebook.view(N, G, C)
+        return grad if ctx.needs_input_grad[0] else None, grad_codebook, None, None
+
+
 class LCDLinear(nn.Module):
     """A linear layer being distilled into codebook form.
 
@@ -971,12 +996,11 @@ class LCDLinear(nn.Module):
         return self.codebook.shape[-1]
 
     def quantized_weight(self):
-        """W_q with the straight-through estimator: (N, K), differentiable wrt codebook and latent weight."""
-        # written as value + (p - p.detach()) so the value is exactly the stored one (the added term is an
-        # exact zero) and the gradient reaches p: bit-equal to LUTLinear, so freeze() changes no output
-        codebook = self.codebook.detach().half().float() + (self.codebook - self.codebook.detach())
-        W_q = dequantize(codebook, self.idx, self.group_size)
-        return W_q + (self.weight - self.weight.detach())
+        """W_q with the straight-through estimator: (N, K), differentiable wrt codebook and latent weight.
+        Its value is the fp16-rounded codebook looked up at idx, bit-equal to LUTLinear (so freeze() changes
+        no output); its gradient goes to the latent weight as it is and to each centroid as the sum over the
+        weights using it (_StraightThrough: one gather forward, one scatter-add backward)."""
+        return _StraightThrough.apply(self.weight, self.codebook, self.idx, self.group_size)
 
     def forward(self, x):
         if self.in_scale is not None:
