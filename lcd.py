@@ -255,21 +255,34 @@ def _lloyd_sorted(v, m, codebook, max_iters):
     """Weighted Lloyd: weights to their nearest centroid, centroids to the weighted mean of their members,
     until no assignment changes. On sorted rows v (R, g) with mass m, the members of sorted centroid j
     are the run of weights between midpoints j-1 and j (a binary search) and their weighted mean comes
-    from prefix sums: O(C log g) a row and iteration instead of O(g). Returns the codebook (R, C)."""
+    from prefix sums: O(C log g) a row and iteration instead of O(g). Returns the codebook (R, C).
+    A row whose runs did not change is a fixed point (its next means are the same numbers), so it leaves
+    the iteration: once at most half the rows still move, the rest are set aside (same result, and the
+    cost follows the rows still moving, not the slowest row of the layer)."""
     P, Q = (F.pad(t.double().cumsum(1), (1, 0)) for t in (m, m * v))       # (R, g+1)
+    result = codebook.float().clone()
+    rows = torch.arange(v.shape[0], device=v.device)                       # the rows still iterating
     ends = None
     for _ in range(max_iters):
         codebook = codebook.sort(dim=1).values
         midpoints = (codebook[:, 1:] + codebook[:, :-1]) / 2               # as in _assign: ties go down
         new_ends = torch.searchsorted(v, midpoints.contiguous(), right=True)  # (R, C-1): end of runs 0..C-2
-        if ends is not None and torch.equal(new_ends, ends):
-            break
+        if ends is not None:
+            moving = (new_ends != ends).any(1)
+            n_moving = int(moving.sum())
+            if n_moving <= len(rows) // 2:                                 # set the fixed points aside
+                result[rows] = codebook
+                keep = moving.nonzero()[:, 0]
+                rows, v, P, Q, codebook, new_ends = (t[keep] for t in (rows, v, P, Q, codebook, new_ends))
+            if n_moving == 0:
+                return result
         ends = new_ends
         bounds = F.pad(F.pad(ends, (1, 0)), (0, 1), value=v.shape[1])      # (R, C+1): run j = [b_j, b_j+1)
         mass = P.gather(1, bounds[:, 1:]) - P.gather(1, bounds[:, :-1])
         total = Q.gather(1, bounds[:, 1:]) - Q.gather(1, bounds[:, :-1])
         codebook = torch.where(mass > 0, total / mass.clamp_min(1e-300), codebook.double()).float()
-    return codebook
+    result[rows] = codebook
+    return result
 
 
 def _grouped_problem(W, h, group_size, outliers=None):
