@@ -1238,10 +1238,16 @@ def _trainable_state(student):
     return state
 
 
+CANDIDATE_CHANGES = {"reassign": (".idx",), "lloyd": (".idx", ".codebook")}  # what these candidates change
+
+
 @torch.no_grad()
-def _load_trainable_state(student, state):
+def _load_trainable_state(student, state, only=None):
+    """Copy `state` back into the student; `only`: the key endings to copy (None: everything)."""
     params, layers = dict(student.named_parameters()), lcd_layers(student)
     for key, value in state.items():
+        if only is not None and not key.endswith(only):
+            continue
         if key.endswith(".idx") and key[:-4] in layers:
             layers[key[:-4]].idx.copy_(value)
         else:
@@ -1294,7 +1300,7 @@ def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PA
             continue
         if _apply_candidate(student, path, previous, ema):
             scores[path] = kd_loss(model_logits(student(calib_x)), teacher_logits, tau).item()
-        _load_trainable_state(student, current)
+            _load_trainable_state(student, current, CANDIDATE_CHANGES.get(path))  # roll back what it changed
     best = min(scores, key=lambda p: (scores[p], p != "keep"))   # ties go to keep
     if dist.is_available() and dist.is_initialized():
         choice = [best]
