@@ -182,7 +182,7 @@ def gptq_quantize(W, H, bits, group_size=None, act_order=GPTQ_ACT_ORDER, block_s
             # a grid lo + step * j (step >= 0) is sorted: nearest() without its sort, once per group
             midpoints[g] = ((grid[:, g, 1:] + grid[:, g, :-1]) / 2).contiguous()
             stored[g] = grid[:, g].half().float()
-        idx[:, k] = torch.searchsorted(midpoints[g], w[:, None].contiguous())[:, 0]   # ties go down, as nearest()
+        idx[:, k] = lcd._searchsorted(midpoints[g], w[:, None])[:, 0]      # ties go down, as nearest()
         return stored[g].gather(1, idx[:, k:k + 1])[:, 0]                # the stored (fp16) value
 
     gptq_loop(W, H, quantize_column, act_order, block_size, damp)

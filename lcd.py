@@ -154,13 +154,24 @@ def _grouped(t, group_size):
     return F.pad(t, (0, G * group_size - K)).reshape(N * G, group_size)
 
 
+def _searchsorted(sorted_rows, values, right=False):
+    """torch.searchsorted(sorted_rows (R, L), values (R, V), right=right): per value, how many entries of its
+    sorted row lie below it (or at most equal, right=True). Small problems count by comparison instead:
+    searchsorted costs milliseconds a call whatever the size (measured on a 2-core CPU: 6 ms for 576 rows of
+    3), which GPTQ's and CLAQ's column loops pay tens of thousands of times. Same integers either way."""
+    if sorted_rows.shape[1] * values.numel() <= 2 ** 16:
+        below = sorted_rows[:, None, :] <= values[:, :, None] if right else sorted_rows[:, None, :] < values[:, :, None]
+        return below.sum(2)                                                            # (R, V)
+    return torch.searchsorted(sorted_rows.contiguous(), values.contiguous(), right=right)
+
+
 def _assign(w, codebook):
     """Index of the nearest centroid for every weight: w (R, g), codebook (R, C) -> (R, g) int64.
     Binary search among the midpoints of the sorted centroids: O(log C) a weight and no (R, g, C) tensor.
     A weight exactly between two centroids goes to the smaller one."""
     sorted_c, order = codebook.sort(dim=1)
     midpoints = (sorted_c[:, 1:] + sorted_c[:, :-1]) / 2                     # (R, C-1)
-    return order.gather(1, torch.searchsorted(midpoints.contiguous(), w.contiguous()))
+    return order.gather(1, _searchsorted(midpoints, w))
 
 
 def _weighted_means(w, mass, idx, old):
@@ -184,7 +195,7 @@ def _optimal_cuts(P, Q, S, C, chunk=2**22):
         m, q, s = (t[r:r + step, None, :] - t[r:r + step, :, None] for t in (P, Q, S))  # (rows, i, j)
         cost = (s - q * q / m.clamp_min(1e-30)).masked_fill_(not_a_bin, math.inf)
         best = [cost[:, 0]]                                         # best[k-1]: (rows, M+1)
-        for _ in range(C - 1):
+        for _ in range(C - 2):                                      # C bins: only at j = M, in the walk back
             best.append((best[-1][:, :, None] + cost).amin(1))      # amin: 15x faster than min's argmin
         j = torch.full_like(cuts[r:r + step, :1], M)
         for k in range(C - 1, 0, -1):                               # walk back: where did bin k+1 start?
@@ -266,7 +277,7 @@ def _lloyd_sorted(v, m, codebook, max_iters):
     for _ in range(max_iters):
         codebook = codebook.sort(dim=1).values
         midpoints = (codebook[:, 1:] + codebook[:, :-1]) / 2               # as in _assign: ties go down
-        new_ends = torch.searchsorted(v, midpoints.contiguous(), right=True)  # (R, C-1): end of runs 0..C-2
+        new_ends = _searchsorted(v, midpoints, right=True)                 # (R, C-1): end of runs 0..C-2
         if ends is not None:
             moving = (new_ends != ends).any(1)
             n_moving = int(moving.sum())

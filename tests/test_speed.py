@@ -44,3 +44,44 @@ def test_lcd_linear_trains_both_parameters_and_equals_its_frozen_layer():
     assert layer.codebook.grad is not None and layer.codebook.grad.abs().sum() > 0
     with torch.no_grad():
         assert torch.equal(layer(x), layer.freeze()(x))
+
+
+def exact_sse_over_atoms(P, Q, S, C):
+    """The least SSE of C runs of atoms from prefix sums (M+1,), by the plain O(C M^2) recursion in float64,
+    written independently of lcd.py."""
+    P, Q, S = (t.double() for t in (P, Q, S))
+    M = len(P) - 1
+    i, j = torch.arange(M + 1)[:, None], torch.arange(M + 1)[None, :]
+    mass = P[j] - P[i]
+    cost = S[j] - S[i] - torch.where(mass > 0, (Q[j] - Q[i]) ** 2 / mass.clamp_min(1e-300), 0.0)
+    cost = torch.where(j > i, cost, torch.inf)
+    best = cost[0]
+    for _ in range(C - 1):
+        best = (best[:, None] + cost).amin(0)
+    return best[M].item()
+
+
+@pytest.mark.parametrize("C", [2, 4, 8, 16])
+def test_optimal_cuts_are_the_exact_optimum_over_atoms(C):
+    """_optimal_cuts (the DP density_init uses) against a float64 reference, on heavy-tailed rows with empty
+    atoms and random masses: the SSE of its cuts equals the optimum within float tolerance."""
+    g = torch.Generator().manual_seed(C)
+    R, n, M = 24, 200, 40
+    z = torch.randn(5, R, n, generator=g)
+    v = (z[0] / (z[1:] ** 2).mean(0).sqrt()).sort(1).values                # Student-t rows, sorted
+    m = torch.exp(2 * torch.randn(R, n, generator=g))
+    m[:, ::5] = 0
+    v = v - (m * v).sum(1, keepdim=True) / m.sum(1)[:, None]
+    atom = (torch.rand(R, n, generator=g).cumsum(1) / n * M * 0.999).long().clamp(max=M - 1)  # some empty
+
+    def prefix(t):
+        return F.pad(torch.zeros(R, M).scatter_add_(1, atom, t).cumsum(1), (1, 0))
+
+    P, Q, S = prefix(m), prefix(m * v), prefix(m * v * v)
+    cuts = lcd._optimal_cuts(P, Q, S, C)
+    assert cuts.shape == (R, C + 1) and (cuts[:, 1:] > cuts[:, :-1]).all()   # C non-empty runs of atoms
+    run = lambda t: t.double().gather(1, cuts[:, 1:]) - t.double().gather(1, cuts[:, :-1])  # noqa: E731
+    sse = (run(S) - run(Q) ** 2 / run(P).clamp_min(1e-300)).sum(1)
+    for r in range(R):
+        optimum = exact_sse_over_atoms(P[r], Q[r], S[r], C)
+        assert sse[r].item() == pytest.approx(optimum, rel=1e-4, abs=1e-6 * S[r, -1].item())
