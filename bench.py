@@ -668,31 +668,34 @@ def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepar
     SmolLM2-135M once model.py loads it): seconds of lcd.quantize(method=...) for every method and b, with
     the calibration on `calib` (a list of (B, T) batches) included; of lcd.prepare_student; and of one
     distillation step (speculative step amortized) against one teacher training step on `batch` (B, T).
-    Returns a list of rows: dict(method, bits, seconds, bits_per_weight, ...)."""
+    Returns dict(n_weights, teacher_step (s), rows: [dict(method, bits, seconds, bits_per_weight or ratio ...)])."""
     rows = []
     n_weights = sum(m.weight.numel() for m in lcd.find_linears(model).values())
     teacher_s = teacher_step_seconds(model, batch, 2) if "kd" in methods else None
     for b in bits_list:
+        if "prepare" in methods or "kd" in methods:       # one student serves both rows
+            t0 = time.perf_counter()
+            student = lcd.prepare_student(model, b, calib=calib)
+            prepare_s = time.perf_counter() - t0
+            if "kd" in methods:
+                step, parts = kd_step_seconds(model, student, batch, cost_kd_steps)
+                rows.append(dict(method="kd step", bits=b, seconds=step, teacher_step=teacher_s,
+                                 ratio=step / teacher_s, **parts))
+                log(f"  kd step b={b}: {step:.2f} s, {step / teacher_s:.2f}x the teacher step {teacher_s:.2f} s")
+            if "prepare" in methods:
+                rows.append(dict(method="prepare_student", bits=b, seconds=prepare_s,
+                                 bits_per_weight=lcd.footprint(lcd.freeze(student))["bits_per_weight"]))
+                log(f"  prepare_student b={b}: {prepare_s:.1f} s")
+            del student
         for method in methods:
-            if method == "kd" or method == "prepare":
-                t0 = time.perf_counter()
-                student = lcd.prepare_student(model, b, calib=calib)
-                seconds = time.perf_counter() - t0
-                if method == "prepare":
-                    fp = lcd.footprint(lcd.freeze(student))
-                    rows.append(dict(method="prepare_student", bits=b, seconds=seconds,
-                                     bits_per_weight=fp["bits_per_weight"]))
-                else:
-                    step, parts = kd_step_seconds(model, student, batch, cost_kd_steps)
-                    rows.append(dict(method="kd step", bits=b, seconds=step, teacher_step=teacher_s,
-                                     ratio=step / teacher_s, **parts))
-            else:
-                t0 = time.perf_counter()
-                quantized = lcd.quantize(copy.deepcopy(model), b, calib=calib, method=method)
-                seconds = time.perf_counter() - t0
-                rows.append(dict(method=method, bits=b, seconds=seconds,
-                                 bits_per_weight=lcd.footprint(quantized)["bits_per_weight"]))
-            log(f"  {rows[-1]['method']} b={b}: {rows[-1]['seconds']:.1f} s")
+            if method in ("prepare", "kd"):
+                continue
+            t0 = time.perf_counter()
+            quantized = lcd.quantize(copy.deepcopy(model), b, calib=calib, method=method)
+            seconds = time.perf_counter() - t0
+            rows.append(dict(method=method, bits=b, seconds=seconds,
+                             bits_per_weight=lcd.footprint(quantized)["bits_per_weight"]))
+            log(f"  {method} b={b}: {seconds:.1f} s")
     return dict(n_weights=n_weights, teacher_step=teacher_s, rows=rows)
 
 

@@ -85,3 +85,21 @@ def test_optimal_cuts_are_the_exact_optimum_over_atoms(C):
     for r in range(R):
         optimum = exact_sse_over_atoms(P[r], Q[r], S[r], C)
         assert sse[r].item() == pytest.approx(optimum, rel=1e-4, abs=1e-6 * S[r, -1].item())
+
+
+def test_cost_table_runs_every_part_on_a_small_heavy_tailed_model():
+    """bench.py --cost's table on model.py's 'tiny' GPT: every method and part gives a row (no timing asserts:
+    the seconds are whatever this machine takes)."""
+    import bench
+    model = bench.cost_stand_in("tiny").eval()
+    W = next(iter(lcd.find_linears(model).values())).weight
+    kurtosis = ((W - W.mean()) ** 4).mean() / W.var() ** 2
+    assert kurtosis > 4                                        # heavy-tailed, unlike the Gaussian init (3)
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
+    batch = torch.randint(0, 256, (2, 16), generator=g)
+    out = bench.cost_table(model, calib, batch, (2,), ("lcd", "prepare", "gptq", "kd"), log=lambda s: None)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert set(rows) == {"lcd", "prepare_student", "gptq", "kd step"}
+    assert all(r["seconds"] > 0 for r in rows.values())
+    assert 2 < rows["lcd"]["bits_per_weight"] < 4 and rows["kd step"]["ratio"] > 0
