@@ -66,6 +66,7 @@ cost_methods = "lcd,prepare,gptq,claq,kd"   # what --cost times: quantize(method
 cost_batch = "4x256"       # B x T of each calibration batch and of the KD / teacher training step
 cost_calib = 4             # calibration batches for --cost
 cost_kd_steps = 4          # distillation steps timed by --cost (the last one runs a speculative step)
+cost_layers = 0            # --cost: 0 = the model's own depth; n = only n blocks (clustering time scales with n)
 figures = 0                # 1: draw the README's figures (needs matplotlib) from the JSON files in out_dir
 out_dir = "out"            # where --figures reads quality.json, results*.json and teacher.pt, and writes PNGs
 json = ""                  # write all numbers to this file
@@ -612,6 +613,8 @@ def cost_stand_in(name):
     torch.manual_seed(seed)
     config = dict(COST_MODELS.get(name) or SIZES[name])
     config.setdefault("vocab_size", 256)
+    if cost_layers:
+        config["n_layer"] = cost_layers
     return heavy_tailed_(GPT(config), torch.Generator().manual_seed(seed))
 
 
@@ -708,7 +711,8 @@ def bench_cost():
     calib = [torch.randint(0, vocab, (B, T), generator=generator) for _ in range(cost_calib)]
     batch = torch.randint(0, vocab, (B, T), generator=generator)
     methods = [m.strip() for m in cost_methods.split(",") if m.strip()]
-    print(f"\nCost at scale on '{cost_model}' (heavy-tailed random weights), {torch.get_num_threads()} threads:")
+    print(f"\nCost at scale on '{cost_model}' ({model.config.n_layer} blocks, heavy-tailed random weights), "
+          f"{torch.get_num_threads()} threads:")
     result = cost_table(model, calib, batch, parse_ints(cost_bits), methods)
     table = []
     for r in result["rows"]:
