@@ -157,11 +157,12 @@ def _grouped(t, group_size):
 def _searchsorted(sorted_rows, values, right=False):
     """torch.searchsorted(sorted_rows (R, L), values (R, V), right=right): per value, how many entries of its
     sorted row lie below it (or at most equal, right=True). Small problems count by comparison instead:
-    searchsorted costs milliseconds a call whatever the size (measured on a 2-core CPU: 6 ms for 576 rows of
-    3), which GPTQ's and CLAQ's column loops pay tens of thousands of times. Same integers either way."""
-    if sorted_rows.shape[1] * values.numel() <= 2 ** 16:
-        below = sorted_rows[:, None, :] <= values[:, :, None] if right else sorted_rows[:, None, :] < values[:, :, None]
-        return below.sum(2)                                                            # (R, V)
+    a searchsorted call has a fixed cost of milliseconds (measured on a shared 2-core CPU: 6 ms for 576 rows
+    of 3 midpoints, 0.01 ms by comparison), which GPTQ's and CLAQ's column loops pay tens of thousands of
+    times. Same integers either way."""
+    if sorted_rows.shape[1] * values.numel() <= 2 ** 16:                           # (R, V, L) <= 64 Ki
+        rows, vals = sorted_rows[:, None, :], values[:, :, None]
+        return (rows <= vals if right else rows < vals).sum(2)                         # (R, V)
     return torch.searchsorted(sorted_rows.contiguous(), values.contiguous(), right=right)
 
 
