@@ -198,17 +198,19 @@ def gptq_quantize(W, H, bits, group_size=None, act_order=GPTQ_ACT_ORDER, block_s
     gs = group_size or K
     G = math.ceil(K / gs)
     grid = torch.zeros(N, G, 2 ** bits)                     # RTN's grid, fp32: it decides the rounding
-    fitted = torch.zeros(G, dtype=torch.bool)
+    midpoints, stored = {}, {}                              # per fitted group: (N, 2^b - 1), (N, 2^b) fp16 values
     idx = torch.zeros(N, K, dtype=torch.long)
 
     def quantize_column(k, w, current):
         g = k // gs
-        if not fitted[g]:
+        if g not in midpoints:
             cols = list(range(g * gs, min(g * gs + gs, K)))
             grid[:, g] = uniform_codebook(current(cols), bits, None)[:, 0]
-            fitted[g] = True
-        idx[:, k] = nearest(w[:, None], grid[:, g:g + 1], None)[:, 0]
-        return grid[torch.arange(N), g, idx[:, k]].half().float()     # the stored (fp16) value
+            # a grid lo + step * j (step >= 0) is sorted: nearest() without its sort, once per group
+            midpoints[g] = ((grid[:, g, 1:] + grid[:, g, :-1]) / 2).contiguous()
+            stored[g] = grid[:, g].half().float()
+        idx[:, k] = lcd._searchsorted(midpoints[g], w[:, None])[:, 0]      # ties go down, as nearest()
+        return stored[g].gather(1, idx[:, k:k + 1])[:, 0]                # the stored (fp16) value
 
     gptq_loop(W, H, quantize_column, act_order, block_size, damp)
     return grid, idx

@@ -65,6 +65,14 @@ emulate = 0                # 1: run every kernel through the CPU emulation (corr
 quality = 0                # 1: every method's validation loss on out_dir's teacher (quality_table)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
+cost = 0                   # 1: seconds to quantize, prepare and distill a 135M-class model (bench_cost)
+cost_model = "smol"        # --cost's model: "smol" (30 x 576, SmolLM2-135M's rows), "gpt2" (12 x 768) or a model.py size
+cost_bits = "2,3,4"        # index bits --cost measures
+cost_methods = "lcd,prepare,gptq,claq,kd"   # what --cost times: quantize(method=...), prepare_student, the KD step
+cost_batch = "4x256"       # B x T of each calibration batch and of the KD / teacher training step
+cost_calib = 4             # calibration batches for --cost
+cost_kd_steps = 4          # distillation steps timed by --cost (the last one runs a speculative step)
+cost_layers = 0            # --cost: 0 = the model's own depth; n = only n blocks (clustering time scales with n)
 figures = 0                # 1: draw the README's figures (needs matplotlib) from the JSON files in out_dir
 out_dir = "out"            # where --figures reads quality.json, results*.json and teacher.pt, and writes PNGs
 json = ""                  # write all numbers to this file
@@ -79,7 +87,7 @@ top_k = 40                 # with --generate: sample among the k likeliest token
 CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))
                and k not in ("CONFIG_KEYS",)]
 DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}   # as written above: --help shows them, overrides take their types
-SWITCHES = ("emulate", "quality", "sass", "figures")   # keys that may be given bare: --quality means --quality=1
+SWITCHES = ("emulate", "quality", "sass", "figures", "cost")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
 # RTX 4090 specifications). Matched against torch.cuda.get_device_name(); first match wins.
@@ -671,6 +679,154 @@ def bench_quality():
     return quality_table(out_dir=out_dir)
 
 
+# ---- cost at real scale: quantize, prepare_student and one distillation step of a 135M-class model ----
+# The stand-in for SmolLM2-135M (until its loader is in model.py): model.py's GPT at 30 blocks x 576, whose
+# rows are SmolLM2's in number (155 520) and length (576, except 2304 for the MLP's c_proj where SmolLM2
+# has 1536), vocabulary 49 152. Random weights would be too easy for the clustering (Gaussian rows), so the
+# linear weights are made heavy-tailed like trained ones: Student-t rows (nu = 4), a per-row scale, and a
+# few input channels with 10x larger weights (the outlier channels of real LLMs).
+COST_MODELS = {"smol": dict(n_layer=30, n_head=9, n_embd=576, block_size=256, vocab_size=49152),
+               "gpt2": dict(SIZES["gpt2"], block_size=256)}
+SPECULATIVE_EVERY = 25    # train_kd.py's default: the speculative step's cost is amortized over this many steps
+
+
+@torch.no_grad()
+def heavy_tailed_(model, generator, outlier_channels=0.01):
+    """Give every linear layer heavy-tailed weights (Student-t, nu = 4) of the layer's own scale, a log-normal
+    scale per row and 10x weights in `outlier_channels` of the input channels; returns the model."""
+    for linear in lcd.find_linears(model).values():
+        W = linear.weight                                                       # (N, K)
+        N, K = W.shape
+        z = torch.randn(5, N, K, generator=generator)
+        t = z[0] / (z[1:] ** 2).mean(0).sqrt()          # Student-t, nu = 4: normal / sqrt(chi^2_4 / 4)
+        row_scale = torch.exp(0.3 * torch.randn(N, 1, generator=generator))
+        channel = torch.ones(K)
+        channel[torch.randperm(K, generator=generator)[:max(1, round(outlier_channels * K))]] = 10.0
+        W.copy_(t * row_scale * channel * W.std() / t.std())
+    return model
+
+
+def cost_stand_in(name):
+    """The --cost_model: a COST_MODELS name or a model.py size, heavy-tailed (heavy_tailed_)."""
+    if name not in COST_MODELS and name not in SIZES:
+        raise SystemExit(f"--cost_model must be one of {sorted(COST_MODELS) + sorted(SIZES)}, got {name!r}")
+    torch.manual_seed(seed)
+    config = dict(COST_MODELS.get(name) or SIZES[name])
+    config.setdefault("vocab_size", 256)
+    if cost_layers:
+        config["n_layer"] = cost_layers
+    return heavy_tailed_(GPT(config), torch.Generator().manual_seed(seed))
+
+
+def kd_step_seconds(teacher, student, batch, steps, speculative_every=SPECULATIVE_EVERY):
+    """(seconds of one distillation step with the speculative step amortized, its parts) on `batch` (B, T):
+    lcd.distill for `steps` steps whose last one runs a speculative step (the EMA candidate is kept every
+    step, as in train_kd.py); a plain step is the fastest of the others, the speculative step the last one's
+    extra time. The forward and backward of one student step are timed once more on their own."""
+    times, last = [], [time.perf_counter()]
+
+    def on_step(step, loss, info):
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    lcd.distill(teacher, student, iter([batch] * steps), steps, calib_x=batch, speculative_every=steps + 1,
+                on_step=on_step)
+    plain = min(times[:-1])
+    speculative = max(0.0, times[-1] - plain)
+    with torch.no_grad():
+        t_logits = lcd.model_logits(teacher(batch))
+    t0 = time.perf_counter()
+    loss = lcd.kd_loss(lcd.model_logits(student(batch)), t_logits)
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    student.zero_grad(set_to_none=True)
+    return plain + speculative / speculative_every, dict(plain=plain, speculative=speculative, forward=t1 - t0,
+                                                         backward=t2 - t1)
+
+
+def teacher_step_seconds(teacher, batch, steps):
+    """Seconds of one full-precision training step of `teacher` on `batch`: next-token cross-entropy, backward,
+    AdamW (all parameters train); the fastest of `steps` on a copy, so the teacher is not changed."""
+    model = copy.deepcopy(teacher).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits = lcd.model_logits(model(batch[:, :-1]))
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepare", "gptq", "claq", "kd"),
+               log=print):
+    """What LCD and its baselines cost on `model` (any model whose forward takes token ids (B, T); the real
+    SmolLM2-135M once model.py loads it): seconds of lcd.quantize(method=...) for every method and b, with
+    the calibration on `calib` (a list of (B, T) batches) included; of lcd.prepare_student; and of one
+    distillation step (speculative step amortized) against one teacher training step on `batch` (B, T).
+    Returns dict(n_weights, teacher_step (s), rows: [dict(method, bits, seconds, bits_per_weight or ratio ...)])."""
+    rows = []
+    n_weights = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    teacher_s = teacher_step_seconds(model, batch, 2) if "kd" in methods else None
+    for b in bits_list:
+        if "prepare" in methods or "kd" in methods:       # one student serves both rows
+            t0 = time.perf_counter()
+            student = lcd.prepare_student(model, b, calib=calib)
+            prepare_s = time.perf_counter() - t0
+            if "kd" in methods:
+                step, parts = kd_step_seconds(model, student, batch, cost_kd_steps)
+                rows.append(dict(method="kd step", bits=b, seconds=step, teacher_step=teacher_s,
+                                 ratio=step / teacher_s, **parts))
+                log(f"  kd step b={b}: {step:.2f} s, {step / teacher_s:.2f}x the teacher step {teacher_s:.2f} s")
+            if "prepare" in methods:
+                rows.append(dict(method="prepare_student", bits=b, seconds=prepare_s,
+                                 bits_per_weight=lcd.footprint(lcd.freeze(student))["bits_per_weight"]))
+                log(f"  prepare_student b={b}: {prepare_s:.1f} s")
+            del student
+        for method in methods:
+            if method in ("prepare", "kd"):
+                continue
+            t0 = time.perf_counter()
+            quantized = baselines.quantize(copy.deepcopy(model), b, calib=calib, method=method)
+            seconds = time.perf_counter() - t0
+            rows.append(dict(method=method, bits=b, seconds=seconds,
+                             bits_per_weight=lcd.footprint(quantized)["bits_per_weight"]))
+            log(f"  {method} b={b}: {seconds:.1f} s")
+    return dict(n_weights=n_weights, teacher_step=teacher_s, rows=rows)
+
+
+def bench_cost():
+    """--cost: cost_table on the stand-in --cost_model (heavy-tailed random weights, random token ids)."""
+    model = cost_stand_in(cost_model).eval()
+    B, T = parse_shapes(cost_batch)[0]
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(seed)
+    calib = [torch.randint(0, vocab, (B, T), generator=generator) for _ in range(cost_calib)]
+    batch = torch.randint(0, vocab, (B, T), generator=generator)
+    methods = [m.strip() for m in cost_methods.split(",") if m.strip()]
+    print(f"\nCost at scale on '{cost_model}' ({model.config.n_layer} blocks, heavy-tailed random weights), "
+          f"{torch.get_num_threads()} threads:")
+    result = cost_table(model, calib, batch, parse_ints(cost_bits), methods)
+    table = []
+    for r in result["rows"]:
+        extra = "" if "ratio" not in r else (f"{r['ratio']:.2f}x teacher step ({r['teacher_step']:.2f} s); fwd "
+                                             f"{r['forward']:.2f} s, bwd {r['backward']:.2f} s, spec "
+                                             f"{r['speculative']:.2f} s / {SPECULATIVE_EVERY}")
+        bpw = f"{r['bits_per_weight']:.3f}" if "bits_per_weight" in r else ""
+        table.append([r["method"], r["bits"], f"{r['seconds']:.2f}", bpw, extra])
+    print_table(f"Cost on '{cost_model}' ({result['n_weights'] / 1e6:.1f}M linear weights; calibration "
+                f"{cost_calib} x {cost_batch} tokens, included)", ["method", "bits", "seconds", "bits/weight",
+                                                                   "KD step"], table)
+    return dict(model=cost_model, **result)
+
+
 # ---- figures: what the measured runs look like (matplotlib, imported only here) ----
 
 def smoothed(values, decay=0.98):
@@ -888,6 +1044,8 @@ def main(argv):
         results["rows"] = bench_quality()   # the quality table: one object per method and width
     if sass:
         results["sass"] = bench_sass()
+    if cost:
+        results["cost"] = bench_cost()
     if figures:
         results["figures"] = draw_figures()
     if json:
