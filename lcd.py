@@ -1312,6 +1312,11 @@ def _nearest(W, codebook, group_size):
     return idx.view(N, -1)[:, :K].contiguous()
 
 
+def _flat_index(idx, group_size, C):
+    """(N, K) positions of idx's centroids in the codebook viewed as (N, G * C)."""
+    return idx + torch.arange(idx.shape[1], device=idx.device) // group_size * C
+
+
 class _StraightThrough(torch.autograd.Function):
     """W_q[n, k] = fp16(codebook)[n, k // group_size, idx[n, k]] (N, K) from weight (N, K), codebook (N, G, C),
     idx (N, K); backward: dL/dweight = dL/dW_q (straight through), dL/dcodebook[n, g, c] = sum of dL/dW_q
@@ -1321,17 +1326,17 @@ class _StraightThrough(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, codebook, idx, group_size):
         N, G, C = codebook.shape
-        flat = idx + torch.arange(idx.shape[1], device=idx.device) // group_size * C   # (N, K) into (N, G*C)
-        ctx.save_for_backward(flat)
-        ctx.codebook_shape = codebook.shape
-        return codebook.detach().half().float().reshape(N, G * C).gather(1, flat)
+        ctx.save_for_backward(idx)            # not the int64 flat index: backward rebuilds it (memory)
+        ctx.codebook_shape, ctx.group_size = codebook.shape, group_size
+        return codebook.detach().half().float().reshape(N, G * C).gather(1, _flat_index(idx, group_size, C))
 
     @staticmethod
     def backward(ctx, grad):
-        flat, = ctx.saved_tensors
+        idx, = ctx.saved_tensors
         N, G, C = ctx.codebook_shape
         grad_codebook = None
         if ctx.needs_input_grad[1]:
+            flat = _flat_index(idx, ctx.group_size, C)
             grad_codebook = torch.zeros(N, G * C, dtype=grad.dtype, device=grad.device).scatter_add_(1, flat, grad)
             grad_codebook = grad_codebook.view(N, G, C)
         return grad if ctx.needs_input_grad[0] else None, grad_codebook, None, None
@@ -1674,9 +1679,10 @@ def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0
 # ---- speculative optimization ------------------------------------------------------------------------
 
 def _trainable_state(student):
-    """A copy of everything a candidate may change: trainable parameters and the assignments."""
+    """A copy of everything a candidate may change: trainable parameters and the assignments (as uint8:
+    an index is below 2^b <= 256, and on a 135M model the int64 copy alone would take 850 MB)."""
     state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    state.update({f"{n}.idx": m.idx.clone() for n, m in lcd_layers(student).items()})
+    state.update({f"{n}.idx": m.idx.to(torch.uint8) for n, m in lcd_layers(student).items()})
     return state
 
 
