@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row stops changing long before
-DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search (exact up to 128 wide)
+DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search, at 4 centroids (density_atoms)
 ENTRIES_PER_WORD = {2: 16, 3: 10, 4: 8}  # b-bit indices per 32-bit word (3-bit: 10 a word, 2 bits spare)
 FORMAT_VERSION = 1      # version of the file written by save_quantized
 FP16_MAX = 65504.0      # largest finite fp16: every stored codebook, outlier and scale must stay within it
@@ -277,7 +277,16 @@ def _optimal_cuts(P, Q, S, C, chunk=2**22):
     return cuts
 
 
-def density_init(v, m, C, n_atoms=DENSITY_ATOMS):
+def density_atoms(C, base=DENSITY_ATOMS):
+    """Atoms for C centroids: base up to C = 4, then base * sqrt(4 / C), so that the exact bin search, which
+    costs C M^2 a row, costs the same at 3 and 4 bits as at 2 (128, 91, 64 atoms for C = 4, 8, 16). Measured
+    (16 rows each of Gaussian, Laplacian, Student-t weights, 128 to 576 wide, random importance): after Lloyd
+    at most 0.04 % (C = 8) and 0.73 % (C = 16) above the exact optimum; 128 atoms would give 0.04 % and 0.13 %
+    at 2x and 4x the time."""
+    return base if C <= 4 else round(base * math.sqrt(4 / C))
+
+
+def density_init(v, m, C, n_atoms=None):
     """Density-based initialization: bins of the importance-weighted distribution of each grouped row, and
     each centroid at the weighted mean of its bin. v: (R, g) grouped rows sorted ascending, m: their mass.
 
@@ -289,11 +298,12 @@ def density_init(v, m, C, n_atoms=DENSITY_ATOMS):
          density of the weights (from the spacing of the sorted weights): p^(1/3) is the point density of
          an optimal quantizer (Panter & Dite), denser than equal mass where weights are rare;
       2. merge the atoms into the C runs with the least weighted SSE, exactly (_optimal_cuts).
-    A row of at most M weights is its own M atoms, and then the bins are the exact optimum."""
+    A row of at most M weights is its own M atoms, and then the bins are the exact optimum.
+    n_atoms: M (None: density_atoms(C))."""
     R, n = v.shape
     mean = (m * v).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1e-30)
     v = v - mean                                               # centred: the sums below stay well conditioned
-    M = max(C, min(n, n_atoms))
+    M = max(C, min(n, density_atoms(C) if n_atoms is None else n_atoms))
     if n <= M:
         atom = torch.arange(n, device=v.device).expand(R, n)   # one atom a weight
     else:                                                      # compander: grows by p^(1/3) dx, p = dmass/dx
