@@ -66,7 +66,7 @@ quality = 0                # 1: every method's validation loss on out_dir's teac
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
 cost = 0                   # 1: seconds to quantize, prepare and distill a 135M-class model (bench_cost)
-cost_model = "smol"        # --cost's model: "smol" (30 x 576, SmolLM2-135M's rows), "gpt2" (12 x 768) or a model.py size
+cost_model = "smol"        # --cost's model: "smollm2" (the real one, through pip), "smol" (its random stand-in), "gpt2" or a size
 cost_bits = "2,3,4"        # index bits --cost measures
 cost_methods = "lcd,prepare,gptq,claq,kd"   # what --cost times: quantize(method=...), prepare_student, the KD step
 cost_batch = "4x256"       # B x T of each calibration batch and of the KD / teacher training step
@@ -802,16 +802,36 @@ def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepar
     return dict(n_weights=n_weights, teacher_step=teacher_s, rows=rows)
 
 
-def bench_cost():
-    """--cost: cost_table on the stand-in --cost_model (heavy-tailed random weights, random token ids)."""
-    model = cost_stand_in(cost_model).eval()
+def cost_pretrained(name):
+    """(model, calibration batches, one training batch) of a named checkpoint (train_kd's --init_from=smollm2),
+    on the training split of its own tokens; cost_layers > 0 keeps only that many blocks."""
+    import train_kd   # the pipeline's loader and data: the cost measured is the cost a run pays
+    model = train_kd.load_pretrained_teacher(name, train_kd.ensure_data(f"shakespeare_{name}", name), log=None)
+    if cost_layers:
+        del lcd.find_blocks(model)[1][cost_layers:]
+    train = train_kd.load_tokens(train_kd.ensure_data(f"shakespeare_{name}", name)["dir"], "train")
     B, T = parse_shapes(cost_batch)[0]
-    vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
-    calib = [torch.randint(0, vocab, (B, T), generator=generator) for _ in range(cost_calib)]
-    batch = torch.randint(0, vocab, (B, T), generator=generator)
+    calib = [train_kd.get_batch(train, B, T, generator)[0] for _ in range(cost_calib)]
+    return model, calib, train_kd.get_batch(train, B, T, generator)[0]
+
+
+def bench_cost():
+    """--cost: cost_table on --cost_model: the real checkpoint on its own data, or the stand-in (heavy-tailed
+    random weights, random token ids)."""
+    B, T = parse_shapes(cost_batch)[0]
+    if cost_model == "smollm2":
+        model, calib, batch = cost_pretrained(cost_model)
+        what = "the pretrained weights, Shakespeare calibration"
+    else:
+        model = cost_stand_in(cost_model).eval()
+        vocab = model.config.vocab_size
+        generator = torch.Generator().manual_seed(seed)
+        calib = [torch.randint(0, vocab, (B, T), generator=generator) for _ in range(cost_calib)]
+        batch = torch.randint(0, vocab, (B, T), generator=generator)
+        what = "heavy-tailed random weights"
     methods = [m.strip() for m in cost_methods.split(",") if m.strip()]
-    print(f"\nCost at scale on '{cost_model}' ({model.config.n_layer} blocks, heavy-tailed random weights), "
+    print(f"\nCost at scale on '{cost_model}' ({len(lcd.find_blocks(model)[1])} blocks, {what}), "
           f"{torch.get_num_threads()} threads:")
     result = cost_table(model, calib, batch, parse_ints(cost_bits), methods)
     table = []
