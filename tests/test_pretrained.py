@@ -2,11 +2,15 @@
 Hugging Face directory goes through every stage, block-wise reconstruction and its ablation included."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import train_kd
+from conftest import ROOT
 from test_llama import hf_config, hf_tensors, tiny_llama
 from test_model import write_safetensors
 
@@ -82,3 +86,19 @@ def test_block_wise_distillation_resumes_after_its_last_finished_block(llama_dir
     resumed, _, _, _ = train_kd.run_distillation("lcd", teacher, config, train, calib, calib_x, 0, 1, "cpu")
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_block_wise_pipeline_under_torchrun(llama_dir, tiny_data, tmp_path):
+    data_dir, _ = tiny_data
+    with socket.socket() as s:                                  # a free port: other runs may share the host
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           os.path.join(ROOT, "train_kd.py"), f"--init_from={llama_dir}", f"--dataset={data_dir}",
+           f"--out_dir={tmp_path}", "--device=cpu", "--block_size=16", "--batch_size=2", "--eval_batches=1",
+           "--calib_batches=2", "--block_steps=2", "--kd_steps=2", "--kd_batch_size=2", "--speculative_every=1",
+           "--ptq=rtn", "--sample_tokens=0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "block model.layers.1: relative output error" in result.stdout and "lcd: val loss" in result.stdout
+    assert os.path.exists(tmp_path / "lcd_w2.pt")
