@@ -393,6 +393,20 @@ class Progress:
             self.last_log = now
 
 
+def peak_memory_gib(reset=False):
+    """The process's peak resident memory in GiB since the start or the last reset=True (Linux: VmHWM in
+    /proc/self/status, reset through /proc/self/clear_refs; elsewhere the lifetime peak, never reset)."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2 ** 20
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    except (OSError, StopIteration, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux and BSD report KiB
+    return peak
+
+
 def _clock(seconds):
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
@@ -896,7 +910,8 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
                         layer.a_bits = config["a_bits"]
             rows.append(result_row(name, quantized, config, val, time.time() - t0))
             print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
-        print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included")
+        print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included; peak memory "
+              f"{peak_memory_gib(reset=True):.2f} GiB")
 
     # stages 5-6: plain KD, then LCD, with the same budget; then the ablation
     curves, ablation, timings = {}, [], {}
@@ -921,7 +936,8 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
         if rank == 0:
             row = result_row(method, student, config, val, seconds)
             print(f"{method}: val loss {row['val_loss']:.4f} (teacher {teacher_row['val_loss']:.4f}); {seconds:.0f} s "
-                  f"(block-wise {history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s)")
+                  f"(block-wise {history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
+                  f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
             curves[method] = dict(loss=history["loss"], stages=history["stages"],
                                   spec_wins=history["spec_wins"], spec_checks=history["spec_checks"],
                                   blocks=history["blocks"], blocks_seconds=history["blocks_seconds"],
@@ -1047,8 +1063,8 @@ def run(config):
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)
 
     if rank == 0:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux reports KiB
-        print(f"done in {time.time() - t_start:.0f} s; peak memory {peak:.2f} GiB")
+        print(f"done in {time.time() - t_start:.0f} s; peak memory {peak_memory_gib():.2f} GiB (since the last stage's "
+              f"line; the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB)")
     if world > 1:
         dist.destroy_process_group()
 
