@@ -271,7 +271,11 @@ def help_text():
     defaults = {k: globals()[k] for k in CONFIG_KEYS}
     return (f"usage: python train_kd.py [--key=value ...]   (the whole LCD pipeline, stages 1-7)\n\n{usage}"
             f"\n\nEvery key below takes --key=value (a Python literal, or a bare word for a string):\n\n"
-            + lcd.describe_config(os.path.abspath(__file__), defaults))
+            + lcd.describe_config(os.path.abspath(__file__), defaults)
+            + "\n\nWith a pretrained teacher (--init_from other than scratch) these defaults change (a key given "
+              "on the command line wins):\n  pretrained: " + ", ".join(f"--{k}={v}" for k, v in PRETRAINED_DEFAULTS.items())
+            + "".join(f"\n  and with --init_from={name}: " + ", ".join(f"--{k}={v}" for k, v in extra.items())
+                      for name, extra in NAMED_CHECKPOINT_DEFAULTS.items()))
 
 
 def model_config(config, vocab_size):
