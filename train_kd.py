@@ -408,7 +408,11 @@ def peak_memory_gib(reset=False):
                 f.write("5")
     except (OSError, StopIteration, ValueError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # Linux and BSD report KiB
+    _PEAKS.append(peak)
     return peak
+
+
+_PEAKS = []   # every peak_memory_gib() reading: the run's peak is their maximum (a reset also resets ru_maxrss)
 
 
 def _clock(seconds):
@@ -1067,8 +1071,9 @@ def run(config):
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)
 
     if rank == 0:
-        print(f"done in {time.time() - t_start:.0f} s; peak memory {peak_memory_gib():.2f} GiB (since the last stage's "
-              f"line; the whole run: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB)")
+        last = peak_memory_gib()
+        print(f"done in {time.time() - t_start:.0f} s; peak memory {max(_PEAKS):.2f} GiB (since the last stage's "
+              f"line: {last:.2f} GiB)")
     if world > 1:
         dist.destroy_process_group()
 
