@@ -806,10 +806,11 @@ def cost_pretrained(name):
     """(model, calibration batches, one training batch) of a named checkpoint (train_kd's --init_from=smollm2),
     on the training split of its own tokens; cost_layers > 0 keeps only that many blocks."""
     import train_kd   # the pipeline's loader and data: the cost measured is the cost a run pays
-    model = train_kd.load_pretrained_teacher(name, train_kd.ensure_data(f"shakespeare_{name}", name), log=None)
+    meta = train_kd.ensure_data(f"shakespeare_{name}", name)
+    model = train_kd.load_pretrained_teacher(name, meta, log=None)
     if cost_layers:
         del lcd.find_blocks(model)[1][cost_layers:]
-    train = train_kd.load_tokens(train_kd.ensure_data(f"shakespeare_{name}", name)["dir"], "train")
+    train = train_kd.load_tokens(meta["dir"], "train")
     B, T = parse_shapes(cost_batch)[0]
     generator = torch.Generator().manual_seed(seed)
     calib = [train_kd.get_batch(train, B, T, generator)[0] for _ in range(cost_calib)]
