@@ -479,7 +479,7 @@ def lbllm_index(W, scales, group_size):
 
 def fake_quantize_clipped(x, a_bits, clip):
     """Per-token symmetric fake quantization to a_bits (levels -(2^(a-1) - 1) .. 2^(a-1) - 1, as
-    lcd.quantize_activations), range clip * max|x| of the token, so values beyond it saturate. The rounding
+    kernels.quantize_activations), range clip * max|x| of the token, so values beyond it saturate. The rounding
     is passed straight through (its gradient reaches clip, as in learned step size quantization)."""
     qmax = 2 ** (a_bits - 1) - 1
     step = (clip * x.abs().amax(-1, keepdim=True)).clamp_min(1e-8) / qmax

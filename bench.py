@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import baselines
+import kernels
 import lcd
 from model import GPT, SIZES
 
@@ -277,16 +278,16 @@ def random_lut_operands(N, K, b, gs, dev, generator):
 
 
 def kernel_versions(b, gs, K):
-    """The kernel versions that serve this layer shape (v4 only where lcd.v4_supports says so)."""
-    return [v for v in lcd.KERNEL_VERSIONS if v != "v4" or lcd.v4_supports(b, gs, K)]
+    """The kernel versions that serve this layer shape (v4 only where kernels.v4_supports says so)."""
+    return [v for v in kernels.KERNEL_VERSIONS if v != "v4" or kernels.v4_supports(b, gs, K)]
 
 
 def run_kernel(version, b, gs, packed, codebook, x, launch):
     """One kernel version on x (B, K) fp16: (y, the activations it really multiplied). v3 takes int8 x."""
     if version == "v3":
-        q, scale = lcd.quantize_activations(x, 8)
-        return lcd.lut_matmul("v3", b, gs, packed, codebook, q, launch, x_scale=scale), q.float() * scale[:, None]
-    return lcd.lut_matmul(version, b, gs, packed, codebook, x, launch), x.float()
+        q, scale = kernels.quantize_activations(x, 8)
+        return kernels.lut_matmul("v3", b, gs, packed, codebook, q, launch, x_scale=scale), q.float() * scale[:, None]
+    return kernels.lut_matmul(version, b, gs, packed, codebook, x, launch), x.float()
 
 
 def kernel_error(version, b, gs, packed, codebook, x, launch):
@@ -310,7 +311,7 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
         W = torch.randn(N, K, generator=generator).to(torch.float16).to(dev)
         for batch in parse_ints(batches):
             x = torch.randn(batch, K, generator=generator).to(torch.float16).to(dev)
-            xq, x_scale = lcd.quantize_activations(x, 8)
+            xq, x_scale = kernels.quantize_activations(x, 8)
             fp16_us = cuda_time_us(lambda: F.linear(x, W), reps, warmup, flush)
             limit = roofline_limit(N, K, bits, gs, batch)
             rows.append([f"{N}x{K}", batch, "fp16 F.linear", f"{fp16_us:.1f}",
@@ -318,14 +319,14 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
                          f"{100 * fp16_bytes(N, K, batch) / fp16_us / 1e3 / peak_gbps:.0f}", "1.00x", ""])
             versions = kernel_versions(bits, gs, K)
             for version in versions:   # every version is validated before anything is timed
-                error, bound = kernel_error(version, bits, gs, packed, codebook, x, lcd.cuda_launch)
+                error, bound = kernel_error(version, bits, gs, packed, codebook, x, kernels.cuda_launch)
                 if not error <= bound:
                     raise SystemExit(f"{version} is WRONG on {N}x{K}, batch {batch}: error {error:.1e} > {bound:.1e}")
             for version in versions:
                 if version == "v3":
-                    run = lambda: lcd.lut_matmul("v3", bits, gs, packed, codebook, xq, lcd.cuda_launch, x_scale=x_scale)
+                    run = lambda: kernels.lut_matmul("v3", bits, gs, packed, codebook, xq, kernels.cuda_launch, x_scale=x_scale)
                 else:
-                    run = lambda: lcd.lut_matmul(version, bits, gs, packed, codebook, x, lcd.cuda_launch)
+                    run = lambda: kernels.lut_matmul(version, bits, gs, packed, codebook, x, kernels.cuda_launch)
                 us = cuda_time_us(run, reps, warmup, flush)
                 moved = lut_bytes(N, K, bits, gs, batch, x_bytes=1 if version == "v3" else 2)
                 gbps = moved / us / 1e3
@@ -507,7 +508,7 @@ def sass_functions(arch):
     nvcc, cuobjdump = sass_tools()
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernels.cubin")
-        built = subprocess.run([nvcc, "-cubin", f"-arch={arch}", lcd.KERNELS_CU, "-o", cubin], capture_output=True, text=True)
+        built = subprocess.run([nvcc, "-cubin", f"-arch={arch}", kernels.KERNELS_CU, "-o", cubin], capture_output=True, text=True)
         if built.returncode != 0:
             raise SystemExit(f"nvcc could not compile kernels.cu for {arch}:\n{built.stderr}")
         dumped = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
@@ -586,7 +587,7 @@ def bench_sass():
           "measurement. Predicated-off instructions still take an issue slot, so a straight-line block costs its "
           "full length whatever the batch.")
     functions = sass_functions(sass_arch)
-    c = lcd.kernel_constants()
+    c = kernels.kernel_constants()
     E = lcd.ENTRIES_PER_WORD[bits]
     weights_per_pass = {  # weights one thread multiplies in one pass through the block, its multiply-add
         "v2": (E, f"1 word x every batch row <= {c['MAX_BATCH']} (predicated)", "FFMA"),
@@ -1040,7 +1041,7 @@ def main(argv):
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")
-    if on_gpu and not lcd.cuda_kernels_available():
+    if on_gpu and not kernels.cuda_kernels_available():
         raise SystemExit("the GPU benchmark needs CuPy and a CUDA GPU (pip install cupy-cuda12x); use --device=cpu")
     if sass:                    # prerequisites first, not after minutes of other work
         sass_tools()

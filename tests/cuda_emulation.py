@@ -1,6 +1,6 @@
 """
 Run kernels.cu on the CPU: compile it unchanged with g++ and tests/cuda_emulation.h, then launch its
-kernels through ctypes with the same (name, grid, block, args) that lcd.py hands to CuPy.
+kernels through ctypes with the same (name, grid, block, args) that kernels.py hands to CuPy.
 Used by tests/test_kernels.py and by `python bench.py --emulate=1`. A correctness tool, not a timer.
 """
 

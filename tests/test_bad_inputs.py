@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import kernels
 import lcd
 import train_kd
 from conftest import ROOT
@@ -212,12 +213,12 @@ def test_kernel_path_falls_back_to_the_reference_when_fp16_would_overflow(monkey
         pytest.skip("g++ is not installed: the CPU emulation of kernels.cu needs it")
     import cuda_emulation
     emulated = cuda_emulation.EmulatedKernels()
-    monkeypatch.setattr(lcd, "cuda_launch", emulated.launch)           # the GPU path, replayed on the CPU
-    monkeypatch.setattr(lcd, "_cuda_available", True)
+    monkeypatch.setattr(kernels, "cuda_launch", emulated.launch)           # the GPU path, replayed on the CPU
+    monkeypatch.setattr(kernels, "_cuda_available", True)
     layer = lcd.quantize_linear(nn.Linear(64, 4), 2)
     x = torch.full((1, 64), 1e5)                                       # fp32 activations past fp16
-    assert lcd.lut_forward_cuda(layer, x) is None                      # -> LUTLinear's reference
-    y = lcd.lut_forward_cuda(layer, torch.ones(1, 64))                 # in range: the kernel's answer
+    assert kernels.lut_forward_cuda(layer, x) is None                      # -> LUTLinear's reference
+    y = kernels.lut_forward_cuda(layer, torch.ones(1, 64))                 # in range: the kernel's answer
     torch.testing.assert_close(y, F.linear(torch.ones(1, 64), layer.weight_dequantized(), layer.bias),
                                rtol=2e-3, atol=2e-3)
 

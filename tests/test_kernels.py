@@ -20,6 +20,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
 import cuda_emulation  # noqa: E402
+import kernels  # noqa: E402
 import lcd  # noqa: E402
 
 VERSIONS = ("v1", "v2", "v3", "dequant")
@@ -65,12 +66,12 @@ def assert_close_to_fp16_rounding(y, reference, magnitude):
 
 
 def run_version(version, bits, group_size, packed, codebook, x, emulated, exact_int8=None):
-    """Run one version through lcd.lut_matmul on the emulator; returns (y, activations it used)."""
+    """Run one version through kernels.lut_matmul on the emulator; returns (y, activations it used)."""
     if version == "v3":
-        q, scale = exact_int8 if exact_int8 is not None else lcd.quantize_activations(x, 8)
-        y = lcd.lut_matmul("v3", bits, group_size, packed, codebook, q, emulated.launch, x_scale=scale)
+        q, scale = exact_int8 if exact_int8 is not None else kernels.quantize_activations(x, 8)
+        y = kernels.lut_matmul("v3", bits, group_size, packed, codebook, q, emulated.launch, x_scale=scale)
         return y, q.float() * scale[:, None]
-    return lcd.lut_matmul(version, bits, group_size, packed, codebook, x, emulated.launch), x.float()
+    return kernels.lut_matmul(version, bits, group_size, packed, codebook, x, emulated.launch), x.float()
 
 
 # ---- the layout and the fp16 emulation ----
@@ -131,12 +132,12 @@ def test_identity_codebook_is_exact(emulated, version, bits):
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_batch_above_max_batch_is_split(emulated, version):
-    max_batch = lcd.kernel_constants()["MAX_BATCH"]
+    max_batch = kernels.kernel_constants()["MAX_BATCH"]
     N, K, bits, group_size, batch = 19, 200, 3, 200, max_batch + 2
     generator = torch.Generator().manual_seed(7)
     packed, codebook, W = random_layer(N, K, bits, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    assert len(lcd.kernel_launches(version, bits, group_size, packed, codebook,
+    assert len(kernels.kernel_launches(version, bits, group_size, packed, codebook,
                                    x if version == "v2" else x.to(torch.int8), torch.empty(batch, N).half(),
                                    torch.ones(batch))) == 2
     y, x_used = run_version(version, bits, group_size, packed, codebook, x, emulated)
@@ -160,7 +161,7 @@ def lut_layer_with_everything(N, K, bits, group_size, generator):
 @pytest.mark.parametrize("version, a_bits", [("v1", None), ("v2", None), ("dequant", None), (None, None),
                                              ("v2", 8), ("v3", 8), (None, 8), ("v3", 4)])
 def test_lut_forward_matches_lutlinear_reference(emulated, version, a_bits):
-    # lcd.lut_forward is what LUTLinear runs on a GPU (with cuda_launch); here the same launches run on
+    # kernels.lut_forward is what LUTLinear runs on a GPU (with cuda_launch); here the same launches run on
     # the emulator and must agree with LUTLinear's PyTorch reference, outliers, bias, in_scale and a_bits
     # included. None lets lut_forward choose (10 rows > GEMV_BATCH_LIMIT picks dequant).
     N, K, bits, group_size = 29, 150, 3, 32
@@ -174,7 +175,7 @@ def test_lut_forward_matches_lutlinear_reference(emulated, version, a_bits):
         x_in = x / layer.in_scale.float()
         if a_bits:
             x_in = lcd.fake_quantize_per_token(x_in, a_bits)
-        y = lcd.lut_forward(layer, x_in, emulated.launch, version)
+        y = kernels.lut_forward(layer, x_in, emulated.launch, version)
     assert y.shape == reference.shape == (2, 5, N) and y.dtype == x.dtype
     W = layer.weight_dequantized() / layer.in_scale   # what multiplies x
     magnitude = x.abs() @ W.abs().T + reference.abs()
@@ -188,11 +189,11 @@ def test_bad_operands_are_refused():
     x = torch.zeros(1, 100, dtype=torch.float16)
     out = torch.empty(1, 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="packed"):
-        lcd.kernel_launches("v2", 2, 100, packed[:, :6].contiguous(), codebook, x, out)
+        kernels.kernel_launches("v2", 2, 100, packed[:, :6].contiguous(), codebook, x, out)
     with pytest.raises(ValueError, match="codebook"):
-        lcd.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
+        kernels.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
     with pytest.raises(ValueError, match="unknown kernel version"):
-        lcd.kernel_launches("v9", 2, 100, packed, codebook, x, out)
+        kernels.kernel_launches("v9", 2, 100, packed, codebook, x, out)
 
 
 # ---- v4: 2 bits, PRMT lookups, fp16 partial sums (tests/cuda_emulation.h emulates prmt and HFMA2) ----
@@ -217,7 +218,7 @@ def test_v4_matches_reference(emulated, N, K, group_size, batch):
     generator = torch.Generator().manual_seed(N + K + group_size + batch)
     packed, codebook, W = random_layer(N, K, 2, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    y = lcd.lut_matmul("v4", 2, group_size, packed, codebook, x, emulated.launch)
+    y = kernels.lut_matmul("v4", 2, group_size, packed, codebook, x, emulated.launch)
     assert y.shape == (batch, N) and y.dtype == torch.float16
     error = (y.float() - x.float() @ W.T).abs()
     assert (error <= v4_error_bound(x, W)).all(), f"max error {error.max().item():.3g}"
@@ -234,7 +235,7 @@ def test_v4_integer_codebooks_are_exact(emulated, N, K, group_size):
     codebook = torch.randint(-4, 5, (N, G, 4), generator=generator).to(torch.float16)
     W = lcd.dequantize(codebook.float(), idx, group_size)
     xi = torch.randint(-3, 4, (2, K), generator=generator)
-    y = lcd.lut_matmul("v4", 2, group_size, lcd.pack_indices(idx, 2), codebook, xi.half(), emulated.launch)
+    y = kernels.lut_matmul("v4", 2, group_size, lcd.pack_indices(idx, 2), codebook, xi.half(), emulated.launch)
     assert torch.equal(y, (xi.double() @ W.double().T).half())
 
 
@@ -244,15 +245,15 @@ def test_v4_refuses_what_it_cannot_serve():
     codebook = torch.zeros(N, 1, 4, dtype=torch.float16)
     out = torch.empty(1, N, dtype=torch.float16)
     with pytest.raises(ValueError, match="use v2"):   # K not a multiple of 64
-        lcd.kernel_launches("v4", 2, 120, packed[:, :8].contiguous(), codebook, torch.zeros(1, 120).half(), out)
+        kernels.kernel_launches("v4", 2, 120, packed[:, :8].contiguous(), codebook, torch.zeros(1, 120).half(), out)
     with pytest.raises(ValueError, match="use v2"):   # groups of 32 straddle a 128-bit load
-        lcd.kernel_launches("v4", 2, 32, packed, torch.zeros(N, 4, 4).half(), torch.zeros(1, K).half(), out)
+        kernels.kernel_launches("v4", 2, 32, packed, torch.zeros(N, 4, 4).half(), torch.zeros(1, K).half(), out)
     with pytest.raises(ValueError, match="use v2"):   # 3 bits
-        lcd.kernel_launches("v4", 3, K, torch.zeros(N, 13, dtype=torch.int32), torch.zeros(N, 1, 8).half(),
+        kernels.kernel_launches("v4", 3, K, torch.zeros(N, 13, dtype=torch.int32), torch.zeros(N, 1, 8).half(),
                             torch.zeros(1, K).half(), out)
     x_unaligned = torch.zeros(K + 1, dtype=torch.float16)[1:].view(1, K)   # starts 2 bytes into its storage
     with pytest.raises(ValueError, match="aligned"):
-        lcd.kernel_launches("v4", 2, K, packed, codebook, x_unaligned, out)
+        kernels.kernel_launches("v4", 2, K, packed, codebook, x_unaligned, out)
 
 
 def test_lut_forward_picks_v4_where_it_applies(emulated):
@@ -273,7 +274,7 @@ def test_lut_forward_picks_v4_where_it_applies(emulated):
         launched.clear()
         with torch.no_grad():
             reference = layer(x)
-            y = lcd.lut_forward(layer, x, recording_launch)
+            y = kernels.lut_forward(layer, x, recording_launch)
         assert launched == [f"lut_gemv_{expected}_b{bits}"], (bits, group_size, rows, launched)
         W = layer.weight_dequantized()
         assert ((y - reference).abs() <= v4_error_bound(x, W) + 2.0 ** -9 * reference.abs()).all()
@@ -379,12 +380,12 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.fixture
 def cupy_launch():
-    """lcd.cuda_launch; on a machine with a GPU, CuPy missing is a failure, not a skip."""
+    """kernels.cuda_launch; on a machine with a GPU, CuPy missing is a failure, not a skip."""
     try:
         import cupy  # noqa: F401
     except ImportError:
         pytest.fail("a CUDA GPU is present but CuPy is not installed: pip install -r requirements.txt")
-    return lcd.cuda_launch
+    return kernels.cuda_launch
 
 
 @needs_gpu
@@ -426,6 +427,6 @@ def test_cupy_v4_on_gpu(cupy_launch, group_size, batch):
     generator = torch.Generator().manual_seed(group_size + batch)
     packed, codebook, W = random_layer(N, K, 2, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    y = lcd.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), cupy_launch)
+    y = kernels.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), cupy_launch)
     torch.cuda.synchronize()
     assert ((y.float().cpu() - x.float() @ W.T).abs() <= v4_error_bound(x, W)).all()

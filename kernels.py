@@ -1,0 +1,228 @@
+"""
+kernels.py: the loaders of the LUT kernels, beside the kernels they load. lcd.py's LUTLinear hands its
+product here when a faster path than its PyTorch reference exists:
+
+  1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
+
+The packed format these kernels read is lcd.py section 3 (drawn there, followed exactly by kernels.cu):
+b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
+in the lowest bits; fp16 codebooks (N, G, 2^b). This file imports no project file: a layer reaches it as
+any object with LUTLinear's attributes (packed, codebook, bits, group_size, a_bits, bias, outliers).
+"""
+import functools
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+# ==== 1. CUDA path ==============================================================================
+# On a GPU, LUTLinear.forward hands its work to lut_forward_cuda(): kernels.cu, compiled by CuPy (NVRTC) at
+# first use, runs on torch's own CUDA tensors and stream (raw pointers, no copies). Only the LUT product
+# runs in kernels.cu; the rest stays in torch: LUTLinear.forward applies the smoothing scale and the
+# activation fake-quantization before it calls us, lut_forward adds the outlier corrections and the bias.
+# The launch geometry is plain Python (kernel_launches), so tests/cuda_emulation.py replays on the CPU
+# exactly the launches CuPy makes on the GPU. Without CuPy or a GPU, LUTLinear keeps its PyTorch reference.
+KERNELS_CU = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.cu")
+KERNEL_VERSIONS = ("v1", "v2", "v3", "v4", "dequant")   # naive to fast; dequant = dense fp16 W, then a matmul
+CUDA_KERNEL = "v2"        # the GEMV kernel LUTLinear uses on a GPU for fp16 activations ...
+CUDA_KERNEL_2BIT = "v4"   # ... and at 2 bits and batch 1 where v4's shape rules hold (v4_supports)
+CUDA_KERNEL_INT8 = "v3"   # ... and when the layer quantizes its activations to 8 bits (same result, no multiplies)
+GEMV_BATCH_LIMIT = 8      # more activation rows than this: dequant + fp16 matmul (an unmeasured guess: bench.py)
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_constants():
+    """The #define'd integers of kernels.cu (MAX_BATCH, WARPS_PER_BLOCK, ...): one source of truth."""
+    with open(KERNELS_CU) as f:
+        constants = {name: int(value) for name, value in re.findall(r"^#define (\w+) (\d+)\b", f.read(), re.M)}
+    constants["ROW_THREADS"] = constants["WARPS_PER_BLOCK"] * constants["WARP_SIZE"]
+    constants["V4_THREADS"] = constants["V4_WARPS_PER_BLOCK"] * constants["WARP_SIZE"]
+    return constants
+
+
+def v4_supports(bits, group_size, K):
+    """Whether kernels.cu's v4 can serve a layer: 2 bits, K a multiple of V4_COLUMNS (64: one 128-bit load of
+    indices), one codebook per row or groups of a multiple of V4_COLUMNS. Else v2 does (see kernels.cu)."""
+    columns = kernel_constants()["V4_COLUMNS"]
+    return bits == 2 and K % columns == 0 and (group_size >= K or group_size % columns == 0)
+
+
+def _check_kernel_operands(bits, group_size, packed, codebook, K):
+    if bits not in (2, 3, 4):
+        raise ValueError(f"bits must be 2, 3 or 4, got {bits}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int (K for one codebook per row), got {group_size!r}")
+    N, n_words = packed.shape
+    if packed.dtype != torch.int32 or n_words != -(-K // (32 // bits)):
+        raise ValueError(f"packed must be int32 (N, ceil(K / {32 // bits})) for K={K}, "
+                         f"got {packed.dtype} {tuple(packed.shape)}")
+    G = -(-K // group_size)
+    if codebook.dtype != torch.float16 or tuple(codebook.shape) != (N, G, 2 ** bits):
+        raise ValueError(f"codebook must be fp16 (N, G, 2^b) = {(N, G, 2 ** bits)}, got {codebook.dtype} "
+                         f"{tuple(codebook.shape)}")
+    if not (packed.is_contiguous() and codebook.is_contiguous()):
+        raise ValueError("packed and codebook must be contiguous")
+
+
+def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale=None):
+    """The launches [(kernel name, grid, block, args)] that make one kernels.cu version compute
+        v1, v2, v4: out (B, N) fp16 = x (B, K) fp16 @ W^T   (v4: only where v4_supports)
+        v3:       out (B, N) fp16 = x_scale[:, None] * (x (B, K) int8 @ W^T), x_scale (B,) float32
+        dequant:  out (N, K) fp16 = W
+    with W[n, k] = codebook[n, k // group_size, index of (n, k) in packed]. Args are tensors (passed by
+    pointer) and ints (C int), all on one device and contiguous."""
+    if version not in KERNEL_VERSIONS:
+        raise ValueError(f"unknown kernel version {version!r}; choose one of {KERNEL_VERSIONS}")
+    c = kernel_constants()
+    N, K = packed.shape[0], (out.shape[1] if version == "dequant" else x.shape[1])
+    _check_kernel_operands(bits, group_size, packed, codebook, K)
+    if version == "dequant":
+        n_words = packed.shape[1]
+        grid = (-(-N * n_words // c["DEQUANT_THREADS"]), 1, 1)
+        return [(f"lut_dequant_b{bits}", grid, (c["DEQUANT_THREADS"], 1, 1), (packed, codebook, out, N, K, group_size))]
+    B = x.shape[0]
+    want_dtype = torch.int8 if version == "v3" else torch.float16
+    if x.dtype != want_dtype or not x.is_contiguous() or tuple(out.shape) != (B, N) or not out.is_contiguous():
+        raise ValueError(f"{version} takes x contiguous {want_dtype} (B, K) and out contiguous fp16 (B, N)")
+    if version == "v3" and (x_scale is None or x_scale.dtype != torch.float32 or tuple(x_scale.shape) != (B,)):
+        raise ValueError("v3 takes x_scale, a float32 (B,) tensor: one scale per activation row")
+    if version == "v4":   # a warp per V4_ROWS_PER_WARP rows, one grid row per batch row (indices re-read)
+        if not v4_supports(bits, group_size, K):
+            raise ValueError(f"v4 takes 2-bit layers with K a multiple of {c['V4_COLUMNS']} and one codebook per row "
+                             f"or groups of a multiple of {c['V4_COLUMNS']}; got bits={bits}, K={K}, "
+                             f"group_size={group_size}: use v2")
+        if any(t.data_ptr() % 16 for t in (packed, x)) or codebook.data_ptr() % 8:
+            raise ValueError("v4 reads packed and x 16 bytes at a time and the codebook 8: their data must be "
+                             "16- and 8-byte aligned (pass a fresh .contiguous() copy)")
+        rows_per_block = c["V4_WARPS_PER_BLOCK"] * c["V4_ROWS_PER_WARP"]
+        grid = (-(-N // rows_per_block), B, 1)
+        return [(f"lut_gemv_v4_b{bits}", grid, (c["V4_THREADS"], 1, 1), (packed, codebook, x, out, N, K, B, group_size))]
+    if version == "v1":   # one thread per output, one grid row per batch row
+        grid = (-(-N // c["V1_THREADS"]), B, 1)
+        return [(f"lut_gemv_v1_b{bits}", grid, (c["V1_THREADS"], 1, 1), (packed, codebook, x, out, N, K, B, group_size))]
+    grid, block = (-(-N // c["WARPS_PER_BLOCK"]), 1, 1), (c["ROW_THREADS"], 1, 1)
+    launches = []
+    for start in range(0, B, c["MAX_BATCH"]):   # a launch takes at most MAX_BATCH rows
+        rows = slice(start, start + c["MAX_BATCH"])
+        b = x[rows].shape[0]
+        if version == "v2":
+            args = (packed, codebook, x[rows], out[rows], N, K, b, group_size)
+        else:
+            args = (packed, codebook, x[rows], x_scale[rows], out[rows], N, K, b, group_size)
+        launches.append((f"lut_gemv_{version}_b{bits}", grid, block, args))
+    return launches
+
+
+def quantize_activations(x, a_bits):
+    """Per-token symmetric quantization with the rule of lcd.fake_quantize_per_token (lcd.py section 4), returning the
+    integers: x (B, K) ~ scale[:, None] * q, q int8 in [-(2^(a-1) - 1), 2^(a-1) - 1], scale (B,) float32."""
+    q_max = 2 ** (a_bits - 1) - 1
+    scale = x.float().abs().amax(dim=1).clamp_min(1e-8) / q_max
+    q = (x.float() / scale[:, None]).round().clamp(-q_max, q_max).to(torch.int8)
+    return q, scale
+
+
+def lut_matmul(version, bits, group_size, packed, codebook, x, launch, x_scale=None):
+    """y (B, N) fp16 from x (B, K) (fp16; int8 with x_scale for v3) through one kernels.cu version.
+    `launch(name, grid, block, args)` runs a kernel: cuda_launch on a GPU, the CPU emulation in tests."""
+    N, device = packed.shape[0], packed.device
+    if version == "dequant":
+        W = torch.empty(N, x.shape[1], dtype=torch.float16, device=device)   # (N, K)
+        for name, grid, block, args in kernel_launches(version, bits, group_size, packed, codebook, None, W):
+            launch(name, grid, block, args)
+        return F.linear(x, W)
+    y = torch.empty(x.shape[0], N, dtype=torch.float16, device=device)       # (B, N)
+    for name, grid, block, args in kernel_launches(version, bits, group_size, packed, codebook, x, y, x_scale):
+        launch(name, grid, block, args)
+    return y
+
+
+def lut_forward(layer, x, launch, version=None):
+    """A LUTLinear's output from its packed format, x (..., K) -> (..., N). x arrives as LUTLinear.forward
+    leaves it: already divided by in_scale and, with a_bits, fake-quantized per token. `version` None
+    picks the kernel: dequant + fp16 matmul past GEMV_BATCH_LIMIT rows, else v3 when the activations are
+    quantized (a_bits), else v4 for one row of a layer v4 supports, else v2; forcing v3 on unquantized
+    activations rounds them to int8 first. The
+    kernels take fp16 activations and give fp16 outputs (fp32 accumulation); outlier corrections and the
+    bias are added here, in fp32."""
+    N, K = layer.out_features, layer.in_features
+    x2 = x.reshape(-1, K)                                                     # (B, K)
+    if version is None:
+        quantized = layer.a_bits is not None
+        if x2.shape[0] > GEMV_BATCH_LIMIT:
+            version = "dequant"
+        elif quantized:
+            version = CUDA_KERNEL_INT8
+        elif x2.shape[0] == 1 and v4_supports(layer.bits, layer.group_size, K):
+            version = CUDA_KERNEL_2BIT   # v4 re-reads the indices per batch row: batch 1 only (v2 reads them once)
+        else:
+            version = CUDA_KERNEL
+    if version == "v3":   # fake-quantized activations come back as their exact integers and scale
+        q, scale = quantize_activations(x2, layer.a_bits or 8)
+        y = lut_matmul("v3", layer.bits, layer.group_size, layer.packed, layer.codebook, q, launch, x_scale=scale)
+    else:
+        x16 = x2.to(torch.float16).contiguous()
+        if version == "v4" and x16.data_ptr() % 16:   # a view into a bigger tensor: v4 needs 16-byte rows
+            x16 = x16.clone()
+        y = lut_matmul(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x16, launch)
+    y = y.float()                                                             # (B, N)
+    if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
+        rows, cols, delta = layer.outlier_corrections()
+        y.index_add_(1, rows, x2[:, cols].float() * delta)                    # (B, n_outliers) into (B, N)
+    if layer.bias is not None:
+        y = y + layer.bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+_cuda_module = None      # kernels.cu compiled by CuPy (NVRTC), loaded on first use
+_cuda_functions = {}     # (device index, kernel name) -> CuPy kernel
+_cuda_available = None   # cuda_kernels_available(), asked once
+
+
+def cuda_kernels_available():
+    """True when kernels.cu can run here: torch sees a CUDA GPU and CuPy is installed."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_launch(name, grid, block, args):
+    """Launch one kernels.cu kernel on torch's current CUDA stream. Tensors go in as raw device pointers
+    (no copies, torch keeps ownership), ints as C int."""
+    global _cuda_module
+    import cupy
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    if any(isinstance(a, torch.Tensor) and a.device != device for a in args):
+        raise ValueError(f"all tensors of {name} must be on {device}")
+    with cupy.cuda.Device(device.index):
+        if (device.index, name) not in _cuda_functions:
+            if _cuda_module is None:
+                with open(KERNELS_CU) as f:
+                    _cuda_module = cupy.RawModule(code=f.read(), options=("-std=c++17",))
+            _cuda_functions[device.index, name] = _cuda_module.get_function(name)
+        values = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else np.int32(a) for a in args)
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream):
+            _cuda_functions[device.index, name](tuple(grid), tuple(block), values)
+
+
+def lut_forward_cuda(layer, x):
+    """LUTLinear.forward on a GPU: the best kernels.cu kernel for the batch (see lut_forward); None when
+    CuPy is missing, and LUTLinear runs its PyTorch reference instead. The kernels take and give fp16: for
+    fp32 or bf16 activations past fp16's range (65504), or outputs past it, they would give inf where x's own dtype
+    holds the value, so such a batch (a non-finite result) also goes back to the reference, in x's dtype."""
+    global _cuda_available
+    if _cuda_available is None:
+        _cuda_available = cuda_kernels_available()
+    if not _cuda_available:
+        return None
+    y = lut_forward(layer, x, cuda_launch)
+    if x.dtype != torch.float16 and not torch.isfinite(y).all():   # one check; fp16 x overflows alike in torch
+        return None
+    return y
