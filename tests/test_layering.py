@@ -18,7 +18,7 @@ MAY_IMPORT = {                      # file -> the project files it may import
     "model": {"checkpoints"},
     "baselines": {"lcd"},
     "train_kd": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "prepare"},
-    "bench": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "train_kd"},
+    "bench": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "train_kd", "cuda_emulation"},
 }
 
 
