@@ -24,7 +24,6 @@ speed measurement.
     python bench.py --generate=out/lcd_w2.pt --prompt="ROMEO:" --teacher=out/teacher.pt   # text + tokens/s
 """
 
-import ast
 import copy
 import json as jsonlib
 import math
@@ -41,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import baselines
+import configurator
 import kernels
 import lcd
 from model import GPT, SIZES
@@ -85,9 +85,8 @@ max_new_tokens = 200       # with --generate: tokens each model writes after the
 temperature = 0.8          # with --generate: sampling temperature (0: greedy)
 top_k = 40                 # with --generate: sample among the k likeliest tokens (0: all of them)
 # -----------------------------------------------------------------------------------------------------
-CONFIG_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, str, type(None)))
-               and k not in ("CONFIG_KEYS",)]
-DEFAULTS = {k: globals()[k] for k in CONFIG_KEYS}   # as written above: --help shows them, overrides take their types
+DEFAULTS = configurator.config_defaults(globals())   # as written above: --help shows them, overrides take their types
+CONFIG_KEYS = list(DEFAULTS)
 SWITCHES = ("emulate", "quality", "sass", "figures", "cost")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
@@ -110,44 +109,24 @@ WARP_THREADS = 32
 
 def usage():
     """The --help text: how to call bench.py, then every key with its default and meaning (from the config
-    lines above, through lcd.describe_config: the globals and their comments are the one source)."""
+    lines above, through configurator.describe_config: the globals and their comments are the one source)."""
     return (f"usage: python bench.py [--key=value ...]   (a bare --{'/--'.join(SWITCHES)} means =1)\n"
             f"{__doc__.strip().splitlines()[0]}\n\noptions:\n"
-            + lcd.describe_config(os.path.abspath(__file__), DEFAULTS))
+            + configurator.describe_config(os.path.abspath(__file__), DEFAULTS))
 
 
 def apply_overrides(argv):
-    """nanoGPT-style --key=value overrides of the config globals; unknown keys and bad values are errors.
-    -h / --help prints every key with its default and meaning, and exits."""
+    """nanoGPT-style --key=value overrides of the config globals (configurator.parse_overrides); unknown keys
+    and bad values end the script with the reason. -h / --help prints every key with its default and
+    meaning, and exits."""
     if "-h" in argv or "--help" in argv:
         print(usage())
         raise SystemExit(0)
-    for arg in argv:
-        if arg[2:] in SWITCHES:
-            arg += "=1"                          # a bare --quality, --emulate, ... switches that part on
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"bench.py takes only --key=value arguments, got {arg!r}; keys: {', '.join(CONFIG_KEYS)} "
-                             "(python bench.py --help lists them)")
-        key, value = arg[2:].split("=", 1)
-        if key not in CONFIG_KEYS:
-            raise SystemExit(f"unknown config key {key!r}; valid keys: {', '.join(CONFIG_KEYS)}")
-        default = DEFAULTS[key]
-        if isinstance(default, str):
-            globals()[key] = value
-            continue
-        try:
-            parsed = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise SystemExit(f"--{key} needs a {type(default).__name__ if default is not None else 'int or None'}, "
-                             f"got {value!r}")
-        if isinstance(default, float) and isinstance(parsed, int):
-            parsed = float(parsed)
-        if default is None and (parsed is None or type(parsed) is int):
-            pass                                 # every None default is an int knob (group_size)
-        elif type(parsed) is not type(default):
-            raise SystemExit(f"--{key} needs a {type(default).__name__ if default is not None else 'int or None'}, "
-                             f"got {value!r}")
-        globals()[key] = parsed
+    try:
+        config, _ = configurator.parse_overrides(argv, DEFAULTS, switches=SWITCHES)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {e}") from None
+    globals().update(config)
     if bits not in (2, 3, 4):
         raise SystemExit(f"--bits must be 2, 3 or 4, got {bits}")
     if group_size is not None and group_size < 1:

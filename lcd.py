@@ -19,10 +19,8 @@ import functools
 import math
 import numbers
 import os
-import re
 import sys
 import tempfile
-import tokenize
 
 import torch
 import torch.nn as nn
@@ -1024,45 +1022,6 @@ def load_quantized(model, path):
     return model
 
 
-def describe_config(source_path, defaults):
-    """The --help text of a script configured nanoGPT-style by module-level lines `name = value  # meaning`:
-    one line `--name=default  meaning` per key of `defaults` ({name: default}), in the order of the source;
-    a full-line comment just above a key becomes the heading of the keys below it. The source is read with
-    tokenize, so a '#' inside a string is no comment. ValueError names every key without a meaning on its
-    line: that comment is the key's documentation."""
-    meanings, order, headings, assigned, comment_lines = {}, [], {}, {}, {}
-    with open(source_path, "rb") as f:
-        tokens = list(tokenize.tokenize(f.readline))
-    for token, following in zip(tokens, tokens[1:]):
-        line, col = token.start
-        if token.type == tokenize.NAME and col == 0 and following.string == "=":
-            assigned[line] = token.string                                   # line number -> the name it assigns
-            if token.string in defaults and token.string not in order:
-                order.append(token.string)
-                if line - 1 in comment_lines:
-                    headings[token.string] = comment_lines[line - 1]
-        elif token.type == tokenize.COMMENT:
-            if line in assigned:
-                meanings.setdefault(assigned[line], token.string.lstrip("#").strip())
-            elif col == 0:
-                comment_lines[line] = token.string.lstrip("# ").strip()
-    missing = [name for name in defaults if not meanings.get(name)]
-    if missing:
-        raise ValueError(f"{source_path}: config keys without a '# meaning' comment on their line: {missing}")
-    lines = []
-    for name in order:
-        if headings.get(name):
-            lines.append(f"{headings[name]}:")
-        lines.append(_describe_key(name, defaults[name], meanings[name]))
-    return "\n".join(lines)
-
-
-def _describe_key(name, default, meaning):
-    plain = isinstance(default, str) and default.isprintable() and default and " " not in default
-    shown = default if plain or not isinstance(default, str) else repr(default)   # bare, as typed, if it can be
-    return (f"  --{name}={shown}".ljust(34) + f" {meaning}").rstrip()
-
-
 # ==== 6. distillation ===========================================================================
 # The clustered model becomes a student that learns from the full-precision teacher (LCD_DESIGN.md 2-5):
 #   LCDLinear        - a trainable codebook layer: latent FP weights decide the assignments, learnable
@@ -1089,7 +1048,6 @@ def _describe_key(name, default, meaning):
 # - smoothing scales stay an input scale of the layer (LUTLinear.in_scale, 16 bits per input channel,
 #   counted in the footprint); folding them into a preceding LayerNorm is left out.
 import copy
-import time
 
 import torch.distributed as dist
 

@@ -21,7 +21,6 @@ from the last one. Config values are module-level globals (nanoGPT style); `--ke
 type-checked, range-checked before any work starts, unknown keys rejected. Ctrl-C saves the teacher's
 progress and says which checkpoint holds it; the same command resumes.
 """
-import ast
 import copy
 import hashlib
 import json
@@ -30,14 +29,14 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 import baselines
+import configurator
 import lcd
-import model as models
+import checkpoints
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -103,8 +102,8 @@ sample_tokens = 200            # tokens each model writes after the prompt (0: n
 sample_temperature = 0.8       # sampling temperature of the sample (0: greedy)
 sample_top_k = 40              # sample among the k likeliest tokens (0: all of them)
 
-CONFIG_KEYS = [k for k, v in globals().items()
-               if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))]
+DEFAULTS = configurator.config_defaults(globals())   # the config lines above, as written: --help shows them
+CONFIG_KEYS = list(DEFAULTS)
 
 # A pretrained teacher (--init_from=smollm2, a .gguf file or a model directory) is two orders of magnitude larger
 # than `baby`: these are its defaults, sized by measurement for <= 30 minutes on 2 CPU cores (README, "Real LLM").
@@ -118,30 +117,7 @@ PTQ_NAMES = list(dict.fromkeys(row[0] for b in (2, 3, 4) for row in baselines.qu
 
 def parse_config(argv, defaults=None):
     """Defaults overridden by `--key=value` arguments; values are Python literals, checked by type."""
-    config = dict(defaults or {k: globals()[k] for k in CONFIG_KEYS})
-    given = set()
-    for arg in argv:
-        key, sep, raw = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
-            raise ValueError(f"argument {arg!r} is not of the form --key=value")
-        if key not in config:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
-        try:
-            value = ast.literal_eval(raw)  # a literal, never code
-        except (ValueError, SyntaxError):
-            value = raw                    # a bare word is a string
-        default = config[key]
-        if default is not None and not isinstance(default, str):
-            if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if type(value) is not type(default) and value is not None:
-                raise ValueError(f"--{key} wants a {type(default).__name__} (default {default!r}), got {raw!r}")
-        elif isinstance(default, str) and not isinstance(value, str):
-            value = raw
-        elif default is None and not (value is None or type(value) is int):
-            raise ValueError(f"--{key} wants an int or None, got {raw!r}")  # every None default is an int knob
-        config[key] = value
-        given.add(key)
+    config, given = configurator.parse_overrides(argv, defaults or DEFAULTS)
     if config.get("init_from", "scratch") != "scratch":          # a pretrained teacher: its own defaults
         pretrained = dict(PRETRAINED_DEFAULTS, **NAMED_CHECKPOINT_DEFAULTS.get(config["init_from"], {}))
         config.update({k: v for k, v in pretrained.items() if k in config and k not in given})
@@ -268,10 +244,9 @@ def check_device(name):
 def help_text():
     """`python train_kd.py --help`: the usage lines of the docstring, then every key, default and meaning."""
     usage = next(part for part in __doc__.split("\n\n") if "python train_kd.py" in part)
-    defaults = {k: globals()[k] for k in CONFIG_KEYS}
     return (f"usage: python train_kd.py [--key=value ...]   (the whole LCD pipeline, stages 1-7)\n\n{usage}"
             f"\n\nEvery key below takes --key=value (a Python literal, or a bare word for a string):\n\n"
-            + lcd.describe_config(os.path.abspath(__file__), defaults)
+            + configurator.describe_config(os.path.abspath(__file__), DEFAULTS)
             + "\n\nWith a pretrained teacher (--init_from other than scratch) these defaults change (a key given "
               "on the command line wins):\n  pretrained: " + ", ".join(f"--{k}={v}" for k, v in PRETRAINED_DEFAULTS.items())
             + "".join(f"\n  and with --init_from={name}: " + ", ".join(f"--{k}={v}" for k, v in extra.items())
@@ -560,7 +535,7 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
 
 def ensure_teacher(**overrides):
     """(teacher, meta): load out_dir/teacher.pt, or prepare data and train it first. For scripts and tests."""
-    config = dict({k: globals()[k] for k in CONFIG_KEYS}, **overrides)
+    config = dict(DEFAULTS, **overrides)
     meta = ensure_data(config["dataset"], config["tokenizer"])
     path = os.path.join(config["out_dir"], "teacher.pt")
     if not os.path.exists(path):
@@ -601,11 +576,11 @@ def load_teacher(path, device="cpu", data=None, log=print):
 
 def load_pretrained_teacher(source, meta, log=print):
     """--init_from: a name data/prepare.py fetches (smollm2), a .gguf file or a Hugging Face directory
-    (model.load_pretrained). The dataset's tokens must be the model's: its ids must fit the vocabulary."""
+    (checkpoints.load_pretrained). The dataset's tokens must be the model's: its ids must fit the vocabulary."""
     t0 = time.time()
     prepare = prepare_module()
     path = prepare.fetch_pretrained(source) if source in prepare.PRETRAINED else source
-    teacher, _ = models.load_pretrained(path)
+    teacher, _ = checkpoints.load_pretrained(path)
     if meta["vocab_size"] > teacher.config.vocab_size:
         raise RuntimeError(f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary "
                            f"{meta['vocab_size']}), more than {path}'s vocabulary of {teacher.config.vocab_size}: "
@@ -898,7 +873,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
     T, out, b, tag = context_length(config, teacher), config["out_dir"], config["bits"], run_tag(config)
     calib, calib_x = calibration_data(train, config, T)                    # stage 3
     teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
-    rows, checkpoints = [teacher_row], []
+    rows, resume_files = [teacher_row], []
 
     # stage 4: post-training quantization, no training: the --ptq rows (RTN, k-means, LCD's density init, ...)
     t_stage = time.time()
@@ -939,7 +914,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
                       f"{config['kd_steps']} steps")
         student, history, seconds, path = run_distillation(method, teacher, run_config, train, calib, calib_x,
                                                            rank, world, device)
-        checkpoints.append(path)
+        resume_files.append(path)
         timings[method] = (history["blocks_seconds"], history["e2e_seconds"])
         if rank == 0:
             row = result_row(method, student, config, val, seconds)
@@ -984,7 +959,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
             write_json(results, path)
             print(f"wrote {path}{note}" + (" (a copy: the latest run, read by bench.py --figures)"
                                             if path.endswith("results.json") else ""))
-        for path in checkpoints:   # the run is complete: its distillation checkpoints have served
+        for path in resume_files:   # the run is complete: its distillation checkpoints have served
             if os.path.exists(path):
                 os.remove(path)
     if world > 1:

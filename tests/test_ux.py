@@ -8,6 +8,7 @@ import stat
 import pytest
 import torch
 
+import configurator
 import bench
 import lcd
 import model as model_lib
@@ -44,7 +45,7 @@ def test_help_lists_every_key_with_its_default_and_meaning(capsys):
 def test_describe_config_reads_name_value_comment_lines(tmp_path):
     source = tmp_path / "script.py"
     source.write_text('# sizes\nwidth = 8   # channels\nname = "a b"  # a name\n\ndef f():\n    width = 3  # no\n')
-    text = lcd.describe_config(str(source), {"width": 8, "name": "a b"})
+    text = configurator.describe_config(str(source), {"width": 8, "name": "a b"})
     assert text.splitlines() == ["sizes:", "  --width=8".ljust(34) + " channels",
                                  "  --name='a b'".ljust(34) + " a name"]
 
