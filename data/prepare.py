@@ -345,8 +345,10 @@ def main(argv):
                      "--source=shakespeare|general")
         opts[key] = value
     source = opts.pop("source")
-    if source not in ("shakespeare", "general") or (source == "general" and opts["input"] is not None):
-        sys.exit(f"--source={source}: use shakespeare (the default) or general, and --input=FILE without it")
+    if source not in ("shakespeare", "general"):
+        sys.exit(f"unknown --source={source}: use shakespeare (the default) or general")
+    if source == "general" and opts["input"] is not None:
+        sys.exit("--source=general prepares Django's docs: it takes no --input=FILE")
     if source == "general":
         try:
             prepare_general(opts["tokenizer"], opts["name"])
