@@ -708,9 +708,9 @@ class LUTLinear(nn.Module):
         tables of precomputed partial sums of groups of 4 activations, there indexed by 4 weight bits of one
         bit-plane) applied to codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so
         for the 4 activations it meets there are only 256 possible byte values, and for each the sums of the
-        activations that go
-        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul with
-        byte_one_hot; K * 256 * R floats in all, while the call lasts).
+        activations that go to centroid c = 0..3:
+            P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]
+        (a tiny matmul with byte_one_hot; K * 256 * R floats in all, while the call lasts).
         Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one
         F.embedding_bag over N * K / 4 bytes (each a 4R-float row of P), and y[n] = sum_{g, c} S * codebook.
         From the codebooks alone (outliers are forward's corrections): x @ weight_rows().T, summed in
@@ -1637,6 +1637,9 @@ def _reassign_all(layers):
     return sum(layer.reassign_() for layer in layers.values())
 
 
+# distill is longer than the rest (a fifth of it is the docstring): its loop is the method's order of
+# events - merge, re-assign, learning rate, step, running average, speculative check, checkpoint - and
+# reads best in one place; each event is one line or a helper above.
 def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, ce_weight=0.0, lr=1e-3,
             latent_lr=1e-3, other_lr=1e-4, warmup=20, final_frac=0.75, train_norms=True, train_scales=False,
             speculative_every=0, speculative_paths=SPECULATIVE_PATHS, reassign_every=1, ddp=False,
