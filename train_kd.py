@@ -48,6 +48,7 @@ from model import GPT, SIZES, config_dict, from_config
 out_dir = "out"                # checkpoints, reports, figures
 dataset = "shakespeare"        # data/<dataset>/{train,val}.bin (or an absolute directory); prepared on first use
 tokenizer = "bytes"            # 'bytes', 'gpt2' or 'smollm2' (used when the dataset must be prepared)
+general_eval = "auto"          # also judge every row on modern English (Django's docs, evaluation only): auto (beside the plays), yes, no
 init_from = "scratch"          # 'scratch' trains a teacher; 'smollm2' (through pip), a .gguf file or a model directory loads one
 seed = 1337                    # everything random starts here
 stop_after = ""                # '' runs every stage; or stop after 'teacher', 'baselines', 'kd' or 'lcd'
@@ -125,7 +126,7 @@ def parse_config(argv, defaults=None):
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
                ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
-               ("kd_mode", ("e2e", "blocks")))
+               ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")))
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
@@ -280,10 +281,13 @@ def ensure_data(dataset, tokenizer="bytes"):
     """Return data/<dataset>/meta.json as a dict, preparing the dataset first if it is missing."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if dataset not in ("shakespeare", f"shakespeare_{tokenizer}"):
+        if dataset == general_name(tokenizer):
+            prepare_module().prepare_general(tokenizer)
+        elif dataset in ("shakespeare", f"shakespeare_{tokenizer}"):
+            prepare_module().prepare(name=dataset, tokenizer=tokenizer)
+        else:
             raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
                                     f"python data/prepare.py --input=FILE --name={dataset}")
-        prepare_module().prepare(name=dataset, tokenizer=tokenizer)
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     if meta.get("tokenizer") != tokenizer:
@@ -291,6 +295,21 @@ def ensure_data(dataset, tokenizer="bytes"):
                          f"prepared with that tokenizer, e.g. --dataset=shakespeare_{tokenizer}")
     meta["dir"] = data_dir
     return meta
+
+
+def general_name(tokenizer):
+    """The general-English evaluation set's name in data/ for a tokenizer (data/prepare.py --source=general)."""
+    return "general" if tokenizer == "bytes" else f"general_{tokenizer}"
+
+
+def held_out_sets(config, meta):
+    """{name: tokens} that every row is judged on: "val", the dataset's held-out split (the plays), and with
+    general_eval (auto: when the dataset is the plays) "general", modern English that nothing trains on."""
+    sets = {"val": load_tokens(meta["dir"], "val")}
+    if config.get("general_eval") == "yes" or (config.get("general_eval") == "auto"
+                                               and os.path.basename(meta["dir"]).startswith("shakespeare")):
+        sets["general"] = load_tokens(ensure_data(general_name(meta["tokenizer"]), meta["tokenizer"])["dir"], "val")
+    return sets
 
 
 def load_tokens(data_dir, split):
@@ -622,11 +641,22 @@ def fp_footprint(model):
     return dict(bits_per_weight=float(bits_fp), bytes=params * bits_fp // 8)
 
 
-def result_row(method, model, config, val, seconds):
-    """One row of the report: validation loss, perplexity, effective bits per weight, bytes, seconds."""
+def evaluate_sets(model, sets, config):
+    """{val_loss, ppl} on the held-out split and, when `sets` has it, {general_loss, general_ppl} on the
+    general-English set: the same fixed windows for every row (held_out_sets)."""
+    scores = {}
+    for name, tokens in sets.items():
+        loss = evaluate(model, tokens, context_length(config, model), config["batch_size"], config["eval_batches"])
+        prefix = "val" if name == "val" else name
+        scores.update({f"{prefix}_loss": loss, "ppl" if name == "val" else f"{name}_ppl": math.exp(loss)})
+    return scores
+
+
+def result_row(method, model, config, sets, seconds):
+    """One row of the report: loss and perplexity on every held-out set (evaluate_sets), effective bits per
+    weight, bytes, seconds."""
     fp = lcd.footprint(model)
-    loss = evaluate(model, val, context_length(config, model), config["batch_size"], config["eval_batches"])
-    return dict(method=method, bits=config["bits"], val_loss=loss, ppl=math.exp(loss),
+    return dict(method=method, bits=config["bits"], **evaluate_sets(model, sets, config),
                 bits_per_weight=fp["bits_per_weight"], bytes=fp["total_bytes"], seconds=seconds)
 
 
@@ -780,13 +810,24 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
 
 
 def print_table(rows, title):
+    """The report's table: per row the loss and perplexity on the held-out plays and, when measured, on
+    general English, each also as a multiple of the teacher's perplexity (x teacher)."""
     print(f"\n{title}")
     delta = any("delta_vs_lcd" in r for r in rows)
-    print(f"{'method':<20} {'bits':>4} {'val_loss':>9} {'ppl':>8} {'bits/w':>7} {'bytes':>9} {'seconds':>8}"
-          + (f" {'delta':>8}" if delta else ""))
+    general = any("general_ppl" in r for r in rows)
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+
+    def times(r, key):
+        return f"{r[key] / teacher[key]:>9.3f}" if teacher and teacher.get(key) else f"{'':>9}"
+    print(f"{'method':<20} {'bits':>4} {'bits/w':>7} {'val_loss':>9} {'ppl':>9} {'x teacher':>9}"
+          + (f" {'gen_loss':>9} {'gen_ppl':>9} {'x teacher':>9}" if general else "")
+          + f" {'bytes':>11} {'seconds':>8}" + (f" {'delta':>8}" if delta else ""))
     for r in rows:
-        print(f"{r['method']:<20} {r['bits']:>4} {r['val_loss']:>9.4f} {r['ppl']:>8.3f} "
-              f"{r['bits_per_weight']:>7.3f} {r['bytes']:>9} {r['seconds']:>8.1f}"
+        print(f"{r['method']:<20} {r['bits']:>4} {r['bits_per_weight']:>7.3f} {r['val_loss']:>9.4f} "
+              f"{r['ppl']:>9.3f} {times(r, 'ppl')}"
+              + (f" {r['general_loss']:>9.4f} {r['general_ppl']:>9.3f} {times(r, 'general_ppl')}"
+                 if general and "general_ppl" in r else "")
+              + f" {r['bytes']:>11} {r['seconds']:>8.1f}"
               + (f" {r['delta_vs_lcd']:>+8.4f}" if delta and r.get("delta_vs_lcd") is not None else ""))
 
 
@@ -866,7 +907,7 @@ def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top
     return samples
 
 
-def post_training_rows(config, teacher, calib, val):
+def post_training_rows(config, teacher, calib, sets):
     """Stage 4 (rank 0): the --ptq rows - RTN, k-means, LCD's density init, GPTQ, ... - quantized from the
     calibration statistics alone, no training; each evaluated on the held-out tokens."""
     t_stage, b, rows = time.time(), config["bits"], []
@@ -883,7 +924,7 @@ def post_training_rows(config, teacher, calib, val):
             for layer in quantized.modules():
                 if isinstance(layer, lcd.LUTLinear):
                     layer.a_bits = config["a_bits"]
-        rows.append(result_row(name, quantized, config, val, time.time() - t0))
+        rows.append(result_row(name, quantized, config, sets, time.time() - t0))
         print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
     print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included; peak memory "
           f"{peak_memory_gib(reset=True):.2f} GiB")
@@ -900,7 +941,7 @@ def e2e_steps_in_lcd_time(config, timings, world):
     return steps[0]
 
 
-def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, device):
+def distillation_rows(config, teacher, train, calib, calib_x, sets, rank, world, device):
     """Stages 5-6: plain KD, then LCD, on the same batches with the same budget; with --ablate, LCD with
     each piece switched off. Returns (rows, ablation rows, curves, the frozen LCD student or None, the
     resume files that served); the rows are rank 0's (the other ranks' lists stay empty)."""
@@ -921,7 +962,7 @@ def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, 
         lcd_student = student if method == "lcd" else lcd_student
         if rank != 0:
             continue
-        row = result_row(method, student, config, val, seconds)
+        row = result_row(method, student, config, sets, seconds)
         print(f"{method}: val loss {row['val_loss']:.4f}; {seconds:.0f} s (block-wise "
               f"{history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
               f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
@@ -931,7 +972,7 @@ def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, 
     if config["ablate"] and rank == 0 and last > 2:
         t0 = time.time()   # KD off: LCD's initialization at 2^bits, frozen without training
         no_kd = lcd.freeze(student_for("lcd-no-kd", teacher, dict(config, progressive_p=0), calib))
-        ablation.append(result_row("lcd-no-kd", no_kd, config, val, time.time() - t0))
+        ablation.append(result_row("lcd-no-kd", no_kd, config, sets, time.time() - t0))
     return rows, ablation, curves, lcd_student, resume_files
 
 
@@ -975,13 +1016,13 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
 def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
-    train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
+    train, sets = load_tokens(meta["dir"], "train"), held_out_sets(config, meta)
     calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
-    rows = [dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)]
+    rows = [teacher_row]
     if rank == 0:
-        rows += post_training_rows(config, teacher, calib, val)                                  # stage 4
+        rows += post_training_rows(config, teacher, calib, sets)                                 # stage 4
     kd_rows, ablation, curves, student, resume_files = distillation_rows(                       # stages 5-6
-        config, teacher, train, calib, calib_x, val, rank, world, device)
+        config, teacher, train, calib, calib_x, sets, rank, world, device)
     if rank == 0:                                                                                # stage 7
         packed_path = save_packed_student(config, student, teacher, meta) if student is not None else None
         write_report(config, teacher, meta, rows + kd_rows, ablation, curves, packed_path, device)
@@ -1024,10 +1065,10 @@ def main(argv):
 
 
 def data_stage(config, rank, world):
-    """Stage 1: the dataset's meta.json (data/prepare.py writes it on first use; rank 0 prepares, the
-    other ranks wait for it)."""
+    """Stage 1: the dataset's meta.json (data/prepare.py writes it and the general-English evaluation set on
+    first use; rank 0 prepares, the other ranks wait for it)."""
     if rank == 0:
-        ensure_data(config["dataset"], config["tokenizer"])
+        held_out_sets(config, ensure_data(config["dataset"], config["tokenizer"]))   # the general set too
     if world > 1:
         dist.barrier()
     return ensure_data(config["dataset"], config["tokenizer"])
@@ -1058,15 +1099,13 @@ def teacher_stage(config, meta, rank, world, device):
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
     except ValueError as e:
         sys.exit(f"error: {e}")
-    teacher_loss = None
+    scores = {}
     if rank == 0:
-        val = load_tokens(meta["dir"], "val")
-        teacher_loss = evaluate(teacher, val, context_length(config, teacher), config["batch_size"],
-                                config["eval_batches"])
-        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {teacher_loss:.4f} "
-              f"(ppl {math.exp(teacher_loss):.2f})")
-    row = dict(method="teacher", bits=32, val_loss=teacher_loss, seconds=time.time() - t_teacher,
-               **fp_footprint(teacher))
+        scores = evaluate_sets(teacher, held_out_sets(config, meta), config)
+        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {scores['val_loss']:.4f} "
+              f"(ppl {scores['ppl']:.2f})" + (f"; general English: loss {scores['general_loss']:.4f} (ppl "
+                                              f"{scores['general_ppl']:.2f})" if "general_ppl" in scores else ""))
+    row = dict(method="teacher", bits=32, **scores, seconds=time.time() - t_teacher, **fp_footprint(teacher))
     return teacher, row
 
 
