@@ -102,6 +102,7 @@ sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the p
 sample_tokens = 200            # tokens each model writes after the prompt (0: no sample)
 sample_temperature = 0.8       # sampling temperature of the sample (0: greedy)
 sample_top_k = 40              # sample among the k likeliest tokens (0: all of them)
+chat_tokens = 48               # with a chat model (a chat template): tokens each model may answer each chat question with (0: no chat)
 
 DEFAULTS = configurator.config_defaults(globals())   # the config lines above, as written: --help shows them
 CONFIG_KEYS = list(DEFAULTS)
@@ -142,7 +143,7 @@ AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "cal
                 "block_batch_size")
 NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
-                "sample_temperature", "sample_top_k")
+                "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
 
 
@@ -986,9 +987,49 @@ def save_packed_student(config, student, teacher, meta):
     return path
 
 
+# The report's chat questions (a fact, a list, a line of code, a sum): a chat model, quantized, should still
+# answer them as its teacher does; the teacher and the packed student answer each greedily, side by side.
+CHAT_QUESTIONS = ("What is the capital of France?", "Give me three tips for staying healthy.",
+                  "Write a Python function that returns the square of a number.", "What is 12 + 7?")
+LOOP_NGRAM, LOOP_REPEATS = 3, 3   # an answer loops when some run of 3 words comes 3 times or more
+
+
+def loops(text, n=LOOP_NGRAM, repeats=LOOP_REPEATS):
+    """Whether `text` goes round in a loop: some run of n words occurs `repeats` times or more."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) >= repeats for g in set(grams))
+
+
+@torch.no_grad()
+def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48, log=print):
+    """Each model's greedy answer to each question in the tokenizer's chat template (checkpoints.chat_prompt),
+    cut at the end of its turn. Returns [{question, answers: {label: dict(text, loops)}}]; printed side by
+    side, an answer that loops flagged."""
+    enc = get_tokenizer(tokenizer)
+    ends = {enc.encode_single_token(t) for t in (enc.chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
+    results = []
+    log(f"\nchat: greedy answers in the model's chat template (ChatML), at most {max_new_tokens} tokens each")
+    for question in questions:
+        prompt = checkpoints.chat_prompt(enc.chat, [{"role": "user", "content": question}])
+        ids = enc.encode(prompt, allowed_special="all")
+        answers = {}
+        log(f"--- {question}")
+        for label, model in models.items():
+            idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)   # (1, T)
+            new = model.generate(idx, max_new_tokens, temperature=0)[0, len(ids):].tolist()
+            new = new[:next((i for i, t in enumerate(new) if t in ends), len(new))]   # the end of its turn
+            text = enc.decode(new).strip()
+            answers[label] = dict(text=text, loops=loops(text))
+            log(f"  {label}{' [LOOPS]' if answers[label]['loops'] else ''}: {text!r}")
+        results.append(dict(question=question, answers=answers))
+    return results
+
+
 def write_report(config, teacher, meta, rows, ablation, curves, packed_path, device):
     """Stage 7b (rank 0): the table, the ablation, the text sample of the teacher and of the packed student
-    loaded back from its file, and out_dir/results_<tag>.json with its copy out_dir/results.json."""
+    loaded back from its file, their chat answers (a chat model), and out_dir/results_<tag>.json with its
+    copy out_dir/results.json."""
     b, out, tag = config["bits"], config["out_dir"], run_tag(config)
     steps = (f"{config['block_steps']} block-wise steps a block + " if config["kd_mode"] == "blocks" else "") \
         + f"{config['kd_steps']} end-to-end distillation steps"
@@ -1000,12 +1041,14 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
             r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
         print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
         results["ablation"] = ablation
-    if packed_path and config["sample_tokens"] > 0:   # the packed file, as a user would load it
-        packed, _ = load_student(packed_path, device)
+    packed = load_student(packed_path, device)[0] if packed_path else None   # as a user would load it
+    models = {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}
+    if packed is not None and config["sample_tokens"] > 0:
         results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
-            {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
-            config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
-            config["sample_top_k"], config["seed"]))
+            models, meta["tokenizer"], config["sample_prompt"], config["sample_tokens"],
+            config["sample_temperature"], config["sample_top_k"], config["seed"]))
+    if packed is not None and config["chat_tokens"] > 0 and getattr(get_tokenizer(meta["tokenizer"]), "chat", None):
+        results["chat"] = chat_answers(models, meta["tokenizer"], max_new_tokens=config["chat_tokens"])
     for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
         note = replaced(path)
         write_json(results, path)
