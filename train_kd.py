@@ -76,6 +76,8 @@ bits = 2                       # b: 2^b centroids per row (or group) in the quan
 group_size = None              # inputs sharing one codebook (None: one codebook per row)
 a_bits = None                  # activation bits: None (weight-only), 8 or 4 (per-token, symmetric)
 calib_batches = 4              # calibration batches (batch_size sequences each) for the statistics
+distill_data = "plays"         # what calibration and distillation read: plays (the train split), teacher (text it writes), or mix (half each)
+teacher_text_seqs = 128        # with distill_data teacher or mix: sequences the teacher writes, block_size tokens each (cached)
 kd_steps = 1500                # distillation steps, the same for plain KD and LCD (about 4 min each on 2 cores)
 kd_batch_size = 16             # sequences per distillation step and process
 kd_lr = 1e-3                   # peak learning rate of the centroids
@@ -127,7 +129,8 @@ def parse_config(argv, defaults=None):
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
                ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
-               ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")))
+               ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")),
+               ("distill_data", ("plays", "teacher", "mix")))
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
@@ -140,7 +143,7 @@ def parse_config(argv, defaults=None):
 POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
 AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
                 "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size",  # None: preset
-                "block_batch_size")
+                "block_batch_size", "teacher_text_seqs")
 NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
                 "sample_temperature", "sample_top_k", "chat_tokens")
@@ -673,6 +676,82 @@ def batch_stream(tokens, batch_size, block_size, generator, device):
         yield get_batch(tokens, batch_size, block_size, generator, device)
 
 
+# Teacher-written distillation data (LLM-QAT's data-free KD, Liu et al. 2023; BitDistiller distils on the
+# teacher's own text too): a 2-bit student has little capacity, and what it is distilled on is what it keeps.
+# Text the teacher writes is the teacher's own distribution - its general English, and for a chat model its
+# chat turns - where the plays are one narrow corner of it. Half the sequences start, as in LLM-QAT, from one
+# token drawn uniformly from the vocabulary; with a chat template the other half start from the template's
+# system message and an open user turn, so the teacher writes a request and answers it. Sampled at
+# temperature 1 with the KV cache, a batch at a time; written once to data/cache/, keyed by the teacher's
+# digest and the settings, and reused by calibration, block-wise reconstruction and end-to-end KD.
+TEACHER_TEXT_BATCH = 16   # sequences the teacher writes at once (one batched generate)
+
+
+def teacher_text_prompts(enc, n, generator):
+    """n prompts (lists of token ids) of two kinds, alternating batch by batch: one uniformly drawn
+    ordinary token (LLM-QAT), or the chat template's opening up to an open user turn (a chat model only)."""
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    ordinary = [i for i in range(enc.n_vocab) if i not in special]
+    chat = getattr(enc, "chat", None)
+    opening = None
+    if chat is not None:
+        text = checkpoints.chat_prompt(chat, [{"role": "user", "content": ""}]).removesuffix(
+            "<|im_end|>\n<|im_start|>assistant\n")
+        opening = enc.encode(text, allowed_special="all")
+    prompts = []
+    for start in range(0, n, TEACHER_TEXT_BATCH):
+        size = min(TEACHER_TEXT_BATCH, n - start)
+        if opening is not None and (start // TEACHER_TEXT_BATCH) % 2:
+            prompts += [list(opening)] * size
+        else:
+            picks = torch.randint(len(ordinary), (size,), generator=generator).tolist()
+            prompts += [[ordinary[p]] for p in picks]
+    return prompts
+
+
+@torch.no_grad()
+def write_teacher_text(teacher, enc, n_seqs, block_size, seed, log=print):
+    """n_seqs sequences of block_size tokens that the teacher writes (teacher_text_prompts, then sampling
+    at temperature 1), concatenated: a uint16 array of n_seqs * block_size token ids."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, out, t0 = teacher_text_prompts(enc, n_seqs, gen), [], time.time()
+    device = next(teacher.parameters()).device
+    for start in range(0, n_seqs, TEACHER_TEXT_BATCH):
+        batch = torch.tensor(prompts[start:start + TEACHER_TEXT_BATCH], dtype=torch.long, device=device)  # (B, P)
+        seqs = teacher.generate(batch, block_size - batch.shape[1], temperature=1.0,
+                                seed=seed + start)                                  # (B, block_size)
+        out.append(seqs.cpu().numpy().astype(np.uint16))
+        if log:
+            done = start + batch.shape[0]
+            log(f"teacher text: {done}/{n_seqs} sequences, {done * block_size / (time.time() - t0):.0f} tokens/s")
+    return np.concatenate(out).reshape(-1)
+
+
+def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
+    """The tokens calibration and distillation read (--distill_data): the train split (plays), the text the
+    teacher writes (teacher; cached in data/cache/teacher_text_<key>.bin), or both in equal shares (mix:
+    the teacher's tokens, then as many of the plays' in evenly spaced block_size windows)."""
+    if config["distill_data"] == "plays":
+        return train
+    T = context_length(config, teacher)
+    key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
+                                     config["seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
+    path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
+    if rank == 0 and not os.path.exists(path):
+        t0 = time.time()
+        tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
+                                    config["seed"] + 3000)
+        lcd.atomic_write(path, tokens.tofile)
+        print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
+    if world > 1:
+        dist.barrier()
+    text = np.fromfile(path, dtype=np.uint16)
+    if config["distill_data"] == "teacher":
+        return text
+    starts = np.linspace(0, len(train) - T, num=len(text) // T).astype(np.int64)
+    return np.concatenate([text, *(np.asarray(train[s:s + T]) for s in starts)])
+
+
 def calibration_data(train, config, block_size):
     """Stage 3: calibration batches for the statistics, and a held-out batch that scores speculative steps;
     drawn from the training split with their own seed, so they are the same on every process and run."""
@@ -725,7 +804,8 @@ def ablations(config):
 DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
-                "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size")
+                "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
+                "teacher_text_seqs")
 
 
 def model_digest(model):
@@ -1059,7 +1139,8 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
 def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
-    train, sets = load_tokens(meta["dir"], "train"), held_out_sets(config, meta)
+    sets = held_out_sets(config, meta)
+    train = distillation_tokens(config, teacher, meta, load_tokens(meta["dir"], "train"), rank, world)
     calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
     rows = [teacher_row]
     if rank == 0:
