@@ -468,14 +468,16 @@ def lloyd(W, h, codebook, idx, group_size, max_iters=LLOYD_MAX_ITERS, outliers=N
 
 
 def dequantize(codebook, idx, group_size):
-    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) int32 or int64
-    -> (N, K) float32. One flat look-up: the centroid of (n, k) is entry (n G + k // group_size) C + idx[n, k]
+    """W_hat[n, k] = codebook[n, k // group_size, idx[n, k]]: codebook (N, G, C), idx (N, K) of any integer
+    dtype -> (N, K) float32. One flat look-up: the centroid of (n, k) is entry (n G + k // group_size) C + idx[n, k]
     of the flattened codebook (int32 idx keeps that index half the size: the CPU reference's choice)."""
     N, G, C = codebook.shape
     K = idx.shape[1]
     group_size = check_group_size(group_size, K)
     if codebook.numel() >= 2 ** 31:           # a flat position would not fit in int32
         idx = idx.long()
+    elif idx.dtype not in (torch.int32, torch.int64):   # LCDLinear's uint8 assignments
+        idx = idx.int()
     row_start = torch.arange(N, dtype=idx.dtype, device=idx.device)[:, None] * (G * C)      # (N, 1)
     group_start = (torch.arange(K, dtype=idx.dtype, device=idx.device) // group_size) * C  # (K,)
     flat = idx + row_start
@@ -1069,7 +1071,7 @@ def _nearest(W, codebook, group_size):
 
 def _flat_index(idx, group_size, C):
     """(N, K) positions of idx's centroids in the codebook viewed as (N, G * C)."""
-    return idx + torch.arange(idx.shape[1], device=idx.device) // group_size * C
+    return idx.long() + torch.arange(idx.shape[1], device=idx.device) // group_size * C
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -1119,7 +1121,9 @@ class LCDLinear(nn.Module):
                              f" got {tuple(codebook.shape)}")
         self.weight = nn.Parameter(weight.detach().float().clone())       # (N, K) latent weight
         self.codebook = nn.Parameter(codebook.detach().float().clone())   # (N, G, C) learnable centroids
-        self.register_buffer("idx", idx.detach().long().clone())          # (N, K) assignments
+        # (N, K) assignments, one byte each (2^(b+p) <= 256 centroids): an int64 copy of a 135M model's would
+        # be 850 MB; the gathers take the int64 index a layer at a time (_flat_index)
+        self.register_buffer("idx", idx.detach().to(torch.uint8).clone())
         self.bias = nn.Parameter(bias.detach().float().clone()) if bias is not None else None
         if importance is None:
             importance = torch.ones(K)
@@ -1159,7 +1163,7 @@ class LCDLinear(nn.Module):
     @torch.no_grad()
     def lloyd_(self, max_iters=SPECULATIVE_LLOYD_ITERS):
         """Refit: weighted Lloyd on the latent weights, starting from the current centroids and assignments."""
-        codebook, idx = lloyd(self.weight, self.importance, self.codebook, self.idx, self.group_size,
+        codebook, idx = lloyd(self.weight, self.importance, self.codebook, self.idx.long(), self.group_size,
                               max_iters=max_iters)
         self.codebook.copy_(codebook)
         self.idx.copy_(idx)
@@ -1167,9 +1171,9 @@ class LCDLinear(nn.Module):
     @torch.no_grad()
     def merge_(self):
         """Halve the codebook (progressive schedule); the codebook parameter is replaced by a smaller one."""
-        codebook, idx = merge_codebook(self.codebook, self.idx, self.importance, self.group_size)
+        codebook, idx = merge_codebook(self.codebook, self.idx.long(), self.importance, self.group_size)
         self.codebook = nn.Parameter(codebook, requires_grad=self.codebook.requires_grad)
-        self.idx = idx
+        self.idx = idx.to(torch.uint8)
 
     @torch.no_grad()
     def freeze(self):
@@ -1313,8 +1317,9 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     with weights past fp16's range (FP16_MAX: the student computes with fp16 centroids)."""
     if bits not in (2, 3, 4):
         raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
-    if not (isinstance(progressive_p, int) and progressive_p >= 0):
-        raise ValueError(f"progressive_p must be an int >= 0, got {progressive_p!r}")
+    if not (isinstance(progressive_p, int) and 0 <= progressive_p <= 8 - bits):
+        raise ValueError(f"progressive_p must be an int in [0, {8 - bits}] at {bits} bits (2^(bits + p) <= 256 "
+                         f"centroids, one byte an assignment), got {progressive_p!r}")
     if a_bits not in (None, 8, 4):
         raise ValueError(f"a_bits must be None (weight-only), 8 or 4, got {a_bits!r}")
     if init not in ("density", "kmeans++", "uniform"):
@@ -1434,10 +1439,9 @@ def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0
 # ---- speculative optimization ------------------------------------------------------------------------
 
 def _trainable_state(student):
-    """A copy of everything a candidate may change: trainable parameters and the assignments (as uint8:
-    an index is below 2^b <= 256, and on a 135M model the int64 copy alone would take 850 MB)."""
+    """A copy of everything a candidate may change: trainable parameters and the (uint8) assignments."""
     state = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-    state.update({f"{n}.idx": m.idx.to(torch.uint8) for n, m in lcd_layers(student).items()})
+    state.update({f"{n}.idx": m.idx.clone() for n, m in lcd_layers(student).items()})
     return state
 
 

@@ -41,7 +41,7 @@ def test_straight_through_gradients_reach_centroids_and_latent_weights():
     expected = torch.zeros_like(layer.codebook)                          # centroid: sum over its weights
     for n in range(6):
         for k in range(20):
-            expected[n, k // 8, layer.idx[n, k]] += W_q.grad[n, k]
+            expected[n, k // 8, int(layer.idx[n, k])] += W_q.grad[n, k]
     torch.testing.assert_close(layer.codebook.grad, expected)
     assert layer.codebook.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
 
