@@ -240,16 +240,27 @@ static const int32_t SHIFT3[5][8] = {{0,3,6,9,12,15,18,21}, {24,27,0,3,6,9,12,15
 
 typedef struct { __m256 lo, hi; } codebook8;                          // centroids 0-7 and 8-15
 
-static codebook8 load_codebook8(const uint16_t *cb, int bits) {
+static inline __attribute__((always_inline)) codebook8 load_codebook8(const uint16_t *cb, const int bits) {
+    codebook8 r;
+#ifdef __F16C__
+    if (bits == 2) {                                                    // 4 centroids, twice
+        __m128 c = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)cb));
+        r.lo = _mm256_set_m128(c, c);
+    } else {
+        r.lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)cb));
+        r.hi = bits == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + 8))) : r.lo;
+    }
+#else
     float c[16] = {0};
     load_codebook(cb, 1 << bits, c);
-    if (bits == 2) { memcpy(c + 4, c, 16); }                            // 4 centroids, twice
-    codebook8 r = {_mm256_loadu_ps(c), _mm256_loadu_ps(c + 8)};
+    if (bits == 2) { memcpy(c + 4, c, 16); }
+    r.lo = _mm256_loadu_ps(c); r.hi = _mm256_loadu_ps(c + 8);
+#endif
     return r;
 }
 
 // the 8 weights of vector v (entries 8v .. 8v+7) of a row; words3: the row's 4 words of v's 40-entry period
-static inline __m256 decode8(const uint32_t *row, const uint32_t *words3, int v, int bits, codebook8 cb) {
+static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row, const uint32_t *words3, int v, int bits, codebook8 cb) {
     if (bits == 2) {
         const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
         __m256i w = _mm256_set1_epi32((int)(row[v >> 1] >> ((v & 1) * 16)));
@@ -302,28 +313,87 @@ static float *padded_activations(const float *x, int B, int K, int V) {   // (B,
 
 #endif  // __AVX2__
 
-// batch 1 (B rows are done one after the other: decode once per row and batch row)
+#ifdef __AVX2__
+// sum over the vectors va <= v < vb of row's weights times xb (one codebook): the bulk in whole words
+// (b = 2, 4) or whole 40-entry periods (b = 3) with 4-5 independent accumulators, the ends one vector at
+// a time. `bits` is a constant at each call site, so the compiler makes three loops of this one.
+static inline __attribute__((always_inline)) __m256
+span_dot(const uint32_t *row, const uint32_t *tail3, int full3, int va, int vb, const int bits, codebook8 cb,
+         const float *xb) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+    int v = va;
+    if (bits == 2) {
+        const __m256i s_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), s_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+        if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, NULL, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
+        for (; v + 4 <= vb; v += 4) {                                   // 2 words, 32 weights
+            __m256i w0 = _mm256_set1_epi32((int)row[v >> 1]), w1 = _mm256_set1_epi32((int)row[(v >> 1) + 1]);
+            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
+        }
+    } else if (bits == 4) {
+        for (; v + 4 <= vb; v += 4) {                                   // 4 words, 32 weights
+            a0 = _mm256_fmadd_ps(decode8(row, NULL, v, 4, cb), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(decode8(row, NULL, v + 1, 4, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(decode8(row, NULL, v + 2, 4, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(decode8(row, NULL, v + 3, 4, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
+        }
+    } else {
+        for (; v < vb && v % 5; v++) {
+            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
+            a4 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a4);
+        }
+        for (; v + 5 <= vb; v += 5) {                                   // 4 words, 40 weights
+            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
+            a0 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(decode8(row, w3, v + 1, 3, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(decode8(row, w3, v + 2, 3, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(decode8(row, w3, v + 3, 3, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
+            a4 = _mm256_fmadd_ps(decode8(row, w3, v + 4, 3, cb), _mm256_load_ps(xb + 8 * v + 32), a4);
+        }
+    }
+    for (; v < vb; v++) {
+        const uint32_t *w3 = bits == 3 && v / 5 >= full3 ? tail3 : row + 4 * (v / 5);
+        a4 = _mm256_fmadd_ps(decode8(row, w3, v, bits, cb), _mm256_load_ps(xb + 8 * v), a4);
+    }
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), a4);
+}
+
+static inline __attribute__((always_inline)) void
+v3_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y, int N, int K, int B,
+        const int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+        uint32_t tail3[4] = {0, 0, 0, 0};
+        int full3 = n_words / 4;
+        if (bits == 3) { memcpy(tail3, row + 4 * full3, 4 * (n_words - 4 * full3)); }
+        for (int b = 0; b < B; b++) {
+            const float *xb = xp + (size_t)b * 8 * V;
+            __m256 acc = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                int vb = g == G - 1 ? V : (g + 1) * vg;
+                acc = _mm256_add_ps(acc, span_dot(row, tail3, full3, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), xb));
+            }
+            y[(int64_t)b * N + n] = hsum8(acc);
+        }
+    }
+}
+#endif
+
+// batch 1 (B rows are done one after the other, each decoding the row again)
 void lut_gemv_v3(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
                  int N, int K, int B, int bits, int group_size, int n_threads) {
 #ifdef __AVX2__
     if (v3_supports(K, bits, group_size)) {
-        const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
-        const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
-        float *xp = padded_activations(x, B, K, V);
-        #pragma omp parallel for num_threads(n_threads) schedule(static)
-        for (int n = 0; n < N; n++) {
-            const uint32_t *row = packed + (int64_t)n * n_words;
-            const uint16_t *row_cb = codebook + (int64_t)n * G * C;
-            for (int b = 0; b < B; b++) {
-                const float *xb = xp + (size_t)b * 8 * V;
-                __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-                FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, {
-                    if (v & 1) { acc1 = _mm256_fmadd_ps(wv, _mm256_load_ps(xb + 8 * v), acc1); }
-                    else       { acc0 = _mm256_fmadd_ps(wv, _mm256_load_ps(xb + 8 * v), acc0); }
-                });
-                y[(int64_t)b * N + n] = hsum8(_mm256_add_ps(acc0, acc1));
-            }
-        }
+        float *xp = padded_activations(x, B, K, (K + 7) / 8);
+        if (bits == 2) { v3_rows(packed, codebook, xp, y, N, K, B, 2, group_size, n_threads); }
+        if (bits == 3) { v3_rows(packed, codebook, xp, y, N, K, B, 3, group_size, n_threads); }
+        if (bits == 4) { v3_rows(packed, codebook, xp, y, N, K, B, 4, group_size, n_threads); }
         free(xp);
         return;
     }
