@@ -115,6 +115,9 @@ def usage():
             + configurator.describe_config(os.path.abspath(__file__), DEFAULTS))
 
 
+_GIVEN = set()   # the keys the last apply_overrides() was given
+
+
 def apply_overrides(argv):
     """nanoGPT-style --key=value overrides of the config globals (configurator.parse_overrides); unknown keys
     and bad values end the script with the reason. -h / --help prints every key with its default and
@@ -123,10 +126,11 @@ def apply_overrides(argv):
         print(usage())
         raise SystemExit(0)
     try:
-        config, _ = configurator.parse_overrides(argv, DEFAULTS, switches=SWITCHES)
+        config, given = configurator.parse_overrides(argv, DEFAULTS, switches=SWITCHES)
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     globals().update(config)
+    globals()["_GIVEN"] = given                 # which keys the command line set (an explicit --prompt="")
     if bits not in (2, 3, 4):
         raise SystemExit(f"--bits must be 2, 3 or 4, got {bits}")
     if group_size is not None and group_size < 1:
@@ -985,6 +989,9 @@ def bench_generate():
     if max_new_tokens < 1 or temperature < 0 or top_k < 0:
         raise SystemExit(f"--max_new_tokens must be >= 1 and --temperature, --top_k >= 0; got {max_new_tokens}, "
                          f"{temperature}, {top_k}")
+    if not prompt and "prompt" in _GIVEN:
+        raise SystemExit("bench.py: --prompt is given but the prompt is empty: give at least one character to "
+                         "continue, or leave --prompt out for train_kd.sample_prompt")
     for path in (generate, teacher):
         if path and not os.path.exists(path):
             raise SystemExit(f"{path} not found: train_kd.py writes out/lcd_w<bits>.pt and out/teacher.pt")

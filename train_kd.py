@@ -164,6 +164,9 @@ def check_config(config):
     if "min_lr" in config and "learning_rate" in config and config["min_lr"] > config["learning_rate"]:
         raise ValueError(f"--min_lr={config['min_lr']} is above --learning_rate={config['learning_rate']}: "
                          "the cosine decays from learning_rate down to min_lr")
+    if config.get("sample_tokens", 0) > 0 and not config.get("sample_prompt", "x"):
+        raise ValueError("--sample_prompt is empty: the prompt is empty, and a sample continues a prompt: give "
+                         "at least one character, or --sample_tokens=0 for no sample")
     if config.get("ablate", 0) not in (0, 1):
         raise ValueError(f"--ablate must be 0 or 1, got {config['ablate']!r}")
     if config.get("stop_after", "") not in STAGES:
@@ -580,14 +583,30 @@ def load_pretrained_teacher(source, meta, log=print):
     t0 = time.time()
     prepare = prepare_module()
     path = prepare.fetch_pretrained(source) if source in prepare.PRETRAINED else source
-    teacher, _ = checkpoints.load_pretrained(path)
-    if meta["vocab_size"] > teacher.config.vocab_size:
-        raise RuntimeError(f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary "
-                           f"{meta['vocab_size']}), more than {path}'s vocabulary of {teacher.config.vocab_size}: "
-                           "prepare the data with the model's tokenizer (e.g. --tokenizer=smollm2)")
+    teacher, enc = checkpoints.load_pretrained(path)
+    check_teacher_tokenizer(meta, source, path, teacher.config.vocab_size, enc)
     if log:
         log(f"teacher: {type(teacher).__name__} from {path} in {time.time() - t0:.1f} s")
     return teacher.eval()
+
+
+def check_teacher_tokenizer(meta, source, path, model_vocab, enc):
+    """Refuse a dataset whose tokens are not the pretrained teacher's, before any work: its tokenizer
+    (meta.json) must be the teacher's own -- the same vocabulary size as the checkpoint's tokenizer (enc,
+    None when the checkpoint has none) and, for a named checkpoint (smollm2), the same name -- and its ids
+    must fit the model's vocabulary. Both names and both vocabulary sizes are in the message."""
+    ours = f"{source!r}'s tokenizer" + (f" (vocabulary {enc.n_vocab})" if enc is not None else "")
+    theirs = f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary {meta['vocab_size']})"
+    tok = source if source in prepare_module().PRETRAINED else "<the model's tokenizer>"
+    remedy = (f"prepare the data with the model's tokenizer (python data/prepare.py --tokenizer={tok}) and "
+              f"give --tokenizer={tok} --dataset=<that dataset>")
+    named_mismatch = source in prepare_module().PRETRAINED and meta["tokenizer"] != source
+    size = enc.n_vocab if enc is not None else model_vocab   # without a tokenizer file: the model's own
+    if named_mismatch or size != meta["vocab_size"]:
+        raise RuntimeError(f"{theirs}, but the teacher {path} reads {ours}, model vocabulary {model_vocab}: "
+                           f"the tokenizers do not match; {remedy}")
+    if meta["vocab_size"] > model_vocab:
+        raise RuntimeError(f"{theirs}, more than {path}'s vocabulary of {model_vocab}: {remedy}")
 
 
 def check_teacher_data(stored, wanted, vocab_size, path, log=print):
@@ -829,6 +848,19 @@ def load_student(path, device="cpu", teacher_path=None):
     return model.to(device).eval(), tokenizer
 
 
+def decode_safely(enc, ids):
+    """(text, unknown ids) of token ids: an id the tokenizer has no entry for (a model with a larger
+    vocabulary than its tokenizer) becomes U+FFFD and is listed, instead of tiktoken's KeyError."""
+    parts, unknown = [], []
+    for i in ids:
+        try:
+            parts.append(enc.decode_single_token_bytes(i))
+        except (KeyError, ValueError, OverflowError):
+            parts.append("\ufffd".encode())
+            unknown.append(i)
+    return b"".join(parts).decode("utf-8", errors="replace"), unknown
+
+
 @torch.no_grad()
 def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=0, log=print):
     """Each model's continuation of `prompt`, all from the same seed, printed one after the other, labelled.
@@ -859,7 +891,11 @@ def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        text = enc.decode(out[0, len(ids):].tolist())
+        text, unknown = decode_safely(enc, out[0, len(ids):].tolist())
+        if unknown:
+            log(f"note: {label} wrote {len(unknown)} token id(s) the {tokenizer!r} tokenizer has no entry for "
+                f"(first {unknown[0]}; the tokenizer has {enc.n_vocab} ids, the model {vocab}), shown as U+FFFD: "
+                "the model and the tokenizer do not match")
         samples[label] = dict(text=text, tokens=max_new_tokens, seconds=seconds,
                               tokens_per_s=max_new_tokens / max(seconds, 1e-9))
         log(f"--- {label}: {samples[label]['tokens_per_s']:.1f} tokens/s ---\n{text}")
