@@ -15,10 +15,12 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 """
 
 # ==== 1. calibration ============================================================================
+import errno
 import functools
 import math
 import numbers
 import os
+import re
 import sys
 import tempfile
 
@@ -894,10 +896,25 @@ def atomic_write(path, write):
     """Write `path` atomically: write(tmp) fills a temporary file beside it, flushed to disk, which is then
     renamed over `path`: a crash, a full disk or an error midway leaves the old file (or none) as it was,
     never a half-written one. The file gets the mode a plain open() would give (0666 minus the umask,
-    usually 0644), not mkstemp's private 0600."""
+    usually 0644), not mkstemp's private 0600.
+
+    A full disk (OSError ENOSPC, or torch.save's "unexpected pos" RuntimeError) is an OSError(ENOSPC)
+    saying "no space left on the device holding <path>; the previous file is intact". A writer killed
+    before its cleanup (SIGKILL, SIGTERM) leaves its temp file behind; the next write of the same path
+    removes such stale files of its own (stale_temp_files: <name>.<8 random characters>.tmp, mkstemp's
+    pattern for this name, nothing else) -- one writer per file, as every caller here is."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    for stale in stale_temp_files(path):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    existed = os.path.exists(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(e, path, existed) from None
     os.close(fd)
     try:
         umask = os.umask(0)
@@ -907,9 +924,55 @@ def atomic_write(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())          # the data on disk before the rename makes it the file
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = _write_error(e, path, existed)
+        if err is e:
+            raise
+        raise err from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(directory, what):
+    """Raise OSError naming `what` (e.g. "--out_dir=out") unless files can be created in `directory`
+    (created if missing): a real probe file, so that a read-only filesystem, a path under a regular file or
+    a directory without write permission are found before any work, as root too (where access() says yes)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: cannot write in {directory} ({type(e).__name__}: "
+                               f"{e.strerror or e}): choose a writable directory before any work is done") from None
+
+
+def stale_temp_files(path):
+    """The temp files atomic_write(path) leaves when killed: <basename>.XXXXXXXX.tmp beside `path`, with
+    XXXXXXXX as tempfile.mkstemp names them (8 of a-z, 0-9, _)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _write_error(e, path, existed):
+    """The clear error for a failed atomic write: a full disk says so and that the old file is intact;
+    an unwritable place names the path; anything else is returned as it is."""
+    kept = "the previous file is intact" if existed else "no file was written there"
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or any(
+            words in text for words in ("unexpected pos", "No space left", "file write failed")):
+        return OSError(errno.ENOSPC, f"no space left on the device holding {path}; {kept}: free some space (or "
+                                     f"write elsewhere) and run again ({type(e).__name__}: {text})")
+    if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        return OSError(e.errno, f"cannot write {path} ({os.strerror(e.errno)}); {kept}: choose a writable "
+                                f"location")
+    return e
 
 
 def read_torch_file(path, remedy, mmap=False):
@@ -948,6 +1011,11 @@ def save_quantized(model, path, model_config=None, tokenizer=None):
     (model.config_dict(model)), so that load_quantized can build the model from the file alone;
     tokenizer: optional name of the tokenizer its token ids come from (e.g. 'bytes', 'gpt2')."""
     layers = {}
+    distilled = [name for name, m in model.named_modules() if isinstance(m, LCDLinear)]
+    if distilled:
+        raise ValueError(f"save_quantized: {len(distilled)} layer(s) are LCDLinear, still being distilled (first "
+                         f"{distilled[0]!r}): call lcd.freeze(model) first, or save a frozen copy: "
+                         "lcd.save_quantized(lcd.freeze(copy.deepcopy(model)), path)")
     for name, m in model.named_modules():
         if isinstance(m, LUTLinear):
             layers[name] = m.config()
