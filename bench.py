@@ -1019,6 +1019,11 @@ def write_json(path, results):
 
 def main(argv):
     apply_overrides(argv)
+    if json:                         # the results' file: writable, before any benchmark runs
+        try:
+            lcd.check_writable(os.path.dirname(os.path.abspath(json)), f"--json={json}")
+        except OSError as e:
+            raise SystemExit(f"bench.py: {e}") from None
     if generate:                     # text and its speed only: none of the benchmarks below
         results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "generate": bench_generate()}
         if json:

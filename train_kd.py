@@ -539,6 +539,7 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
 def ensure_teacher(**overrides):
     """(teacher, meta): load out_dir/teacher.pt, or prepare data and train it first. For scripts and tests."""
     config = dict(DEFAULTS, **overrides)
+    check_outputs(config)
     meta = ensure_data(config["dataset"], config["tokenizer"])
     path = os.path.join(config["out_dir"], "teacher.pt")
     if not os.path.exists(path):
@@ -1048,7 +1049,8 @@ def main(argv):
         return
     try:
         config = parse_config(argv)
-    except ValueError as e:
+        check_outputs(config)
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     try:
         run(config)
@@ -1057,6 +1059,19 @@ def main(argv):
             raise
         raise Interrupted(f"the stage under way saves nothing; what is done is in {config['out_dir']}/ and the "
                           "same command goes on from there") from None
+
+
+def check_outputs(config):
+    """Every place this run writes, checked writable before any work (an OSError naming the flag and the
+    directory otherwise): --out_dir (checkpoints, the teacher, the packed student, the report) and, when
+    the dataset is still to be prepared, its data directory. A run must not train for an hour and then
+    lose it at the first save."""
+    lcd.check_writable(config["out_dir"], f"--out_dir={config['out_dir']}")
+    dataset = config["dataset"]
+    data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
+    if (not os.path.exists(os.path.join(data_dir, "meta.json"))
+            and dataset in ("shakespeare", f"shakespeare_{config['tokenizer']}")):    # ensure_data prepares it
+        lcd.check_writable(data_dir, f"--dataset={dataset} (to be prepared)")
 
 
 def data_stage(config, rank, world):
@@ -1112,6 +1127,8 @@ def run(config):
     config["device"] = device
     torch.manual_seed(config["seed"])
     t_start = time.time()
+    if rank == 0:
+        check_outputs(config)                                                     # before any work
     meta = data_stage(config, rank, world)                                        # 1. data
     teacher, teacher_row = teacher_stage(config, meta, rank, world, device)       # 2. the teacher
     if config["stop_after"] != "teacher":                                         # 3-7: quantize, distill, report
