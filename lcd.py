@@ -1666,6 +1666,44 @@ def _check_distill_args(teacher, steps, calib_x, bits, tau, ce_weight, lrs, warm
         raise ValueError(f"the resume state lacks {missing}: it is not a state that distill() checkpointed")
 
 
+def student_signature(student, method, bits=None):
+    """What a resumable state must match to be resumed: the method ("distill" or "blocks"), the target bits
+    and, per LCDLinear layer, its shape (out, in), group size and the centroids it starts with. Every state
+    distill() and reconstruct_blocks() checkpoint holds it, and a resume compares (check_resume_state)."""
+    return dict(method=method, bits=bits, layers={
+        n: dict(shape=[m.out_features, m.in_features], group_size=m.group_size, centroids=m.n_centroids)
+        for n, m in lcd_layers(student).items()})
+
+
+def check_resume_state(state, signature, where):
+    """Refuse to resume `state` into a run of another signature (student_signature), naming what differs
+    and both values: another bits, group size, method or model shape would resume silently wrong (a
+    3-bit student returned for bits=2) or die in a raw size mismatch."""
+    stored = state.get("signature") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where}: the resume state records no signature (bits, group size, method, model "
+                         "shape): it was written by an older lcd.py; restart this stage without it")
+    remedy = ("resume with the settings the state was written with, or start this stage afresh (state=None; "
+              "train_kd.py: delete the checkpoint or use another --out_dir)")
+    for key in ("method", "bits"):
+        if stored.get(key) != signature[key]:
+            raise ValueError(f"{where}: the resume state is of a run with {key}={stored.get(key)!r}, this run "
+                             f"asks {key}={signature[key]!r}: {remedy}")
+    theirs, ours = stored.get("layers") or {}, signature["layers"]
+    if sorted(theirs) != sorted(ours):
+        only_s, only_o = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        raise ValueError(f"{where}: the resume state is of another model shape (layers only in the state: "
+                         f"{only_s[:4]}; only in this student: {only_o[:4]}; {len(theirs)} vs {len(ours)} LCD "
+                         f"layers): {remedy}")
+    for name, mine in ours.items():
+        for key in ("shape", "group_size", "centroids"):
+            if theirs[name].get(key) != mine[key]:
+                what = {"shape": "model shape (out, in)", "group_size": "group_size",
+                        "centroids": "starting centroids (2^(bits + progressive_p))"}[key]
+                raise ValueError(f"{where}: layer {name!r} has {what} {theirs[name].get(key)!r} in the resume "
+                                 f"state, {mine[key]!r} in this student: {remedy}")
+
+
 def _resume_student(student, layers, state, device):
     """Put a checkpointed state's student back: the codebooks first take the size of the stage the
     checkpoint was taken in (progressive merging shrinks them)."""
@@ -1685,6 +1723,36 @@ def _update_ema(ema, student):
     return ema
 
 
+class Diverged(FloatingPointError):
+    """Training met a non-finite loss, gradient or parameter (a learning rate too high for this model): raised
+    before the optimizer step or checkpoint that would store it, so the last checkpoint stays finite."""
+
+
+def _check_finite(loss, optimizer, step, where, after_step=False):
+    """Raise Diverged at the first non-finite loss or gradient (before the update) or, after_step, the
+    first non-finite trainable parameter, naming the step, the loss and the tensor."""
+    params = [(group.get("name", "?"), p) for group in optimizer.param_groups for p in group["params"]]
+    if not after_step:
+        if not math.isfinite(loss):
+            raise Diverged(f"{where}: the loss is {loss} at step {step}")
+        bad = next((kind for kind, p in params if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        if bad:
+            raise Diverged(f"{where}: a gradient of the {bad} parameters is non-finite at step {step} (loss {loss:.4g})")
+    else:
+        bad = next((kind for kind, p in params if not torch.isfinite(p).all()), None)
+        if bad:
+            raise Diverged(f"{where}: the {bad} parameters became non-finite in the update of step {step} "
+                           f"(loss {loss:.4g})")
+
+
+def _diverged_advice(e, lrs, resumable):
+    slower = ", ".join(f"{k}_lr={v:g} (try {v / 10:g})" if k != "codebook" else f"lr={v:g} (try {v / 10:g})"
+                       for k, v in lrs.items())
+    return Diverged(f"{e}: the training diverged and stops here; nothing non-finite was saved, the last "
+                    f"checkpoint is kept as it was{resumable}. Resume from it with a lower learning rate: "
+                    f"{slower}")
+
+
 def _kd_step(teacher, model, optimizer, batch, step, tau, ce_weight, device):
     """One optimizer step of the KD loss on one batch (x or (x, y)); returns the loss (a float)."""
     x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -1696,8 +1764,10 @@ def _kd_step(teacher, model, optimizer, batch, step, tau, ce_weight, device):
         t_logits = model_logits(teacher(x))
     loss = kd_loss(model_logits(model(x)), t_logits, tau, y.to(device) if y is not None else None, ce_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()                       # under DDP first: every process then sees the same averaged gradients
+    _check_finite(loss.item(), optimizer, step, "distill")
     optimizer.step()
+    _check_finite(loss.item(), optimizer, step, "distill", after_step=True)
     return loss.item()
 
 
@@ -1741,6 +1811,9 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     if n_stages < 1:
         raise ValueError(f"the student has {start_c} centroids, fewer than 2^bits = {2 ** bits}")
     plan = stage_plan(steps, n_stages, final_frac) + [steps]        # stage s runs from plan[s] to plan[s + 1]
+    signature = student_signature(student, "distill", bits)        # the student as prepared: before any merge
+    if state is not None:
+        check_resume_state(state, signature, "distill")
     teacher.eval()
     teacher.requires_grad_(False)
     history = dict(loss=[], lr=[], stages=[(0, start_c)], spec_wins={p: 0 for p in speculative_paths},
@@ -1753,13 +1826,15 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     optimizer = make_optimizer(student, lrs, train_norms, train_scales)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:        # this call's rates: a resume may lower them (Diverged)
+            group["base_lr"] = lrs.get(group.get("name"), group["base_lr"])
     calib_logits = teacher_logits_of(teacher, calib_x) if speculative_every else None
     model = _wrap_ddp(student, ddp)
     student.train()
 
     def save_state():
         return dict(student=student.state_dict(), optimizer=optimizer.state_dict(), step=step, stage=stage,
-                    history=history, previous=previous, ema=ema)
+                    history=history, previous=previous, ema=ema, signature=signature)
 
     while step < steps:
         if step >= plan[stage + 1]:                                   # progressive: halve the codebooks
@@ -1775,8 +1850,11 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
             history["reassigned"].append(_reassign_all(layers))
         scale = lr_at(step, plan[stage], plan[stage + 1], warmup)
         _set_lr(optimizer, scale)
-        loss = _kd_step(teacher, model, optimizer, _next_batch(batches, step, steps, ddp, device), step, tau,
-                        ce_weight, device)
+        try:
+            loss = _kd_step(teacher, model, optimizer, _next_batch(batches, step, steps, ddp, device), step, tau,
+                            ce_weight, device)
+        except Diverged as e:
+            raise _diverged_advice(e, lrs, " (state= from the checkpoint callback)" if checkpoint else "") from None
         history["loss"].append(loss)
         history["lr"].append(scale)
         if speculative_every and "ema" in speculative_paths:
@@ -1923,7 +2001,10 @@ def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lr
         loss = (out - Y[j]).pow(2).mean() / scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        where = f"reconstruct_blocks: block {index}"
+        _check_finite(loss.item(), optimizer, step, where)
         optimizer.step()
+        _check_finite(loss.item(), optimizer, step, where, after_step=True)
         history["loss"].append(loss.item())
         if on_step:
             on_step(index * steps + step, loss.item(), f" | block {index}")
@@ -1963,7 +2044,9 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     rank = dist.get_rank() if ddp else 0
     gen = torch.Generator().manual_seed(rank)
     history, done = dict(loss=[], blocks=[]), 0
+    signature = student_signature(student, "blocks")
     if state is not None:                                     # resume: the finished blocks come back as trained
+        check_resume_state(state, signature, "reconstruct_blocks")
         student.load_state_dict(state["student"])
         history, done = state["history"], state["block"]
         gen.set_state(state["rng"])
@@ -1977,8 +2060,11 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             scale = Y.pow(2).mean().clamp_min(1e-30)
             before = (_run_block(s_block, X_s, args, kwargs) - Y).pow(2).mean().div(scale).item()
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
-        _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
-                     reassign_every, ddp, gen, history, on_step, i)
+        try:
+            _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+                         reassign_every, ddp, gen, history, on_step, i)
+        except Diverged as e:
+            raise _diverged_advice(e, lrs, f" (blocks 0..{i - 1} done)" if checkpoint and i else "") from None
         s_block.requires_grad_(False)
         with torch.no_grad():
             if reassign_every:
@@ -1990,5 +2076,6 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")
         X_t = Y
         if checkpoint:
-            checkpoint(dict(student=student.state_dict(), block=i + 1, history=history, rng=gen.get_state()))
+            checkpoint(dict(student=student.state_dict(), block=i + 1, history=history, rng=gen.get_state(),
+                            signature=signature))
     return student, history

@@ -482,9 +482,13 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "step", "rng", "model_config"),
                                "delete it to restart the teacher's training")
-        if ckpt["model_config"] != mc or ckpt.get("config") != fingerprint:
+        stored = dict(ckpt.get("config") or {}, **{f"model {k}": v for k, v in ckpt["model_config"].items()})
+        wanted = dict(fingerprint, **{f"model {k}": v for k, v in mc.items()})
+        differ = [k for k in wanted if k not in ("learning_rate", "min_lr") and stored.get(k) != wanted[k]]
+        if differ:     # the rates may change: a diverged run resumes with lower ones
+            shown = "; ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {wanted[k]!r} now" for k in differ[:6])
             raise RuntimeError(f"{ckpt_path} was written by a run with another model or training configuration "
-                               f"({ckpt['model_config']}, {ckpt.get('config')}): delete it or use another --out_dir")
+                               f"({shown}): resume with those settings, or delete it or use another --out_dir")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -518,8 +522,14 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
             _, loss = ddp_model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] if config["grad_clip"] > 0
+                                                  else float("inf"))
+            if not (math.isfinite(loss.item()) and torch.isfinite(norm)):
+                kept = f"{ckpt_path} (step {saved}) is kept as it was" if saved else "no checkpoint was written yet"
+                raise lcd.Diverged(f"teacher: the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: "
+                                   f"the training diverged and stops before the update; {kept}. The same command "
+                                   f"with a lower --learning_rate (now {config['learning_rate']}, e.g. ten times "
+                                   "lower) resumes from it")
             resume_at = None
             optimizer.step()
             resume_at = (step + 1, gen.get_state())
@@ -726,6 +736,23 @@ def model_digest(model):
     return digest.hexdigest()[:16]
 
 
+RESUME_MAY_CHANGE = ("kd_lr", "kd_latent_lr", "kd_other_lr")   # a diverged run resumes with lower rates
+
+
+def check_fingerprint(stored, wanted, path, method):
+    """Refuse a distillation checkpoint of another run (bits, group size, method, model, ...), naming every
+    key that differs with both values; the learning rates may change (a resume after Diverged lowers them)."""
+    stored = stored if isinstance(stored, dict) else {}
+    differ = [k for k in wanted if k not in RESUME_MAY_CHANGE and stored.get(k) != wanted[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {wanted[k]!r} now" for k in differ[:6])
+        raise RuntimeError(f"{path} was written by a {method} run with another configuration ({shown}): resume "
+                           "with those settings, or delete it (or use another --out_dir) to start afresh")
+    for k in RESUME_MAY_CHANGE:
+        if stored.get(k) != wanted[k]:
+            print(f"{method}: resuming with --{k}={wanted[k]} (the checkpoint was written at {stored.get(k)})")
+
+
 def run_distillation(method, teacher, config, train, calib, calib_x, rank, world, device):
     """Distill one student (resuming from out_dir/distill_<method>_<tag>.pt); returns it frozen, its
     history, the seconds it took (the student's preparation included) and the checkpoint's path.
@@ -738,13 +765,12 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
     T = context_length(config, teacher)
     gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
     path = os.path.join(config["out_dir"], f"distill_{method}_{run_tag(config)}.pt")
-    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"])
+    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"],
+                       method=method)
     ckpt = {}
     if os.path.exists(path):
         ckpt = load_checkpoint(path, ("rng", "config"), f"delete it to restart the {method} distillation")
-        if ckpt.get("config") != fingerprint:
-            raise RuntimeError(f"{path} was written by a run with another configuration ({ckpt.get('config')}); "
-                               "delete it or use another --out_dir")
+        check_fingerprint(ckpt.get("config"), fingerprint, path, method)
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if rank == 0:
             where = f"step {ckpt['state']['step']}" if ckpt.get("state") else f"block {ckpt['blocks']['block']}"
@@ -783,6 +809,16 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
             ddp=world > 1, state=state, checkpoint=lambda distill_state: save(state=distill_state),
             checkpoint_every=config["kd_ckpt_interval"], log=log, on_step=progress.update)
+    except lcd.Diverged as e:
+        if saved.get("state"):
+            kept = f"{path} (step {saved['state']['step']}) is kept"
+        elif saved.get("blocks"):
+            kept = f"{path} (block {saved['blocks']['block']} done) is kept"
+        else:
+            kept = "no checkpoint was written yet"
+        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower --kd_lr (now {config['kd_lr']}) "
+                           f"and --kd_latent_lr (now {config['kd_latent_lr']}), e.g. ten times lower, resumes "
+                           "from it") from None
     except KeyboardInterrupt:
         if saved.get("state"):
             where = f"{method}'s distillation progress is saved in {path} (step {saved['state']['step']} of " \
