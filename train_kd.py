@@ -749,7 +749,7 @@ def check_fingerprint(stored, wanted, path, method):
         raise RuntimeError(f"{path} was written by a {method} run with another configuration ({shown}): resume "
                            "with those settings, or delete it (or use another --out_dir) to start afresh")
     for k in RESUME_MAY_CHANGE:
-        if stored.get(k) != wanted[k]:
+        if k in wanted and stored.get(k) != wanted[k]:
             print(f"{method}: resuming with --{k}={wanted[k]} (the checkpoint was written at {stored.get(k)})")
 
 
