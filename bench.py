@@ -84,10 +84,11 @@ prompt = ""                # with --generate: the text to continue, \n for a lin
 max_new_tokens = 200       # with --generate: tokens each model writes after the prompt
 temperature = 0.8          # with --generate: sampling temperature (0: greedy)
 top_k = 40                 # with --generate: sample among the k likeliest tokens (0: all of them)
+chat = 0                   # 1, with --generate: --prompt is a user's question, answered greedily in the model's chat template
 # -----------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.config_defaults(globals())   # as written above: --help shows them, overrides take their types
 CONFIG_KEYS = list(DEFAULTS)
-SWITCHES = ("emulate", "quality", "sass", "figures", "cost")   # keys that may be given bare: --quality means --quality=1
+SWITCHES = ("emulate", "quality", "sass", "figures", "cost", "chat")   # keys that may be given bare: --quality means --quality=1
 
 # Peak DRAM bandwidth in GB/s, from the vendors' datasheets (NVIDIA H100, H200 and A100 datasheets; GeForce
 # RTX 4090 specifications). Matched against torch.cuda.get_device_name(); first match wins.
@@ -1004,6 +1005,13 @@ def bench_generate():
     if teacher:
         models[f"teacher ({teacher})"] = train_kd.load_teacher(teacher, dev)
     models[f"student ({generate})"] = student
+    if chat:   # a user's question, in the chat template, answered greedily to the end of the model's turn
+        if not prompt:
+            raise SystemExit("--chat needs a question: --prompt='What is the capital of France?'")
+        if getattr(train_kd.get_tokenizer(tokenizer), "chat", None) is None:
+            raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate} has no chat template (not a chat model)")
+        answers = train_kd.chat_answers(models, tokenizer, (prompt.replace("\\n", "\n"),), max_new_tokens)
+        return dict(prompt=prompt, tokenizer=tokenizer, chat=answers)
     text = prompt.replace("\\n", "\n") if prompt else train_kd.sample_prompt
     samples = train_kd.sample_texts(models, tokenizer, text, max_new_tokens, temperature, top_k, seed)
     return dict(prompt=text, tokenizer=tokenizer, texts=samples)

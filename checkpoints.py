@@ -758,7 +758,10 @@ def gguf_tokenizer(path, metadata=None):
     if not isinstance(tokens, list) or not isinstance(merges, list) or len(types) != len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.tokens / merges / token_type are missing or of unequal length")
     special = {i for i, t in enumerate(types) if t in GGUF_SPECIAL_TYPES}
-    return bpe_tokenizer(os.path.basename(path), tokens, merges, special, gguf_pre_tokenizer(path, metadata))
+    enc = bpe_tokenizer(os.path.basename(path), tokens, merges, special, gguf_pre_tokenizer(path, metadata))
+    enc.chat = chat_template(metadata["tokenizer.chat_template"], path) if "tokenizer.chat_template" in metadata \
+        else None
+    return enc
 
 
 def gguf_pre_tokenizer(path, metadata):
@@ -779,6 +782,40 @@ def gguf_pre_tokenizer(path, metadata):
                          f"(it knows {', '.join(sorted(PRE_TOKENIZERS))}); reading the text with another would give "
                          "other token ids than the model was trained with: use its Hugging Face directory instead")
     return pre
+
+
+# A chat model reads its conversation in one template, stored with the tokenizer (tokenizer.chat_template:
+# a Jinja program that the format's readers evaluate). This project reads one form of it, ChatML (SmolLM2,
+# Qwen): every message is <|im_start|>{role}\n{content}<|im_end|>\n, and the answer starts after
+# <|im_start|>assistant\n. Its program is recognised by that line, and its default system message (the one
+# it puts first when the conversation has none) is read from it; any other template is refused by name,
+# never run: the file's text is data, not code.
+NEWLINE = r"(?:\n|\\n)"      # in the template's string literals: a newline, or its escape
+CHATML_MESSAGE = re.compile(r"'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*'" + NEWLINE + r"'\s*\+\s*"
+                            r"message\['content'\]\s*\+\s*'<\|im_end\|>'\s*\+\s*'" + NEWLINE + "'")
+CHATML_SYSTEM = re.compile(r"'<\|im_start\|>system" + NEWLINE + r"(.*?)<\|im_end\|>" + NEWLINE + "'", re.S)
+
+
+def chat_template(template, source):
+    """{"form": "chatml", "system": default system message or None, "end": "<|im_end|>"} of a chat
+    template (tokenizer.chat_template) of the ChatML form; ValueError naming `source` for any other form."""
+    if not isinstance(template, str) or not CHATML_MESSAGE.search(template):
+        raise ValueError(f"{source}: its tokenizer.chat_template is not ChatML (<|im_start|>role ... <|im_end|>), "
+                         "the one chat form this reader supports; prompt the model with plain text instead")
+    system = CHATML_SYSTEM.search(template)
+    return {"form": "chatml", "system": system[1] if system else None, "end": "<|im_end|>"}
+
+
+def chat_prompt(chat, messages):
+    """The text a ChatML model reads before it answers: `messages` [{"role", "content"}, ...] in the template
+    (chat_template), the default system message first when there is none, then <|im_start|>assistant\n."""
+    if chat is None:
+        raise ValueError("this tokenizer has no chat template: its model is not a chat model")
+    if not messages or any(not isinstance(m, dict) or set(m) != {"role", "content"} for m in messages):
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
+    if messages[0]["role"] != "system" and chat["system"] is not None:
+        messages = [{"role": "system", "content": chat["system"]}, *messages]
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
 
 
 def hf_tokenizer(directory):

