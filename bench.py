@@ -119,6 +119,9 @@ def usage():
             + configurator.describe_config(os.path.abspath(__file__), DEFAULTS))
 
 
+_GIVEN = set()   # the keys the last apply_overrides() was given
+
+
 def apply_overrides(argv):
     """nanoGPT-style --key=value overrides of the config globals (configurator.parse_overrides); unknown keys
     and bad values end the script with the reason. -h / --help prints every key with its default and
@@ -127,10 +130,11 @@ def apply_overrides(argv):
         print(usage())
         raise SystemExit(0)
     try:
-        config, _ = configurator.parse_overrides(argv, DEFAULTS, switches=SWITCHES)
+        config, given = configurator.parse_overrides(argv, DEFAULTS, switches=SWITCHES)
     except ValueError as e:
         raise SystemExit(f"bench.py: {e}") from None
     globals().update(config)
+    globals()["_GIVEN"] = given                 # which keys the command line set (an explicit --prompt="")
     if bits not in (2, 3, 4):
         raise SystemExit(f"--bits must be 2, 3 or 4, got {bits}")
     if group_size is not None and group_size < 1:
@@ -1174,6 +1178,9 @@ def bench_generate():
     if max_new_tokens < 1 or temperature < 0 or top_k < 0:
         raise SystemExit(f"--max_new_tokens must be >= 1 and --temperature, --top_k >= 0; got {max_new_tokens}, "
                          f"{temperature}, {top_k}")
+    if not prompt and "prompt" in _GIVEN:
+        raise SystemExit("bench.py: --prompt is given but the prompt is empty: give at least one character to "
+                         "continue, or leave --prompt out for train_kd.sample_prompt")
     for path in (generate, teacher):
         if path and not os.path.exists(path):
             raise SystemExit(f"{path} not found: train_kd.py writes out/lcd_w<bits>.pt and out/teacher.pt")
@@ -1208,6 +1215,11 @@ def write_json(path, results):
 
 def main(argv):
     apply_overrides(argv)
+    if json:                         # the results' file: writable, before any benchmark runs
+        try:
+            lcd.check_writable(os.path.dirname(os.path.abspath(json)), f"--json={json}")
+        except OSError as e:
+            raise SystemExit(f"bench.py: {e}") from None
     if generate:                     # text and its speed only: none of the benchmarks below
         results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "generate": bench_generate()}
         if json:

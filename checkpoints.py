@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import warnings
 
 import numpy as np
 import tiktoken
@@ -31,9 +32,15 @@ from model import GPT, SIZES, Llama, LlamaConfig, from_config, is_config_type
 # ==== 1. safetensors ============================================================================
 # safetensors: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
 # then the raw little-endian tensor bytes; offsets are relative to the end of the header.
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8,
+                       "BOOL": torch.bool, "C64": torch.complex64}
+if hasattr(torch, "float8_e8m0fnu"):       # torch >= 2.7: the scale type of the MX formats
+    _SAFETENSORS_DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
+# the rest of the format's dtypes, refused by name: sub-byte floats (packed several to a byte)
+_SAFETENSORS_UNSUPPORTED = ("F4", "F6_E2M3", "F6_E3M2", "F8_E8M0")
 
 
 def load_safetensors(path):
@@ -56,6 +63,12 @@ def load_safetensors(path):
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        kind = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(kind, str) and kind not in _SAFETENSORS_DTYPES:
+            what = ("a dtype of the safetensors format this reader does not support"
+                    if kind in _SAFETENSORS_UNSUPPORTED else "not a dtype of the safetensors format")
+            raise ValueError(f"{path}: tensor {name!r} has dtype {kind}, {what} (it reads "
+                             f"{', '.join(_SAFETENSORS_DTYPES)}): convert that tensor, e.g. to F16 or BF16")
         try:
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             shape = [int(s) for s in info["shape"]]
@@ -125,6 +138,10 @@ def load_state(model, tensors, source, ignore=()):
         if tuple(t.shape) != tuple(sd[key].shape):
             raise ValueError(f"{source}: tensor {key!r} has shape {tuple(t.shape)}, the model expects "
                              f"{tuple(sd[key].shape)}")
+        if sd[key].is_floating_point() and not t.is_floating_point():
+            raise ValueError(f"{source}: tensor {key!r} holds {t.dtype} values where the model has a float "
+                             f"({sd[key].dtype}) parameter: an integer, bool or complex tensor is not a weight "
+                             "(a quantized or corrupt checkpoint?); store it as F32, F16 or BF16")
         with torch.no_grad():
             sd[key].copy_(t)
     return model
@@ -143,6 +160,9 @@ def gpt2_from_hf(directory, **overrides):
     if not blocks or "wte.weight" not in tensors or "wpe.weight" not in tensors:
         raise ValueError(f"{path} has no GPT-2 blocks (h.0...) or no wte/wpe embeddings: is it a GPT-2 "
                          "checkpoint in Hugging Face's key names?")
+    cfg_path = os.path.join(directory, "config.json")
+    if os.path.exists(cfg_path):
+        check_promised_head(read_json(cfg_path), cfg_path, tensors, directory)
     n_layer, n_embd = 1 + max(blocks), tensors["wte.weight"].shape[1]
     config = dict(SIZES["gpt2"], n_layer=n_layer, n_embd=n_embd, n_head=n_embd // 64,  # GPT-2: 64 a head
                   vocab_size=tensors["wte.weight"].shape[0], block_size=tensors["wpe.weight"].shape[0],
@@ -273,6 +293,11 @@ def read_gguf(path, dequantize=True):
     if magic != GGUF_MAGIC:
         raise ValueError(f"{path}: not a GGUF file (starts with {bytes(magic)!r}, expected {GGUF_MAGIC!r})")
     version = r.scalar("<u4", "the version")
+    if version not in GGUF_VERSIONS and struct.unpack(">I", struct.pack("<I", version))[0] in GGUF_VERSIONS:
+        raise ValueError(f"{path}: a big-endian GGUF file (its version bytes read {version} little-endian, "
+                         f"{struct.unpack('>I', struct.pack('<I', version))[0]} swapped); this reader reads "
+                         "little-endian GGUF files only: use the little-endian file of the model (llama.cpp's "
+                         "converter writes one unless given --bigendian)")
     if version not in GGUF_VERSIONS:
         raise ValueError(f"{path}: GGUF version {version}; this reader knows versions {GGUF_VERSIONS}")
     n_tensors = r.scalar("<u8", "the tensor count")
@@ -396,6 +421,65 @@ def _gguf_key(metadata, key, path, want, default=None):
     return value
 
 
+def check_llama_shapes(source, fields_, tensors, keys, shown=None):
+    """Every shape the configuration `fields_` (LlamaConfig fields) implies, checked against `tensors`
+    (Hugging Face names) before any tensor is reshaped, so that metadata contradicting the weights is a
+    ValueError naming the key (keys: field -> the file's key, e.g. "llama.attention.head_count"), its value,
+    the tensor (shown: Hugging Face name -> the file's name) and the file, never a reshape error."""
+    shown = shown or {}
+
+    def key(field):
+        return f"{keys[field]} = {fields_[field]}"
+
+    def fail(what, name=None):
+        where = f" tensor {shown.get(name, name)!r}" if name else ""
+        raise ValueError(f"{source}:{where} {what}: the metadata contradicts the tensors (a wrong or hand-edited "
+                         "key, or a model this loader does not know); fix the key or use the original file")
+
+    n_embd, n_head, n_kv = fields_["n_embd"], fields_["n_head"], fields_["n_kv_head"]
+    for field in ("n_embd", "n_head", "n_kv_head", "intermediate_size", "n_layer", "vocab_size"):
+        v = fields_[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            fail(f"{key(field)} is not a positive integer")
+    if n_embd % n_head or (n_embd // n_head) % 2:
+        fail(f"{key('n_head')} does not divide {key('n_embd')} into heads of an even size (rotary pairs)")
+    if n_head % n_kv:
+        fail(f"{key('n_kv_head')} does not divide {key('n_head')} (grouped-query attention)")
+    hd = n_embd // n_head
+    emb = tensors["model.embed_tokens.weight"]
+    if emb.dim() != 2 or emb.shape[1] != n_embd:
+        fail(f"has shape {tuple(emb.shape)}, but {key('n_embd')} makes it ({fields_['vocab_size']}, {n_embd})",
+             "model.embed_tokens.weight")
+    if emb.shape[0] != fields_["vocab_size"]:
+        fail(f"has {emb.shape[0]} rows, but {key('vocab_size')} tokens", "model.embed_tokens.weight")
+    blocks = sorted({int(m[1]) for k in tensors if (m := re.match(r"model\.layers\.(\d+)\.", k))})
+    if blocks != list(range(fields_["n_layer"])):
+        shown_blocks = blocks if len(blocks) <= 8 else blocks[:4] + ["..."] + blocks[-2:]
+        fail(f"{key('n_layer')}, but the file holds the tensors of blocks {shown_blocks} ({len(blocks)} blocks)")
+    ffn, attn, ff = fields_["intermediate_size"], f"{key('n_head')}, {key('n_embd')}", key("intermediate_size")
+    kv = f"{key('n_kv_head')} (heads of {hd} = {keys['n_embd']} / {keys['n_head']})"
+    want = {"self_attn.q_proj.weight": ((n_embd, n_embd), attn), "self_attn.k_proj.weight": ((n_kv * hd, n_embd), kv),
+            "self_attn.v_proj.weight": ((n_kv * hd, n_embd), kv), "self_attn.o_proj.weight": ((n_embd, n_embd), attn),
+            "mlp.gate_proj.weight": ((ffn, n_embd), ff), "mlp.up_proj.weight": ((ffn, n_embd), ff),
+            "mlp.down_proj.weight": ((n_embd, ffn), ff), "input_layernorm.weight": ((n_embd,), key("n_embd")),
+            "post_attention_layernorm.weight": ((n_embd,), key("n_embd"))}
+    for i in blocks:
+        for suffix, (shape, why) in want.items():
+            name = f"model.layers.{i}.{suffix}"
+            if name in tensors and tuple(tensors[name].shape) != shape:
+                fail(f"has shape {tuple(tensors[name].shape)}, but {why} make it {shape}", name)
+    for name in ("model.norm.weight", "lm_head.weight"):
+        shape = (n_embd,) if name == "model.norm.weight" else (fields_["vocab_size"], n_embd)
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            fail(f"has shape {tuple(tensors[name].shape)}, but {key('n_embd')} and {key('vocab_size')} make it "
+                 f"{shape}", name)
+
+
+GGUF_LLAMA_KEYS = {"n_embd": "llama.embedding_length", "n_head": "llama.attention.head_count",
+                   "n_kv_head": "llama.attention.head_count_kv", "intermediate_size": "llama.feed_forward_length",
+                   "n_layer": "llama.block_count", "vocab_size": "the length of tokenizer.ggml.tokens"}
+
+
 def llama_from_gguf(path, contents=None):
     """Build a Llama from a GGUF file (general.architecture "llama"): its shape from the {arch}.* keys,
     the vocabulary size from tokenizer.ggml.tokens, the weights dequantized to float32. Returns the model.
@@ -421,19 +505,26 @@ def llama_from_gguf(path, contents=None):
         rope_theta=float(_gguf_key(metadata, f"{arch}.rope.freq_base", path, float, default=10000.0)),
         norm_eps=float(_gguf_key(metadata, f"{arch}.attention.layer_norm_rms_epsilon", path, float)),
         tie_embeddings=True)
+    keys = GGUF_LLAMA_KEYS if metadata.get("tokenizer.ggml.tokens") else dict(
+        GGUF_LLAMA_KEYS, vocab_size="the rows of token_embd.weight")
+    if f"{arch}.vocab_size" in metadata and metadata[f"{arch}.vocab_size"] != config.vocab_size:
+        raise ValueError(f"{path}: {arch}.vocab_size = {metadata[f'{arch}.vocab_size']!r}, but tokenizer.ggml.tokens "
+                         f"holds {config.vocab_size} tokens: the metadata contradicts itself (a corrupt or hand-edited file)")
+    ours, shown = {}, {}
+    for name, t in tensors.items():          # Hugging Face's names first, to check every shape before a reshape
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
+        key = f"model.layers.{m[1]}.{GGUF_BLOCK_NAMES.get(m[2], m[2])}.weight" if m else GGUF_NAMES.get(name, name)
+        ours[key], shown[key] = t, name
+    check_llama_shapes(path, vars(config), ours, keys, shown)
     head_dim = config.n_embd // config.n_head
     if metadata.get(f"{arch}.rope.dimension_count", head_dim) != head_dim:
         raise ValueError(f"{path}: rotary dimension {metadata[f'{arch}.rope.dimension_count']} != head size "
                          f"{head_dim} (partial rotary is not supported)")
-    ours = {}
-    for name, t in tensors.items():
-        m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
-        key = f"model.layers.{m[1]}.{GGUF_BLOCK_NAMES.get(m[2], m[2])}.weight" if m else GGUF_NAMES.get(name, name)
-        if m and m[2] == "attn_q":
-            t = unpermute_rotary_rows(t, config.n_head)
-        elif m and m[2] == "attn_k":
-            t = unpermute_rotary_rows(t, config.n_kv_head)
-        ours[key] = t
+    for key, name in shown.items():
+        if name.endswith(".attn_q.weight"):
+            ours[key] = unpermute_rotary_rows(ours[key], config.n_head)
+        elif name.endswith(".attn_k.weight"):
+            ours[key] = unpermute_rotary_rows(ours[key], config.n_kv_head)
     if "model.embed_tokens.weight" in ours:
         config.tie_embeddings = not untied_head(ours, "model.embed_tokens.weight")
     return load_state(empty_model(lambda: Llama(config)), ours, path)
@@ -484,6 +575,16 @@ def load_safetensors_dir(directory):
     return tensors
 
 
+def check_promised_head(cfg, path, tensors, directory):
+    """config.json's "tie_word_embeddings": false promises an output head of its own: refuse files without
+    one (lm_head.weight), which would otherwise load silently tied to the embedding."""
+    if cfg.get("tie_word_embeddings") is False and "lm_head.weight" not in tensors:
+        raise ValueError(f"{path} says tie_word_embeddings: false (the model has its own output head), but the "
+                         f"safetensors files in {directory} hold no lm_head.weight: the head is missing (an "
+                         "incomplete download or a lost shard?); fetch the checkpoint again, or set "
+                         "tie_word_embeddings to true if the head really is the embedding")
+
+
 def llama_from_hf(directory):
     """Build a Llama from a Hugging Face directory (config.json with model_type "llama", and
     model.safetensors or an index of shards). Returns the model."""
@@ -513,8 +614,12 @@ def llama_from_hf(directory):
     tensors = load_safetensors_dir(directory)
     if "model.embed_tokens.weight" not in tensors:
         raise ValueError(f"{directory}: no model.embed_tokens.weight: not a Llama checkpoint in Hugging Face's names")
+    hf_keys = {ours: hf for hf, ours in HF_LLAMA_KEYS.items()}
+    hf_keys["n_kv_head"] = "num_key_value_heads" if "num_key_value_heads" in cfg else "num_attention_heads"
+    check_llama_shapes(path, fields_, tensors, hf_keys)
     # the stored head decides: tie_word_embeddings=True with its own head would otherwise drop a tensor
     fields_["tie_embeddings"] = not untied_head(tensors, "model.embed_tokens.weight")
+    check_promised_head(cfg, path, tensors, directory)
     model = empty_model(lambda: from_config(dict(architecture="llama", **fields_)))
     # rotary_emb.inv_freq: a buffer older transformers versions saved; apply_rotary computes its own
     return load_state(model, tensors, directory, ignore=("rotary_emb.inv_freq",))
@@ -529,7 +634,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 # a digit is its own token, and a whitespace run before a digit ends there (the piece ended), so the
 # look-ahead of \s+(?!\S) treats a digit like the end of the text.
 SMOLLM_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}
+PRE_TOKENIZERS = {"gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN, "smollm": SMOLLM_PATTERN}  # "gpt-2": llama.cpp's
 # tokenizer.ggml.token_type values (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 GGUF_SPECIAL_TYPES = (3, 4)
 
@@ -582,18 +687,29 @@ def bpe_tokenizer(name, tokens, merges, special, pre):
 class BPETokenizer(tiktoken.Encoding):
     """A tiktoken.Encoding that says which character its vocabulary cannot spell. A byte-level vocabulary
     may lack a few bytes (SmolLM2's: some control characters, bytes UTF-8 never uses), and tiktoken would
-    panic on them; here encoding such text is a ValueError naming the character."""
+    panic on them (pyo3's PanicException, which is not an Exception); here every public encode path of
+    tiktoken.Encoding (encode, encode_ordinary, their _batch forms, encode_to_numpy, encode_with_unstable,
+    encode_single_token, and the private single-piece / bytes ones) is a ValueError naming the character."""
 
     def __init__(self, **kw):
         super().__init__(**kw)
         self._spelled = bytes(sorted(t[0] for t in kw["mergeable_ranks"] if len(t) == 1))  # the single bytes
 
     def _check(self, text):
+        if isinstance(text, (bytes, bytearray)):
+            return self._check_bytes(bytes(text))
         unknown = text.encode("utf-8", errors="surrogatepass").translate(None, self._spelled)
         if unknown:
             bad = next(c for c in text if c.encode("utf-8", errors="surrogatepass").translate(None, self._spelled))
             raise ValueError(f"tokenizer {self.name}: the vocabulary has no token for the byte(s) of {bad!r} "
                              f"(U+{ord(bad):04X}) at offset {text.index(bad)}: remove or replace it")
+
+    def _check_bytes(self, raw):
+        unknown = raw.translate(None, self._spelled)
+        if unknown:
+            at = next(i for i, b in enumerate(raw) if b in unknown)
+            raise ValueError(f"tokenizer {self.name}: the vocabulary has no token for the byte {raw[at]:#04x} at "
+                             f"offset {at}: remove or replace it")
 
     def encode_ordinary(self, text):
         self._check(text)
@@ -602,6 +718,33 @@ class BPETokenizer(tiktoken.Encoding):
     def encode(self, text, **kw):
         self._check(text)
         return super().encode(text, **kw)
+
+    def encode_to_numpy(self, text, **kw):
+        self._check(text)
+        return super().encode_to_numpy(text, **kw)
+
+    def encode_with_unstable(self, text, **kw):
+        self._check(text)
+        return super().encode_with_unstable(text, **kw)
+
+    def encode_single_token(self, text_or_bytes):
+        if text_or_bytes not in self._special_tokens:     # a special token is spelled by its own id
+            self._check(text_or_bytes)
+        return super().encode_single_token(text_or_bytes)
+
+    def _encode_single_piece(self, text_or_bytes):
+        self._check(text_or_bytes)
+        return super()._encode_single_piece(text_or_bytes)
+
+    def _encode_only_native_bpe(self, text):
+        self._check(text)
+        return super()._encode_only_native_bpe(text)
+
+    def _encode_bytes(self, text):
+        self._check(text)
+        return super()._encode_bytes(text)
+
+    # encode_batch / encode_ordinary_batch call encode / encode_ordinary above, one text at a time
 
 
 def gguf_tokenizer(path, metadata=None):
@@ -615,10 +758,30 @@ def gguf_tokenizer(path, metadata=None):
     if not isinstance(tokens, list) or not isinstance(merges, list) or len(types) != len(tokens):
         raise ValueError(f"{path}: tokenizer.ggml.tokens / merges / token_type are missing or of unequal length")
     special = {i for i, t in enumerate(types) if t in GGUF_SPECIAL_TYPES}
-    enc = bpe_tokenizer(os.path.basename(path), tokens, merges, special, metadata.get("tokenizer.ggml.pre", "gpt2"))
+    enc = bpe_tokenizer(os.path.basename(path), tokens, merges, special, gguf_pre_tokenizer(path, metadata))
     enc.chat = chat_template(metadata["tokenizer.chat_template"], path) if "tokenizer.chat_template" in metadata \
         else None
     return enc
+
+
+def gguf_pre_tokenizer(path, metadata):
+    """The PRE_TOKENIZERS name of a GGUF's tokenizer.ggml.pre. A file without the key (written by a
+    converter older than llama.cpp's May 2024 one) is read with GPT-2's pre-tokenizer, with a loud warning
+    naming that assumption (a model trained with another splits text differently, so its ids would differ
+    silently); an unknown value is a ValueError naming it and the known ones (never a silent fallback)."""
+    pre = metadata.get("tokenizer.ggml.pre")
+    if pre is None:
+        warnings.warn(f"{path} has no tokenizer.ggml.pre (an old GGUF converter): ASSUMING GPT-2's pre-tokenizer "
+                      "('gpt2'). If the model was trained with another (SmolLM2's 'smollm' splits digits one at a "
+                      "time, Llama 3's 'llama-bpe' ...), its token ids differ from these: convert the model again "
+                      "with a current llama.cpp, or use its Hugging Face directory (tokenizer.json)",
+                      UserWarning, stacklevel=3)
+        return "gpt2"
+    if pre not in PRE_TOKENIZERS:
+        raise ValueError(f"{path}: tokenizer.ggml.pre = {pre!r} is a pre-tokenizer this reader does not know "
+                         f"(it knows {', '.join(sorted(PRE_TOKENIZERS))}); reading the text with another would give "
+                         "other token ids than the model was trained with: use its Hugging Face directory instead")
+    return pre
 
 
 # A chat model reads its conversation in one template, stored with the tokenizer (tokenizer.chat_template:
@@ -677,6 +840,11 @@ def hf_tokenizer(directory):
     if kinds not in (["ByteLevel"], ["Digits", "ByteLevel"]):
         raise ValueError(f"{path}: pre-tokenizer {kinds} is not supported (GPT-2's ByteLevel, optionally "
                          "after single Digits)")
+    odd = [s for s in steps if (s["type"] == "Digits" and not s.get("individual_digits")) or
+           (s["type"] == "ByteLevel" and (s.get("add_prefix_space") or s.get("use_regex", True) is False))]
+    if odd:   # any of these splits text otherwise than the patterns here: other ids, silently
+        raise ValueError(f"{path}: pre-tokenizer step {odd[0]} is not supported (Digits needs "
+                         "individual_digits true; ByteLevel add_prefix_space false and use_regex true)")
     return bpe_tokenizer(os.path.basename(directory), tokens, merges, {a["id"] for a in added if a.get("special")},
                          "smollm" if digits else "gpt2")
 

@@ -15,10 +15,12 @@ Definitions: ../shared/LCD_DESIGN.md. A linear layer computes y = x W^T with W o
 """
 
 # ==== 1. calibration ============================================================================
+import errno
 import functools
 import math
 import numbers
 import os
+import re
 import sys
 import tempfile
 
@@ -948,10 +950,25 @@ def atomic_write(path, write):
     """Write `path` atomically: write(tmp) fills a temporary file beside it, flushed to disk, which is then
     renamed over `path`: a crash, a full disk or an error midway leaves the old file (or none) as it was,
     never a half-written one. The file gets the mode a plain open() would give (0666 minus the umask,
-    usually 0644), not mkstemp's private 0600."""
+    usually 0644), not mkstemp's private 0600.
+
+    A full disk (OSError ENOSPC, or torch.save's "unexpected pos" RuntimeError) is an OSError(ENOSPC)
+    saying "no space left on the device holding <path>; the previous file is intact". A writer killed
+    before its cleanup (SIGKILL, SIGTERM) leaves its temp file behind; the next write of the same path
+    removes such stale files of its own (stale_temp_files: <name>.<8 random characters>.tmp, mkstemp's
+    pattern for this name, nothing else) -- one writer per file, as every caller here is."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    for stale in stale_temp_files(path):
+        try:
+            os.remove(stale)
+        except OSError:
+            pass
+    existed = os.path.exists(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    except OSError as e:
+        raise _write_error(e, path, existed) from None
     os.close(fd)
     try:
         umask = os.umask(0)
@@ -961,9 +978,55 @@ def atomic_write(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())          # the data on disk before the rename makes it the file
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        err = _write_error(e, path, existed)
+        if err is e:
+            raise
+        raise err from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def check_writable(directory, what):
+    """Raise OSError naming `what` (e.g. "--out_dir=out") unless files can be created in `directory`
+    (created if missing): a real probe file, so that a read-only filesystem, a path under a regular file or
+    a directory without write permission are found before any work, as root too (where access() says yes)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".write-probe.", suffix=".tmp")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OSError(e.errno, f"{what}: cannot write in {directory} ({type(e).__name__}: "
+                               f"{e.strerror or e}): choose a writable directory before any work is done") from None
+
+
+def stale_temp_files(path):
+    """The temp files atomic_write(path) leaves when killed: <basename>.XXXXXXXX.tmp beside `path`, with
+    XXXXXXXX as tempfile.mkstemp names them (8 of a-z, 0-9, _)."""
+    directory, base = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names) if pattern.fullmatch(n)]
+
+
+def _write_error(e, path, existed):
+    """The clear error for a failed atomic write: a full disk says so and that the old file is intact;
+    an unwritable place names the path; anything else is returned as it is."""
+    kept = "the previous file is intact" if existed else "no file was written there"
+    text = str(e)
+    if getattr(e, "errno", None) == errno.ENOSPC or any(
+            words in text for words in ("unexpected pos", "No space left", "file write failed")):
+        return OSError(errno.ENOSPC, f"no space left on the device holding {path}; {kept}: free some space (or "
+                                     f"write elsewhere) and run again ({type(e).__name__}: {text})")
+    if getattr(e, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+        return OSError(e.errno, f"cannot write {path} ({os.strerror(e.errno)}); {kept}: choose a writable "
+                                f"location")
+    return e
 
 
 def read_torch_file(path, remedy, mmap=False):
@@ -1002,6 +1065,11 @@ def save_quantized(model, path, model_config=None, tokenizer=None):
     (model.config_dict(model)), so that load_quantized can build the model from the file alone;
     tokenizer: optional name of the tokenizer its token ids come from (e.g. 'bytes', 'gpt2')."""
     layers = {}
+    distilled = [name for name, m in model.named_modules() if isinstance(m, LCDLinear)]
+    if distilled:
+        raise ValueError(f"save_quantized: {len(distilled)} layer(s) are LCDLinear, still being distilled (first "
+                         f"{distilled[0]!r}): call lcd.freeze(model) first, or save a frozen copy: "
+                         "lcd.save_quantized(lcd.freeze(copy.deepcopy(model)), path)")
     for name, m in model.named_modules():
         if isinstance(m, LUTLinear):
             layers[name] = m.config()
@@ -1654,6 +1722,44 @@ def _check_distill_args(teacher, steps, calib_x, bits, tau, ce_weight, lrs, warm
         raise ValueError(f"the resume state lacks {missing}: it is not a state that distill() checkpointed")
 
 
+def student_signature(student, method, bits=None):
+    """What a resumable state must match to be resumed: the method ("distill" or "blocks"), the target bits
+    and, per LCDLinear layer, its shape (out, in), group size and the centroids it starts with. Every state
+    distill() and reconstruct_blocks() checkpoint holds it, and a resume compares (check_resume_state)."""
+    return dict(method=method, bits=bits, layers={
+        n: dict(shape=[m.out_features, m.in_features], group_size=m.group_size, centroids=m.n_centroids)
+        for n, m in lcd_layers(student).items()})
+
+
+def check_resume_state(state, signature, where):
+    """Refuse to resume `state` into a run of another signature (student_signature), naming what differs
+    and both values: another bits, group size, method or model shape would resume silently wrong (a
+    3-bit student returned for bits=2) or die in a raw size mismatch."""
+    stored = state.get("signature") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where}: the resume state records no signature (bits, group size, method, model "
+                         "shape): it was written by an older lcd.py; restart this stage without it")
+    remedy = ("resume with the settings the state was written with, or start this stage afresh (state=None; "
+              "train_kd.py: delete the checkpoint or use another --out_dir)")
+    for key in ("method", "bits"):
+        if stored.get(key) != signature[key]:
+            raise ValueError(f"{where}: the resume state is of a run with {key}={stored.get(key)!r}, this run "
+                             f"asks {key}={signature[key]!r}: {remedy}")
+    theirs, ours = stored.get("layers") or {}, signature["layers"]
+    if sorted(theirs) != sorted(ours):
+        only_s, only_o = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        raise ValueError(f"{where}: the resume state is of another model shape (layers only in the state: "
+                         f"{only_s[:4]}; only in this student: {only_o[:4]}; {len(theirs)} vs {len(ours)} LCD "
+                         f"layers): {remedy}")
+    for name, mine in ours.items():
+        for key in ("shape", "group_size", "centroids"):
+            if theirs[name].get(key) != mine[key]:
+                what = {"shape": "model shape (out, in)", "group_size": "group_size",
+                        "centroids": "starting centroids (2^(bits + progressive_p))"}[key]
+                raise ValueError(f"{where}: layer {name!r} has {what} {theirs[name].get(key)!r} in the resume "
+                                 f"state, {mine[key]!r} in this student: {remedy}")
+
+
 def _resume_student(student, layers, state, device):
     """Put a checkpointed state's student back: the codebooks first take the size of the stage the
     checkpoint was taken in (progressive merging shrinks them)."""
@@ -1673,6 +1779,36 @@ def _update_ema(ema, student):
     return ema
 
 
+class Diverged(FloatingPointError):
+    """Training met a non-finite loss, gradient or parameter (a learning rate too high for this model): raised
+    before the optimizer step or checkpoint that would store it, so the last checkpoint stays finite."""
+
+
+def _check_finite(loss, optimizer, step, where, after_step=False):
+    """Raise Diverged at the first non-finite loss or gradient (before the update) or, after_step, the
+    first non-finite trainable parameter, naming the step, the loss and the tensor."""
+    params = [(group.get("name", "?"), p) for group in optimizer.param_groups for p in group["params"]]
+    if not after_step:
+        if not math.isfinite(loss):
+            raise Diverged(f"{where}: the loss is {loss} at step {step}")
+        bad = next((kind for kind, p in params if p.grad is not None and not torch.isfinite(p.grad).all()), None)
+        if bad:
+            raise Diverged(f"{where}: a gradient of the {bad} parameters is non-finite at step {step} (loss {loss:.4g})")
+    else:
+        bad = next((kind for kind, p in params if not torch.isfinite(p).all()), None)
+        if bad:
+            raise Diverged(f"{where}: the {bad} parameters became non-finite in the update of step {step} "
+                           f"(loss {loss:.4g})")
+
+
+def _diverged_advice(e, lrs, resumable):
+    slower = ", ".join(f"{k}_lr={v:g} (try {v / 10:g})" if k != "codebook" else f"lr={v:g} (try {v / 10:g})"
+                       for k, v in lrs.items())
+    return Diverged(f"{e}: the training diverged and stops here; nothing non-finite was saved, the last "
+                    f"checkpoint is kept as it was{resumable}. Resume from it with a lower learning rate: "
+                    f"{slower}")
+
+
 def _kd_step(teacher, model, optimizer, batch, step, tau, ce_weight, device):
     """One optimizer step of the KD loss on one batch (x or (x, y)); returns the loss (a float)."""
     x, y = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -1684,8 +1820,10 @@ def _kd_step(teacher, model, optimizer, batch, step, tau, ce_weight, device):
         t_logits = model_logits(teacher(x))
     loss = kd_loss(model_logits(model(x)), t_logits, tau, y.to(device) if y is not None else None, ce_weight)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    loss.backward()                       # under DDP first: every process then sees the same averaged gradients
+    _check_finite(loss.item(), optimizer, step, "distill")
     optimizer.step()
+    _check_finite(loss.item(), optimizer, step, "distill", after_step=True)
     return loss.item()
 
 
@@ -1729,6 +1867,9 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     if n_stages < 1:
         raise ValueError(f"the student has {start_c} centroids, fewer than 2^bits = {2 ** bits}")
     plan = stage_plan(steps, n_stages, final_frac) + [steps]        # stage s runs from plan[s] to plan[s + 1]
+    signature = student_signature(student, "distill", bits)        # the student as prepared: before any merge
+    if state is not None:
+        check_resume_state(state, signature, "distill")
     teacher.eval()
     teacher.requires_grad_(False)
     history = dict(loss=[], lr=[], stages=[(0, start_c)], spec_wins={p: 0 for p in speculative_paths},
@@ -1741,13 +1882,15 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     optimizer = make_optimizer(student, lrs, train_norms, train_scales)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:        # this call's rates: a resume may lower them (Diverged)
+            group["base_lr"] = lrs.get(group.get("name"), group["base_lr"])
     calib_logits = teacher_logits_of(teacher, calib_x) if speculative_every else None
     model = _wrap_ddp(student, ddp)
     student.train()
 
     def save_state():
         return dict(student=student.state_dict(), optimizer=optimizer.state_dict(), step=step, stage=stage,
-                    history=history, previous=previous, ema=ema)
+                    history=history, previous=previous, ema=ema, signature=signature)
 
     while step < steps:
         if step >= plan[stage + 1]:                                   # progressive: halve the codebooks
@@ -1763,8 +1906,11 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
             history["reassigned"].append(_reassign_all(layers))
         scale = lr_at(step, plan[stage], plan[stage + 1], warmup)
         _set_lr(optimizer, scale)
-        loss = _kd_step(teacher, model, optimizer, _next_batch(batches, step, steps, ddp, device), step, tau,
-                        ce_weight, device)
+        try:
+            loss = _kd_step(teacher, model, optimizer, _next_batch(batches, step, steps, ddp, device), step, tau,
+                            ce_weight, device)
+        except Diverged as e:
+            raise _diverged_advice(e, lrs, " (state= from the checkpoint callback)" if checkpoint else "") from None
         history["loss"].append(loss)
         history["lr"].append(scale)
         if speculative_every and "ema" in speculative_paths:
@@ -1911,7 +2057,10 @@ def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lr
         loss = (out - Y[j]).pow(2).mean() / scale
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        where = f"reconstruct_blocks: block {index}"
+        _check_finite(loss.item(), optimizer, step, where)
         optimizer.step()
+        _check_finite(loss.item(), optimizer, step, where, after_step=True)
         history["loss"].append(loss.item())
         if on_step:
             on_step(index * steps + step, loss.item(), f" | block {index}")
@@ -1951,7 +2100,9 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     rank = dist.get_rank() if ddp else 0
     gen = torch.Generator().manual_seed(rank)
     history, done = dict(loss=[], blocks=[]), 0
+    signature = student_signature(student, "blocks")
     if state is not None:                                     # resume: the finished blocks come back as trained
+        check_resume_state(state, signature, "reconstruct_blocks")
         student.load_state_dict(state["student"])
         history, done = state["history"], state["block"]
         gen.set_state(state["rng"])
@@ -1965,8 +2116,11 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             scale = Y.pow(2).mean().clamp_min(1e-30)
             before = (_run_block(s_block, X_s, args, kwargs) - Y).pow(2).mean().div(scale).item()
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
-        _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
-                     reassign_every, ddp, gen, history, on_step, i)
+        try:
+            _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+                         reassign_every, ddp, gen, history, on_step, i)
+        except Diverged as e:
+            raise _diverged_advice(e, lrs, f" (blocks 0..{i - 1} done)" if checkpoint and i else "") from None
         s_block.requires_grad_(False)
         with torch.no_grad():
             if reassign_every:
@@ -1978,5 +2132,6 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")
         X_t = Y
         if checkpoint:
-            checkpoint(dict(student=student.state_dict(), block=i + 1, history=history, rng=gen.get_state()))
+            checkpoint(dict(student=student.state_dict(), block=i + 1, history=history, rng=gen.get_state(),
+                            signature=signature))
     return student, history

@@ -22,6 +22,7 @@ Pretrained weights (GPT-2, SmolLM2, TinyLlama) and their tokenizers are read by 
 these models from the world's files (safetensors, GGUF, Hugging Face directories).
 """
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -95,6 +96,28 @@ def causal_attention(q, k, v, kv_cache=None, layer=None, dropout_p=0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
+def check_sampling(idx, max_new_tokens, temperature, top_k):
+    """generate()'s arguments checked before any work; returns top_k as an int, or None for "off" (0, None)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype.is_floating_point or idx.is_complex():
+        got = f"shape {tuple(idx.shape)}, dtype {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"generate: idx must be a (B, T) tensor of token ids (int64), got {got}")
+    if idx.size(1) == 0:
+        raise ValueError(f"generate: the prompt is empty (idx has shape {tuple(idx.shape)}): give at least one "
+                         "token to continue, e.g. a start-of-text or newline token")
+    if not (isinstance(max_new_tokens, numbers.Integral) and not isinstance(max_new_tokens, bool)
+            and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is None or (isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool) and top_k == 0):
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 1 (the k most likely tokens), or 0 / None for the whole "
+                         f"vocabulary, got {top_k!r}")
+    return int(top_k)
+
+
 class CausalLM(nn.Module):
     """The interface the GPT and the Llama share: forward(idx, targets=None, kv_cache=None) -> (logits, loss)
     is each model's own; generate() and config_dict() are written once, here."""
@@ -109,15 +132,16 @@ class CausalLM(nn.Module):
                  use_cache=True):
         """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
 
-        temperature 0 picks the most likely token (greedy); top_k keeps the k most likely; generator (a
-        torch.Generator) or seed makes sampling reproducible. With use_cache, the prompt runs once and each
-        new token costs one position's work (KVCache). The context is block_size tokens: once the sequence
-        is longer, each step re-runs the last block_size tokens without a cache (the GPT's learned position
-        table ends there), exactly as use_cache=False does, so both paths give the same tokens."""
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 0):
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if not temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+        temperature: > 0 divides the logits before sampling; 0 is greedy (the most likely token, argmax, no
+        sampling: top_k, generator and seed then change nothing); negative, NaN or inf is a ValueError.
+        top_k: None or 0 samples from the whole vocabulary; k >= 1 keeps the k most likely tokens (a k larger
+        than the vocabulary keeps all of them); a negative or non-integer k is a ValueError. generator (a
+        torch.Generator) or seed makes sampling reproducible. The prompt must hold at least one token: an
+        empty one (T = 0) is a ValueError ("the prompt is empty"). With use_cache, the prompt runs once and
+        each new token costs one position's work (KVCache). The context is block_size tokens: once the
+        sequence is longer, each step re-runs the last block_size tokens without a cache (the GPT's learned
+        position table ends there), exactly as use_cache=False does, so both paths give the same tokens."""
+        top_k = check_sampling(idx, max_new_tokens, temperature, top_k)
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         block_size, cache = self.config.block_size, None
@@ -133,8 +157,8 @@ class CausalLM(nn.Module):
                 idx_next = logits.argmax(dim=-1, keepdim=True)         # (B, 1)
             else:
                 logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                if top_k is not None and top_k < logits.size(-1):
+                    v, _ = torch.topk(logits, top_k)
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)

@@ -169,6 +169,9 @@ def check_config(config):
     if "min_lr" in config and "learning_rate" in config and config["min_lr"] > config["learning_rate"]:
         raise ValueError(f"--min_lr={config['min_lr']} is above --learning_rate={config['learning_rate']}: "
                          "the cosine decays from learning_rate down to min_lr")
+    if config.get("sample_tokens", 0) > 0 and not config.get("sample_prompt", "x"):
+        raise ValueError("--sample_prompt is empty: the prompt is empty, and a sample continues a prompt: give "
+                         "at least one character, or --sample_tokens=0 for no sample")
     if config.get("ablate", 0) not in (0, 1):
         raise ValueError(f"--ablate must be 0 or 1, got {config['ablate']!r}")
     if config.get("stop_after", "") not in STAGES:
@@ -502,9 +505,13 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
     if os.path.exists(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, ("model", "optimizer", "step", "rng", "model_config"),
                                "delete it to restart the teacher's training")
-        if ckpt["model_config"] != mc or ckpt.get("config") != fingerprint:
+        stored = dict(ckpt.get("config") or {}, **{f"model {k}": v for k, v in ckpt["model_config"].items()})
+        wanted = dict(fingerprint, **{f"model {k}": v for k, v in mc.items()})
+        differ = [k for k in wanted if k not in ("learning_rate", "min_lr") and stored.get(k) != wanted[k]]
+        if differ:     # the rates may change: a diverged run resumes with lower ones
+            shown = "; ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {wanted[k]!r} now" for k in differ[:6])
             raise RuntimeError(f"{ckpt_path} was written by a run with another model or training configuration "
-                               f"({ckpt['model_config']}, {ckpt.get('config')}): delete it or use another --out_dir")
+                               f"({shown}): resume with those settings, or delete it or use another --out_dir")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -538,8 +545,14 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
             _, loss = ddp_model(x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"] if config["grad_clip"] > 0
+                                                  else float("inf"))
+            if not (math.isfinite(loss.item()) and torch.isfinite(norm)):
+                kept = f"{ckpt_path} (step {saved}) is kept as it was" if saved else "no checkpoint was written yet"
+                raise lcd.Diverged(f"teacher: the loss is {loss.item()} (gradient norm {norm.item()}) at step {step}: "
+                                   f"the training diverged and stops before the update; {kept}. The same command "
+                                   f"with a lower --learning_rate (now {config['learning_rate']}, e.g. ten times "
+                                   "lower) resumes from it")
             resume_at = None
             optimizer.step()
             resume_at = (step + 1, gen.get_state())
@@ -559,6 +572,7 @@ def train_teacher(config, meta, rank=0, world=1, device="cpu"):
 def ensure_teacher(**overrides):
     """(teacher, meta): load out_dir/teacher.pt, or prepare data and train it first. For scripts and tests."""
     config = dict(DEFAULTS, **overrides)
+    check_outputs(config)
     meta = ensure_data(config["dataset"], config["tokenizer"])
     path = os.path.join(config["out_dir"], "teacher.pt")
     if not os.path.exists(path):
@@ -603,14 +617,30 @@ def load_pretrained_teacher(source, meta, log=print):
     t0 = time.time()
     prepare = prepare_module()
     path = prepare.fetch_pretrained(source) if source in prepare.PRETRAINED else source
-    teacher, _ = checkpoints.load_pretrained(path)
-    if meta["vocab_size"] > teacher.config.vocab_size:
-        raise RuntimeError(f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary "
-                           f"{meta['vocab_size']}), more than {path}'s vocabulary of {teacher.config.vocab_size}: "
-                           "prepare the data with the model's tokenizer (e.g. --tokenizer=smollm2)")
+    teacher, enc = checkpoints.load_pretrained(path)
+    check_teacher_tokenizer(meta, source, path, teacher.config.vocab_size, enc)
     if log:
         log(f"teacher: {type(teacher).__name__} from {path} in {time.time() - t0:.1f} s")
     return teacher.eval()
+
+
+def check_teacher_tokenizer(meta, source, path, model_vocab, enc):
+    """Refuse a dataset whose tokens are not the pretrained teacher's, before any work: its tokenizer
+    (meta.json) must be the teacher's own -- the same vocabulary size as the checkpoint's tokenizer (enc,
+    None when the checkpoint has none) and, for a named checkpoint (smollm2), the same name -- and its ids
+    must fit the model's vocabulary. Both names and both vocabulary sizes are in the message."""
+    ours = f"{source!r}'s tokenizer" + (f" (vocabulary {enc.n_vocab})" if enc is not None else "")
+    theirs = f"--dataset={meta['dir']} holds {meta['tokenizer']!r} tokens (vocabulary {meta['vocab_size']})"
+    tok = source if source in prepare_module().PRETRAINED else "<the model's tokenizer>"
+    remedy = (f"prepare the data with the model's tokenizer (python data/prepare.py --tokenizer={tok}) and "
+              f"give --tokenizer={tok} --dataset=<that dataset>")
+    named_mismatch = source in prepare_module().PRETRAINED and meta["tokenizer"] != source
+    size = enc.n_vocab if enc is not None else model_vocab   # without a tokenizer file: the model's own
+    if named_mismatch or size != meta["vocab_size"]:
+        raise RuntimeError(f"{theirs}, but the teacher {path} reads {ours}, model vocabulary {model_vocab}: "
+                           f"the tokenizers do not match; {remedy}")
+    if meta["vocab_size"] > model_vocab:
+        raise RuntimeError(f"{theirs}, more than {path}'s vocabulary of {model_vocab}: {remedy}")
 
 
 def check_teacher_data(stored, wanted, vocab_size, path, log=print):
@@ -817,6 +847,23 @@ def model_digest(model):
     return digest.hexdigest()[:16]
 
 
+RESUME_MAY_CHANGE = ("kd_lr", "kd_latent_lr", "kd_other_lr")   # a diverged run resumes with lower rates
+
+
+def check_fingerprint(stored, wanted, path, method):
+    """Refuse a distillation checkpoint of another run (bits, group size, method, model, ...), naming every
+    key that differs with both values; the learning rates may change (a resume after Diverged lowers them)."""
+    stored = stored if isinstance(stored, dict) else {}
+    differ = [k for k in wanted if k not in RESUME_MAY_CHANGE and stored.get(k) != wanted[k]]
+    if differ:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} in the checkpoint, {wanted[k]!r} now" for k in differ[:6])
+        raise RuntimeError(f"{path} was written by a {method} run with another configuration ({shown}): resume "
+                           "with those settings, or delete it (or use another --out_dir) to start afresh")
+    for k in RESUME_MAY_CHANGE:
+        if k in wanted and stored.get(k) != wanted[k]:
+            print(f"{method}: resuming with --{k}={wanted[k]} (the checkpoint was written at {stored.get(k)})")
+
+
 def run_distillation(method, teacher, config, train, calib, calib_x, rank, world, device):
     """Distill one student (resuming from out_dir/distill_<method>_<tag>.pt); returns it frozen, its
     history, the seconds it took (the student's preparation included) and the checkpoint's path.
@@ -829,13 +876,12 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
     T = context_length(config, teacher)
     gen = torch.Generator().manual_seed(config["seed"] + 2000 + rank)  # KD and LCD see the same batches
     path = os.path.join(config["out_dir"], f"distill_{method}_{run_tag(config)}.pt")
-    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"])
+    fingerprint = dict({k: config[k] for k in DISTILL_KEYS}, teacher=model_digest(teacher), kd_mode=settings["kd_mode"],
+                       method=method)
     ckpt = {}
     if os.path.exists(path):
         ckpt = load_checkpoint(path, ("rng", "config"), f"delete it to restart the {method} distillation")
-        if ckpt.get("config") != fingerprint:
-            raise RuntimeError(f"{path} was written by a run with another configuration ({ckpt.get('config')}); "
-                               "delete it or use another --out_dir")
+        check_fingerprint(ckpt.get("config"), fingerprint, path, method)
         gen.set_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
         if rank == 0:
             where = f"step {ckpt['state']['step']}" if ckpt.get("state") else f"block {ckpt['blocks']['block']}"
@@ -874,6 +920,16 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             speculative_every=settings["speculative_every"], reassign_every=config["reassign_every"],
             ddp=world > 1, state=state, checkpoint=lambda distill_state: save(state=distill_state),
             checkpoint_every=config["kd_ckpt_interval"], log=log, on_step=progress.update)
+    except lcd.Diverged as e:
+        if saved.get("state"):
+            kept = f"{path} (step {saved['state']['step']}) is kept"
+        elif saved.get("blocks"):
+            kept = f"{path} (block {saved['blocks']['block']} done) is kept"
+        else:
+            kept = "no checkpoint was written yet"
+        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower --kd_lr (now {config['kd_lr']}) "
+                           f"and --kd_latent_lr (now {config['kd_latent_lr']}), e.g. ten times lower, resumes "
+                           "from it") from None
     except KeyboardInterrupt:
         if saved.get("state"):
             where = f"{method}'s distillation progress is saved in {path} (step {saved['state']['step']} of " \
@@ -951,6 +1007,19 @@ def load_student(path, device="cpu", teacher_path=None):
     return model.to(device).eval(), tokenizer
 
 
+def decode_safely(enc, ids):
+    """(text, unknown ids) of token ids: an id the tokenizer has no entry for (a model with a larger
+    vocabulary than its tokenizer) becomes U+FFFD and is listed, instead of tiktoken's KeyError."""
+    parts, unknown = [], []
+    for i in ids:
+        try:
+            parts.append(enc.decode_single_token_bytes(i))
+        except (KeyError, ValueError, OverflowError):
+            parts.append("\ufffd".encode())
+            unknown.append(i)
+    return b"".join(parts).decode("utf-8", errors="replace"), unknown
+
+
 @torch.no_grad()
 def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top_k=0, seed=0, log=print):
     """Each model's continuation of `prompt`, all from the same seed, printed one after the other, labelled.
@@ -981,7 +1050,11 @@ def sample_texts(models, tokenizer, prompt, max_new_tokens, temperature=1.0, top
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
-        text = enc.decode(out[0, len(ids):].tolist())
+        text, unknown = decode_safely(enc, out[0, len(ids):].tolist())
+        if unknown:
+            log(f"note: {label} wrote {len(unknown)} token id(s) the {tokenizer!r} tokenizer has no entry for "
+                f"(first {unknown[0]}; the tokenizer has {enc.n_vocab} ids, the model {vocab}), shown as U+FFFD: "
+                "the model and the tokenizer do not match")
         samples[label] = dict(text=text, tokens=max_new_tokens, seconds=seconds,
                               tokens_per_s=max_new_tokens / max(seconds, 1e-9))
         log(f"--- {label}: {samples[label]['tokens_per_s']:.1f} tokens/s ---\n{text}")
@@ -1177,7 +1250,8 @@ def main(argv):
         return
     try:
         config = parse_config(argv)
-    except ValueError as e:
+        check_outputs(config)
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
     try:
         run(config)
@@ -1186,6 +1260,19 @@ def main(argv):
             raise
         raise Interrupted(f"the stage under way saves nothing; what is done is in {config['out_dir']}/ and the "
                           "same command goes on from there") from None
+
+
+def check_outputs(config):
+    """Every place this run writes, checked writable before any work (an OSError naming the flag and the
+    directory otherwise): --out_dir (checkpoints, the teacher, the packed student, the report) and, when
+    the dataset is still to be prepared, its data directory. A run must not train for an hour and then
+    lose it at the first save."""
+    lcd.check_writable(config["out_dir"], f"--out_dir={config['out_dir']}")
+    dataset = config["dataset"]
+    data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
+    if (not os.path.exists(os.path.join(data_dir, "meta.json"))
+            and dataset in ("shakespeare", f"shakespeare_{config['tokenizer']}")):    # ensure_data prepares it
+        lcd.check_writable(data_dir, f"--dataset={dataset} (to be prepared)")
 
 
 def data_stage(config, rank, world):
@@ -1239,6 +1326,8 @@ def run(config):
     config["device"] = device
     torch.manual_seed(config["seed"])
     t_start = time.time()
+    if rank == 0:
+        check_outputs(config)                                                     # before any work
     meta = data_stage(config, rank, world)                                        # 1. data
     teacher, teacher_row = teacher_stage(config, meta, rank, world, device)       # 2. the teacher
     if config["stop_after"] != "teacher":                                         # 3-7: quantize, distill, report
