@@ -1341,6 +1341,7 @@ def run(config):
 
 
 if __name__ == "__main__":
+    sys.stdout.reconfigure(line_buffering=True)   # a log file (> run.log) shows each line as it is printed
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt as e:      # one line, not a traceback: what was saved and how to go on
