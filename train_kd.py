@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -1145,11 +1146,14 @@ def save_packed_student(config, student, teacher, meta):
 # answer them as its teacher does; the teacher and the packed student answer each greedily, side by side.
 CHAT_QUESTIONS = ("What is the capital of France?", "Give me three tips for staying healthy.",
                   "Write a Python function that returns the square of a number.", "What is 12 + 7?")
-LOOP_NGRAM, LOOP_REPEATS = 3, 3   # an answer loops when some run of 3 words comes 3 times or more
+LOOP_NGRAM, LOOP_REPEATS = 3, 3   # an answer loops when some run of 3 words comes 3 times or more (or see loops)
 
 
 def loops(text, n=LOOP_NGRAM, repeats=LOOP_REPEATS):
-    """Whether `text` goes round in a loop: some run of n words occurs `repeats` times or more."""
+    """Whether `text` goes round in a loop: some run of n words occurs `repeats` times or more, or a piece of
+    up to 8 characters stands 10 times or more back to back ("2222222222", "+12 +12 +12 ...")."""
+    if re.search(r"(.{1,8}?)\1{9,}", text, re.S):
+        return True
     words = text.lower().split()
     grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
     return any(grams.count(g) >= repeats for g in set(grams))

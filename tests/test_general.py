@@ -40,7 +40,9 @@ def test_another_chat_template_is_refused_by_name_never_run():
 def test_an_answer_that_loops_is_flagged():
     assert train_kd.loops("What is the capital of France? The Frenchman The Frenchman The Frenchman The Frenchman")
     assert train_kd.loops("You are a good friend, you are a good friend, you are a good friend")
+    assert train_kd.loops("The code in Python:\n```python2022222222222222222222222222222222")
     assert not train_kd.loops("The capital of France is Paris.")
+    assert not train_kd.loops("It costs 1000 dollars, or 12.5 % of 8000.")
     assert not train_kd.loops("1. Stay hydrated: drink water. 2. Eat a balanced diet. 3. Get enough sleep each night.")
 
 
