@@ -24,12 +24,11 @@ import torch
 import bench
 import checkpoints
 import lcd
-import model as model_lib
 import train_kd
 from conftest import ROOT
 from model import GPT, SIZES, Llama, LlamaConfig
-from test_gguf import F32, F32V, STRING, U32, gguf_file
-from test_llama import hf_config, hf_tensors, llama_cpp_permute, tiny_llama
+from test_gguf import STRING, gguf_file
+from test_llama import hf_config, hf_tensors, llama_gguf_parts, tiny_llama
 from test_model import write_safetensors
 
 
@@ -196,23 +195,7 @@ def test_a_big_endian_gguf_is_named_as_such(tmp_path):
 # ---- 7. metadata that contradicts the tensors ----------------------------------------------------------
 
 def llama_gguf(src, **override):
-    c = src.config
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
-    for i in range(c.n_layer):
-        for ours, theirs in checkpoints.GGUF_BLOCK_NAMES.items():
-            names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ours}.weight"
-    tensors = []
-    for key, t in hf_tensors(src).items():
-        if key.endswith(("q_proj.weight", "k_proj.weight")):
-            t = llama_cpp_permute(t, c.n_head if "q_proj" in key else c.n_kv_head)
-        tensors.append((names[key], F32, list(reversed(t.shape)), t.contiguous().numpy().tobytes()))
-    values = {"block_count": c.n_layer, "context_length": c.block_size, "embedding_length": c.n_embd,
-              "feed_forward_length": c.intermediate_size, "attention.head_count": c.n_head,
-              "attention.head_count_kv": c.n_kv_head}
-    values.update(override)
-    meta = [("general.architecture", STRING, "llama")] + [(f"llama.{k}", U32, v) for k, v in values.items()]
-    meta += [("llama.rope.freq_base", F32V, c.rope_theta), ("llama.attention.layer_norm_rms_epsilon", F32V, c.norm_eps)]
-    return gguf_file(meta, tensors)
+    return gguf_file(*llama_gguf_parts(src, **override))
 
 
 @pytest.mark.parametrize("override, words", [

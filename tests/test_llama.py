@@ -224,8 +224,9 @@ def llama_cpp_permute(w, n_head):
     return w.reshape(n_head, 2, out // n_head // 2, inp).transpose(1, 2).reshape(out, inp)
 
 
-def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
-    src = tiny_llama()
+def llama_gguf_parts(src, **override):
+    """(metadata, tensors) of a GGUF file that llama.cpp's converter would write for the Llama `src`: its
+    tensors renamed and q/k permuted as llama.cpp stores them; `override` replaces llama.* metadata values."""
     c = src.config
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
     for i in range(c.n_layer):
@@ -233,23 +234,28 @@ def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
             names[f"model.layers.{i}.{theirs}.weight"] = f"blk.{i}.{ours}.weight"
     tensors = []
     for key, t in hf_tensors(src).items():
-        if key.endswith("q_proj.weight"):
-            t = llama_cpp_permute(t, c.n_head)
-        elif key.endswith("k_proj.weight"):
-            t = llama_cpp_permute(t, c.n_kv_head)
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            t = llama_cpp_permute(t, c.n_head if "q_proj" in key else c.n_kv_head)
         tensors.append((names[key], F32, list(reversed(t.shape)), t.contiguous().numpy().tobytes()))
-    meta = [("general.architecture", STRING, "llama"), ("llama.block_count", U32, c.n_layer),
-            ("llama.context_length", U32, c.block_size), ("llama.embedding_length", U32, c.n_embd),
-            ("llama.feed_forward_length", U32, c.intermediate_size), ("llama.attention.head_count", U32, c.n_head),
-            ("llama.attention.head_count_kv", U32, c.n_kv_head), ("llama.rope.freq_base", F32V, c.rope_theta),
-            ("llama.attention.layer_norm_rms_epsilon", F32V, c.norm_eps)]
+    values = {"block_count": c.n_layer, "context_length": c.block_size, "embedding_length": c.n_embd,
+              "feed_forward_length": c.intermediate_size, "attention.head_count": c.n_head,
+              "attention.head_count_kv": c.n_kv_head}
+    values.update(override)
+    meta = [("general.architecture", STRING, "llama")] + [(f"llama.{k}", U32, v) for k, v in values.items()]
+    meta += [("llama.rope.freq_base", F32V, c.rope_theta), ("llama.attention.layer_norm_rms_epsilon", F32V, c.norm_eps)]
+    return meta, tensors
+
+
+def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
+    src = tiny_llama()
+    meta, tensors = llama_gguf_parts(src)
     path = tmp_path / "tiny.gguf"
     path.write_bytes(gguf_file(meta, tensors))
     loaded = checkpoints.llama_from_gguf(str(path)).eval()
     assert loaded.config == src.config
     idx = torch.randint(97, (2, 10))
     torch.testing.assert_close(loaded(idx)[0], src(idx)[0], rtol=0, atol=0)
-    path.write_bytes(gguf_file(meta[:3] + meta[4:], tensors))                # no embedding_length
+    path.write_bytes(gguf_file([m for m in meta if m[0] != "llama.embedding_length"], tensors))
     with pytest.raises(ValueError, match="llama.embedding_length"):
         checkpoints.llama_from_gguf(str(path))
     extra = tensors + [("blk.0.attn_q.bias", F32, [32], bytes(128))]
