@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -344,16 +345,49 @@ def lut_forward_cpu(layer, x, version=None):
             or cpu_library() is None):
         return None
     N, K = layer.out_features, layer.in_features
-    x2 = x.reshape(-1, K).contiguous()                                       # (B, K)
+    x2 = x.reshape(-1, K)                                                    # (B, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
     if version is None:
         version = CPU_KERNEL if x2.shape[0] <= CPU_GEMV_ROWS else CPU_BATCH_KERNEL
-    y = lut_matmul_cpu(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x2)
+    if version == "sgemm":
+        y = lut_matmul_cpu(version, layer.bits, layer.group_size, layer.packed, layer.codebook, x2)
+    else:                                                                    # v0 .. v4: one C call
+        y = torch.empty(x2.shape[0], N)
+        _prepared_call(layer, version)(x2.data_ptr(), y.data_ptr(), x2.shape[0])
     if layer.outlier_rows is not None:   # an outlier replaces its centroid: add x * (outlier - centroid)
         rows, cols, delta = layer.outlier_corrections()
         y.index_add_(1, rows, x2[:, cols] * delta)                           # (B, n_outliers) into (B, N)
     if layer.bias is not None:
         y += layer.bias.float()
-    return y.reshape(*x.shape[:-1], N)
+    return y.view(*x.shape[:-1], N)
+
+
+# A generated token calls 210 small matrices, where Python's own time per call (checking the operands,
+# reading pointers) was as long as the kernel's: so a layer's operands are checked once and its kernel kept
+# with their pointers, until the layer's buffers are other tensors (model.to(), a new packed tensor).
+_prepared = weakref.WeakKeyDictionary()   # layer -> (version, packed, codebook (weak), their pointers, call)
+
+
+def _prepared_call(layer, version):
+    """fn(x_ptr, y_ptr, B) running kernels.c's `version` (v0 .. v4) on layer's packed weights; built, and
+    the operands checked, at the first call and again whenever layer.packed or layer.codebook has changed."""
+    packed, codebook = layer.packed, layer.codebook
+    cached = _prepared.get(layer)
+    if (cached is not None and cached[0] == version and cached[1]() is packed and cached[2]() is codebook
+            and cached[3] == packed.data_ptr() and cached[4] == codebook.data_ptr()):
+        return cached[5]
+    if version not in CPU_VERSIONS[:5]:
+        raise ValueError(f"unknown CPU kernel version {version!r}; choose one of {CPU_VERSIONS}")
+    N, K, bits = layer.out_features, layer.in_features, layer.bits
+    _check_kernel_operands(bits, layer.group_size, packed, codebook, K)
+    fn = cpu_library().lut_gemm_v4 if version == "v4" else getattr(cpu_library(), f"lut_gemv_{version}")
+    packed_ptr, codebook_ptr, group = packed.data_ptr(), codebook.data_ptr(), min(layer.group_size, K)
+
+    def call(x_ptr, y_ptr, B):
+        fn(packed_ptr, codebook_ptr, x_ptr, y_ptr, N, K, B, bits, group, torch.get_num_threads())
+    _prepared[layer] = (version, weakref.ref(packed), weakref.ref(codebook), packed_ptr, codebook_ptr, call)
+    return call
 
 
 def q8_quantize(W):

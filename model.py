@@ -86,14 +86,14 @@ def causal_attention(q, k, v, kv_cache=None, layer=None, dropout_p=0.0):
     if kv_cache is not None:
         start = kv_cache.pos
         k, v = kv_cache.update(layer, k, v)                                   # (B, n_kv_head, start+T, hs)
-    if k.size(1) != q.size(1):
-        k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)                # (B, nh, S, hs)
-        v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+    gqa = k.size(1) != q.size(1)              # SDPA repeats each KV head for its query heads itself
     if start == 0:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, enable_gqa=gqa)
     T, S = q.size(2), k.size(2)
-    mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]  # (T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    mask = None                               # one new query sees every stored position: nothing to mask
+    if T > 1:
+        mask = torch.arange(S, device=q.device) <= torch.arange(start, start + T, device=q.device)[:, None]  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, enable_gqa=gqa)
 
 
 def check_sampling(idx, max_new_tokens, temperature, top_k):
@@ -293,18 +293,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight   # one fused op
 
 
-def apply_rotary(x, pos, theta):
-    """Rotary position embedding (RoFormer, Su et al. 2021) in Hugging Face's half-split layout: the pair
-    (x_i, x_{i+hs/2}) of x (B, nh, T, hs) turns by the angle pos * theta^(-2i/hs), pos: (T,) positions.
-    A query at m and a key at n then score q.k through their angle difference only: relative position."""
-    hs = x.size(-1)
-    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, device=x.device).float() / hs))  # (hs/2,)
+def rotary_cos_sin(pos, hs, theta):
+    """Rotary position embedding (RoFormer, Su et al. 2021): the angles pos * theta^(-2i/hs) of positions
+    pos (T,) for the hs/2 pairs of a head, as (cos, sin), each (T, hs/2). Llama.forward computes them once
+    and every layer shares them (one table a token, not one a layer)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2, device=pos.device).float() / hs))  # (hs/2,)
     angles = pos.float()[:, None] * inv_freq[None, :]                                   # (T, hs/2)
-    cos, sin = angles.cos(), angles.sin()
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Turn the pair (x_i, x_{i+hs/2}) of x (B, nh, T, hs) by its angle (Hugging Face's half-split layout);
+    cos, sin from rotary_cos_sin. A query at m and a key at n then score q.k through their angle difference
+    only: relative position."""
     x1, x2 = x.float().chunk(2, dim=-1)                                                  # (B, nh, T, hs/2)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
@@ -313,20 +317,19 @@ class LlamaAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
-        self.head_dim, self.rope_theta = config.n_embd // config.n_head, config.rope_theta
+        self.head_dim = config.n_embd // config.n_head
         self.q_proj = nn.Linear(config.n_embd, config.n_head * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * self.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, rotary, kv_cache=None):
+        """x (B, T, C), rotary: (cos, sin) of these T positions -> (B, T, C)."""
         B, T, C = x.size()
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        start = kv_cache.pos if kv_cache is not None else 0
-        pos = torch.arange(start, start + T, device=x.device)                         # (T,)
-        q, k = apply_rotary(q, pos, self.rope_theta), apply_rotary(k, pos, self.rope_theta)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = causal_attention(q, k, v, kv_cache, self)                                 # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -352,8 +355,8 @@ class LlamaBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), kv_cache)
+    def forward(self, x, rotary, kv_cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -392,8 +395,10 @@ class Llama(CausalLM):
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}"
                              " (the context the model was trained for): crop it to the last block_size tokens")
         x = self.model.embed_tokens(idx)                                       # (B, T, C)
+        rotary = rotary_cos_sin(torch.arange(start, start + T, device=idx.device),
+                                self.config.n_embd // self.config.n_head, self.config.rope_theta)
         for block in self.model.layers:
-            x = block(x, kv_cache)
+            x = block(x, rotary, kv_cache)
         if kv_cache is not None:
             kv_cache.pos += T
         logits = self.lm_head(self.model.norm(x))                              # (B, T, vocab)

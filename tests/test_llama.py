@@ -14,7 +14,7 @@ import model
 import prepare
 from conftest import ROOT
 from checkpoints import load_pretrained
-from model import GPT, SIZES, Llama, apply_rotary, from_config
+from model import GPT, SIZES, Llama, apply_rotary, from_config, rotary_cos_sin
 from test_gguf import F32, F32V, STRING, U32, gguf_file
 from test_model import write_safetensors
 
@@ -42,13 +42,15 @@ def tiny_gpt(seed=0):
 def test_rotary_scores_depend_only_on_relative_position():
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    def rotate(x, positions):
+        return apply_rotary(x, *rotary_cos_sin(torch.tensor(positions), 16, 100.0))
     def score(m, n):
-        return (apply_rotary(q, torch.tensor([m]), 100.0) * apply_rotary(k, torch.tensor([n]), 100.0)).sum(-1)
+        return (rotate(q, [m]) * rotate(k, [n])).sum(-1)
     for shift in (1, 7, 300):
         torch.testing.assert_close(score(5 + shift, 2 + shift), score(5, 2), rtol=0, atol=1e-4)  # fp32 angles
     assert not torch.allclose(score(5, 2), score(5, 4), atol=1e-3)    # but it does depend on the distance
     x = torch.randn(1, 1, 3, 16, generator=g)                         # a rotation: lengths are kept
-    torch.testing.assert_close(apply_rotary(x, torch.arange(3), 100.0).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rotate(x, [0, 1, 2]).norm(dim=-1), x.norm(dim=-1))
 
 
 def test_grouped_query_attention_equals_full_attention_with_repeated_kv_heads():
