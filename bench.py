@@ -64,7 +64,9 @@ cpu_reps = 20              # repetitions per CPU timing (the best is reported: o
 cpu_threads = 0            # torch threads for the CPU timings (0: torch's default; on a busy machine 1 is steadier)
 cpu_model_size = "baby"    # model.py size whose footprint and quantization time are measured on a CPU
 emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
-quality = 0                # 1: every method's validation loss on out_dir's teacher (quality_table)
+quality = 0                # 1: every method's loss on both held-out sets, on --model's teacher (quality_table)
+model = ""                 # --quality's teacher: "" (train_kd's own, in out_dir) or pretrained, e.g. "smollm2"
+quality_methods = ""       # --quality's rows, comma-separated (baselines.quality_rows names, teacher, kd, lcd; "": all)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
 cost = 0                   # 1: seconds to quantize, prepare and distill a 135M-class model (bench_cost)
@@ -799,44 +801,47 @@ def bench_sass():
 
 
 # ---- quality: every method on the teacher of train_kd.py (bench.py --quality) ----
-# Every method on the same teacher, calibration data and validation windows (train_kd's), one row each:
-# validation loss, perplexity, effective bits per weight (lcd.footprint: everything stored), seconds.
-# `trained` is true only for end-to-end distillation on the training split with the teacher (plain KD and
-# LCD, the same step budget for both); LCQ's and LBLLM's layer-wise optimization on calibration
-# statistics is part of their post-training quantization and counts as not trained. Nominal bits differ
-# from effective bits (codebooks, scales, outliers), so compare rows by bits_per_weight.
+# Every method on the same teacher, calibration data and held-out windows (train_kd's stages 1-3: for a
+# pretrained teacher its PRETRAINED_DEFAULTS, distillation data included), one row each: loss and
+# perplexity on every held-out set (the plays, and general English where train_kd judges on it), effective
+# bits per weight (lcd.footprint: everything stored), seconds. `trained` is true only for end-to-end
+# distillation on the training split with the teacher (plain KD and LCD, the same step budget for both);
+# LCQ's and LBLLM's layer-wise optimization on calibration statistics is part of their post-training
+# quantization and counts as not trained. Nominal bits differ from effective bits (codebooks, scales,
+# outliers), so compare rows by bits_per_weight.
 def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
-    """Rows {method, bits, bits_per_weight, val_loss, ppl, trained, seconds} for the teacher, every
-    post-training method at every b in bits_list, and (trained=True) plain KD and LCD distilled with
-    train_kd's budget (kd_steps). methods: row names to keep (None: all). overrides: train_kd config keys
-    (out_dir, preset, kd_steps, ...); the teacher is loaded from out_dir, or trained first if missing."""
+    """Rows {method, bits, bits_per_weight, bytes, val_loss, ppl, [general_loss, general_ppl], trained,
+    seconds} for the teacher, every post-training method at every b in bits_list, and (trained=True) plain
+    KD and LCD distilled with train_kd's budget. methods: row names to keep (None: all). overrides:
+    train_kd config keys (out_dir, preset, init_from, kd_steps, ...); the teacher is train_kd's: pretrained
+    (init_from), or loaded from out_dir, or trained there first."""
     import train_kd   # the pipeline whose teacher, data and distillation the methods are compared on
-    config = dict({k: getattr(train_kd, k) for k in train_kd.CONFIG_KEYS}, **overrides)
-    teacher, meta = train_kd.ensure_teacher(**overrides)
-    train, val = train_kd.load_tokens(meta["dir"], "train"), train_kd.load_tokens(meta["dir"], "val")
-    T = teacher.config.block_size
-    calib_gen = torch.Generator().manual_seed(config["seed"] + 1000)                 # as train_kd does
-    calib = [train_kd.get_batch(train, config["batch_size"], T, calib_gen)[0]
-             for _ in range(config["calib_batches"])]
-    calib_x = train_kd.get_batch(train, config["kd_batch_size"], T, calib_gen)[0]
+    argv = [f"--{k}={v}" if isinstance(v, str) else f"--{k}={v!r}" for k, v in overrides.items()]
+    config = train_kd.parse_config(argv)
+    meta = train_kd.data_stage(config, 0, 1)
+    teacher, teacher_row = train_kd.teacher_stage(config, meta, 0, 1, config["device"])
+    sets = train_kd.held_out_sets(config, meta)
+    train = train_kd.distillation_tokens(config, teacher, meta, train_kd.load_tokens(meta["dir"], "train"))
+    calib, calib_x = train_kd.calibration_data(train, config, train_kd.context_length(config, teacher))
     wanted = (lambda name: True) if methods is None else (lambda name: name in methods)
 
-    def row(method, bits, model, seconds, was_trained, bits_per_weight=None):
-        loss = train_kd.evaluate(model, val, T, config["batch_size"], config["eval_batches"])
-        bpw = lcd.footprint(model)["bits_per_weight"] if bits_per_weight is None else bits_per_weight
-        log(f"{method:>12} b={bits}: val loss {loss:.4f}  ppl {math.exp(loss):8.3f}  {bpw:6.3f} bits/w  "
-            f"{seconds:6.1f} s")
-        return dict(method=method, bits=bits, bits_per_weight=bpw, val_loss=loss, ppl=math.exp(loss),
-                    trained=was_trained, seconds=seconds)
+    def row(method, bits, model, seconds, was_trained):
+        r = dict(train_kd.result_row(method, model, dict(config, bits=bits), sets, seconds), trained=was_trained)
+        general = f"  general English: loss {r['general_loss']:.4f} ppl {r['general_ppl']:9.2f}" if "general_ppl" in r else ""
+        log(f"{method:>12} b={bits}: val loss {r['val_loss']:.4f}  ppl {r['ppl']:9.2f}{general}  "
+            f"{r['bits_per_weight']:6.3f} bits/w  {seconds:6.1f} s")
+        return r
 
-    fp = train_kd.fp_footprint(teacher)["bits_per_weight"]
-    rows = [row("teacher", 32, teacher, 0.0, False, fp)] if wanted("teacher") else []
+    rows = []
+    if wanted("teacher"):
+        rows.append(dict(teacher_row, trained=False))
     for bits in bits_list:
         for name, method, group_size, kw in baselines.quality_rows(bits):
             if wanted(name):
                 t0 = time.time()
                 model = baselines.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
                 rows.append(row(name, bits, model, time.time() - t0, False))
+                del model
         for method in ("kd", "lcd") if trained else ():
             if wanted(method):
                 run = dict(config, bits=bits)
@@ -849,7 +854,14 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **
 
 
 def bench_quality():
-    return quality_table(out_dir=out_dir)
+    """--quality: on --model's teacher ('' train_kd's own in out_dir, or a pretrained one such as smollm2:
+    then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd)."""
+    names = [m.strip() for m in quality_methods.split(",") if m.strip()] or None
+    if not model:
+        return quality_table(methods=names, out_dir=out_dir)
+    trained = names is not None and bool({"kd", "lcd"} & set(names))
+    return quality_table(bits_list=(2, 3), methods=names, trained=trained, init_from=model,
+                         out_dir=os.path.join(out_dir, model))
 
 
 # ---- cost at real scale: quantize, prepare_student and one distillation step of a 135M-class model ----

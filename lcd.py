@@ -162,7 +162,8 @@ def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()  # (tokens, K)
             s = sums.setdefault(name, {"h": 0.0, "H": 0.0 if full_hessian else None, "n": 0, "X": []})
             s["h"] = s["h"] + torch.linalg.vector_norm(x, dim=0).square()    # sum of x^2 in one pass, (K,)
-            s["X"].append(x[:max(0, keep_inputs - s["n"])])
+            if keep_inputs > s["n"]:   # a copy: a slice of x, even an empty one, would keep all of x alive
+                s["X"].append(x[:keep_inputs - s["n"]].clone())
             if full_hessian:
                 s["H"] = s["H"] + x.T @ x
             s["n"] += x.shape[0]
@@ -186,7 +187,7 @@ def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
     # a layer reached by no token at all (a routed expert no token chose) has no statistics: h = H = 0,
     # which the clustering reads as no importance (equal weights) and GPTQ as dead inputs
     return {n: {"h": s["h"] / max(1, s["n"]), "H": s["H"] / max(1, s["n"]) if full_hessian else None,
-                "n": s["n"], "X": torch.cat(s["X"]) if keep_inputs else None} for n, s in sums.items()}
+                "n": s["n"], "X": torch.cat(s["X"]) if keep_inputs and s["X"] else None} for n, s in sums.items()}
 
 
 # ==== 2. clustering =============================================================================
@@ -1513,31 +1514,54 @@ class _TemperedKL(torch.autograd.Function):
     with exp(e) - 1 - e >= 0 from its Taylor series where |e| < 0.01 (expm1(e) - e cancels there). The
     rounding of E_pt[e] (~1e-7 |d|) moves KL only at second order. A token with some e > KD_FAR (far from
     the teacher: nothing to lose to cancellation, but exp(e) could overflow) takes the plain
-    KL = logsumexp(log p_t + e) and p_s = exp(log p_t + e - KL) instead. All in float32."""
+    KL = logsumexp(log p_t + e) and p_s = exp(log p_t + e - KL) instead. All in float32.
+    Memory: the work goes KD_CHUNK_ROWS rows at a time and only the logits are kept for backward, which
+    recomputes p_t and e: at 1024 tokens x 49 152 a full-size temporary is 200 MB, and there were ten."""
 
     @staticmethod
     def forward(ctx, z_s, z_t, tau):
-        log_p_t = F.log_softmax(z_t / tau, dim=-1)                               # (n, V)
-        p_t = log_p_t.exp()
-        d = (z_s - z_t) / tau                                                    # (n, V), no cancellation
-        e = d - (p_t * d).sum(-1, keepdim=True)
-        excess = torch.where(e.abs() < 0.01, e * e * (0.5 + e / 6), torch.expm1(e) - e)  # exp(e) - 1 - e
-        kl = torch.log1p((p_t * excess).sum(-1))                                 # (n,)
-        far = (e.amax(-1) > KD_FAR).nonzero()[:, 0]                              # rows, usually none
-        if len(far):
-            kl[far] = torch.logsumexp(log_p_t[far] + e[far], dim=-1)
-        ctx.save_for_backward(p_t, e, kl, far)
+        kl = z_s.new_empty(z_s.shape[0])                                         # (n,)
+        for rows in _chunks(z_s.shape[0]):
+            log_p_t, p_t, e = _TemperedKL.centred(z_s[rows], z_t[rows], tau)
+            excess = torch.where(e.abs() < 0.01, e * e * (0.5 + e / 6), torch.expm1(e) - e)  # exp(e) - 1 - e
+            chunk = torch.log1p((p_t * excess).sum(-1))
+            far = (e.amax(-1) > KD_FAR).nonzero()[:, 0]                          # rows, usually none
+            if len(far):
+                chunk[far] = torch.logsumexp(log_p_t[far] + e[far], dim=-1)
+            kl[rows] = chunk
+        ctx.save_for_backward(z_s, z_t, kl)    # the logits, not p_t and e: backward recomputes them
         ctx.tau = tau
         return kl
 
     @staticmethod
     def backward(ctx, grad):                                                     # grad (n,)
-        p_t, e, kl, far = ctx.saved_tensors
-        shifted = e - kl[:, None]
-        diff = p_t * torch.expm1(shifted.clamp(max=KD_FAR))                      # p_s - p_t, (n, V)
-        if len(far):
-            diff[far] = (p_t[far].log() + shifted[far]).exp() - p_t[far]
-        return diff * (grad / ctx.tau)[:, None], None, None
+        z_s, z_t, kl = ctx.saved_tensors
+        grad_z = torch.empty_like(z_s)                                           # (n, V)
+        for rows in _chunks(z_s.shape[0]):
+            log_p_t, p_t, e = _TemperedKL.centred(z_s[rows], z_t[rows], ctx.tau)
+            shifted = e - kl[rows, None]
+            diff = p_t * torch.expm1(shifted.clamp(max=KD_FAR))                  # p_s - p_t
+            far = (e.amax(-1) > KD_FAR).nonzero()[:, 0]
+            if len(far):
+                diff[far] = (log_p_t[far] + shifted[far]).exp() - p_t[far]
+            grad_z[rows] = diff * (grad[rows] / ctx.tau)[:, None]
+        return grad_z, None, None
+
+    @staticmethod
+    def centred(z_s, z_t, tau):
+        """(log p_t, p_t, e) of a chunk of rows: the teacher's tempered log-probabilities and probabilities,
+        and the centred difference e = d - E_pt[d] of d = (z_s - z_t) / tau; each (rows, V)."""
+        log_p_t = F.log_softmax(z_t / tau, dim=-1)
+        p_t = log_p_t.exp()
+        d = (z_s - z_t) / tau                                                    # no cancellation
+        return log_p_t, p_t, d - (p_t * d).sum(-1, keepdim=True)
+
+
+KD_CHUNK_ROWS = 64   # token rows the KL works on at a time: its temporaries are (64, V), not (n, V)
+
+
+def _chunks(n, size=KD_CHUNK_ROWS):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def kd_loss(student_logits, teacher_logits, tau=1.0, targets=None, ce_weight=0.0):
@@ -1613,6 +1637,7 @@ def _apply_candidate(student, path, previous, ema=None):
 
 
 @torch.no_grad()
+@torch.no_grad()   # candidates are scored, not trained: no graph
 def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PATHS, previous=None, ema=None):
     """Build each candidate from the current student, score its distillation loss on the fixed held-out
     batch (forward only), commit the best, roll the others back. 'keep' is always scored first and a

@@ -79,6 +79,7 @@ a_bits = None                  # activation bits: None (weight-only), 8 or 4 (pe
 calib_batches = 4              # calibration batches (batch_size sequences each) for the statistics
 distill_data = "plays"         # what calibration and distillation read: plays (the train split), teacher (text it writes), or mix (half each)
 teacher_text_seqs = 128        # with distill_data teacher or mix: sequences the teacher writes, block_size tokens each (cached)
+teacher_text_seed = 1337       # the seed of the teacher's text: its own, so that runs over several --seed share one cached text
 kd_steps = 1500                # distillation steps, the same for plain KD and LCD (about 4 min each on 2 cores)
 kd_batch_size = 16             # sequences per distillation step and process
 kd_lr = 1e-3                   # peak learning rate of the centroids
@@ -146,7 +147,7 @@ POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
 AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
                 "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size",  # None: preset
                 "block_batch_size", "teacher_text_seqs")
-NON_NEGATIVE = ("seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
+NON_NEGATIVE = ("seed", "teacher_text_seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
                 "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
@@ -767,12 +768,12 @@ def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
         return train
     T = context_length(config, teacher)
     key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
-                                     config["seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
+                                     config["teacher_text_seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
     path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
     if rank == 0 and not os.path.exists(path):
         t0 = time.time()
         tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
-                                    config["seed"] + 3000)
+                                    config["teacher_text_seed"] + 3000)
         lcd.atomic_write(path, tokens.tofile)
         print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
     if world > 1:
@@ -837,7 +838,7 @@ DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
                 "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
-                "teacher_text_seqs")
+                "teacher_text_seqs", "teacher_text_seed")
 
 
 def model_digest(model):

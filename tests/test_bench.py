@@ -58,7 +58,7 @@ def test_quality_table_rows(tiny_teacher, tmp_path):
                                preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
     assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
     for r in rows:
-        assert set(r) == {"method", "bits", "bits_per_weight", "val_loss", "ppl", "trained", "seconds"}
+        assert set(r) == {"method", "bits", "bits_per_weight", "bytes", "val_loss", "ppl", "trained", "seconds"}
         assert r["val_loss"] > 0 and r["ppl"] == pytest.approx(math.exp(r["val_loss"]))
         assert r["trained"] is False
     assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])

@@ -65,8 +65,9 @@ def test_teacher_text_is_written_once_cached_and_mixed_in_equal_shares(tmp_path,
     assert len(mixed) == 2 * len(text) and np.array_equal(mixed[:len(text)], text)
     assert np.array_equal(mixed[len(text):len(text) + 16], plays[:16])     # the plays' first window
     assert train_kd.distillation_tokens(dict(config, distill_data="plays"), teacher, meta, plays) is plays
+    assert np.array_equal(train_kd.distillation_tokens(dict(config, seed=7), teacher, meta, plays), text)  # its own seed
     monkeypatch.setattr(train_kd, "write_teacher_text", write)
-    other = train_kd.distillation_tokens(dict(config, seed=7), teacher, meta, plays)   # another key: written anew
+    other = train_kd.distillation_tokens(dict(config, teacher_text_seed=7), teacher, meta, plays)   # written anew
     assert len(other) == len(text)
 
 

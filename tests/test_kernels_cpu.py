@@ -69,6 +69,22 @@ def test_forward_with_outliers_bias_scale_and_batches(library, bits, monkeypatch
         assert y.shape == ref.shape and close(y, ref)
 
 
+def test_a_layer_whose_buffers_change_is_served_from_its_new_buffers(library, monkeypatch):
+    """The prepared call keeps a layer's pointers: new tensors (load_state_dict from another layer, a copy
+    moved back and forth) must be seen, never the freed old ones; each version keeps its own call."""
+    a, b = random_layer(9, 40, 2, None, bias=False, seed=1), random_layer(9, 40, 2, None, bias=False, seed=2)
+    x = torch.randn(1, 40)
+    with torch.no_grad():
+        before = a(x)
+        a.packed, a.codebook = b.packed.clone(), b.codebook.clone()     # other tensors, other values
+        assert close(a(x), reference(b, x, monkeypatch)) and not close(a(x), before)
+        a.codebook.mul_(2)                                              # in place: the same tensor
+        assert close(a(x), 2 * reference(b, x, monkeypatch))
+        assert close(kernels.lut_forward_cpu(a, x, version="v0"), kernels.lut_forward_cpu(a, x, version="v3"))
+    with pytest.raises(ValueError, match="unknown CPU kernel version"):
+        kernels.lut_forward_cpu(a, x, version="v9")
+
+
 def test_the_reference_serves_what_the_kernels_do_not(library):
     layer = random_layer(5, 16, 2, None)
     x = torch.randn(2, 16)
