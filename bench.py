@@ -66,6 +66,7 @@ cpu_model_size = "baby"    # model.py size whose footprint and quantization time
 emulate = 0                # 1: run every kernel through the CPU emulation (correctness only)
 quality = 0                # 1: every method's loss on both held-out sets, on --model's teacher (quality_table)
 model = ""                 # --quality's teacher: "" (train_kd's own, in out_dir) or pretrained, e.g. "smollm2"
+quality_bits = ""          # --quality's index bits, comma-separated ("": 2,3,4 on train_kd's teacher, 2,3 on a pretrained one)
 quality_methods = ""       # --quality's rows, comma-separated (baselines.quality_rows names, teacher, kd, lcd; "": all)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
@@ -857,11 +858,11 @@ def bench_quality():
     """--quality: on --model's teacher ('' train_kd's own in out_dir, or a pretrained one such as smollm2:
     then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd)."""
     names = [m.strip() for m in quality_methods.split(",") if m.strip()] or None
+    bits_list = tuple(int(b) for b in quality_bits.split(",") if b.strip()) or ((2, 3) if model else (2, 3, 4))
     if not model:
-        return quality_table(methods=names, out_dir=out_dir)
+        return quality_table(bits_list, methods=names, out_dir=out_dir)
     trained = names is not None and bool({"kd", "lcd"} & set(names))
-    return quality_table(bits_list=(2, 3), methods=names, trained=trained, init_from=model,
-                         out_dir=os.path.join(out_dir, model))
+    return quality_table(bits_list, methods=names, trained=trained, init_from=model, out_dir=os.path.join(out_dir, model))
 
 
 # ---- cost at real scale: quantize, prepare_student and one distillation step of a 135M-class model ----

@@ -100,6 +100,7 @@ ablate = 0                     # 1: also run LCD with each piece switched off in
 kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
 block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
 block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
+budget = 1.0                   # multiplies block_steps and kd_steps: more distillation time (README: what 2x, 4x buy)
 ptq = "rtn,kmeans,lcd-init"    # the report's post-training rows, comma-separated names of baselines.quality_rows
 # the report's text sample: teacher and packed student continue one prompt from a held-out play
 sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the prompt (Hamlet is never trained on)
@@ -128,6 +129,11 @@ def parse_config(argv, defaults=None):
     if config.get("init_from", "scratch") != "scratch":          # a pretrained teacher: its own defaults
         pretrained = dict(PRETRAINED_DEFAULTS, **NAMED_CHECKPOINT_DEFAULTS.get(config["init_from"], {}))
         config.update({k: v for k, v in pretrained.items() if k in config and k not in given})
+    if config.get("budget", 1.0) != 1.0:                        # the one flag for a longer (or shorter) run
+        if not (math.isfinite(config["budget"]) and config["budget"] > 0):
+            raise ValueError(f"--budget must be a number > 0 (a multiple of the distillation steps), got {config['budget']!r}")
+        for key in ("block_steps", "kd_steps"):
+            config[key] = max(1, round(config[key] * config["budget"]))
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),

@@ -98,3 +98,14 @@ def test_the_table_shows_both_sets_as_multiples_of_the_teacher(capsys):
     train_kd.print_table(rows, "t")
     line = capsys.readouterr().out.splitlines()[-1].split()
     assert line[0] == "lcd" and line[5] == "1.500" and line[8] == "2.500"
+
+
+def test_budget_multiplies_the_distillation_steps_of_either_default():
+    pretrained = train_kd.parse_config(["--init_from=smollm2", "--budget=4"])
+    assert (pretrained["block_steps"], pretrained["kd_steps"]) == (4 * train_kd.PRETRAINED_DEFAULTS["block_steps"],
+                                                                  4 * train_kd.PRETRAINED_DEFAULTS["kd_steps"])
+    scratch = train_kd.parse_config(["--budget=0.5", "--kd_steps=9"])
+    assert scratch["kd_steps"] == 4 or scratch["kd_steps"] == 5          # round(4.5): given steps are scaled too
+    for bad in ("0", "-2", "inf"):
+        with pytest.raises(ValueError, match="--budget"):
+            train_kd.parse_config([f"--budget={bad}"])
