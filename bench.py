@@ -143,6 +143,8 @@ def apply_overrides(argv):
     if group_size is not None and group_size < 1:
         raise SystemExit(f"--group_size must be a positive number of columns per codebook, or None for one codebook "
                          f"per row; got {group_size} (0 no longer means one per row: write --group_size=None)")
+    if quality_bits.strip() and not set(parse_ints(quality_bits, 'quality_bits')) <= {2, 3, 4}:
+        raise SystemExit(f"--quality_bits takes index bits 2, 3 and 4, comma-separated; got {quality_bits!r}")
 
 
 def parse_shapes(text):
@@ -155,11 +157,11 @@ def parse_shapes(text):
     return result
 
 
-def parse_ints(text):
+def parse_ints(text, key=None):
     try:
         return [int(v) for v in text.split(",")]
     except ValueError:
-        raise SystemExit(f"expected comma-separated integers, got {text!r}")
+        raise SystemExit(f"{f'--{key}: ' if key else ''}expected comma-separated integers, got {text!r}")
 
 
 def print_table(title, headers, rows):
@@ -858,7 +860,7 @@ def bench_quality():
     """--quality: on --model's teacher ('' train_kd's own in out_dir, or a pretrained one such as smollm2:
     then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd)."""
     names = [m.strip() for m in quality_methods.split(",") if m.strip()] or None
-    bits_list = tuple(int(b) for b in quality_bits.split(",") if b.strip()) or ((2, 3) if model else (2, 3, 4))
+    bits_list = tuple(parse_ints(quality_bits, 'quality_bits')) if quality_bits.strip() else ((2, 3) if model else (2, 3, 4))
     if not model:
         return quality_table(bits_list, methods=names, out_dir=out_dir)
     trained = names is not None and bool({"kd", "lcd"} & set(names))

@@ -36,13 +36,16 @@ def test_figures_are_drawn_from_the_runs_json(tiny_data, tiny_teacher, tmp_path)
 
 
 def test_bare_flags_switch_a_part_on_and_bad_keys_are_refused():
-    saved = dict(quality=bench.quality, bits=bench.bits)
+    saved = dict(quality=bench.quality, bits=bench.bits, quality_bits=bench.quality_bits)
     try:
         bench.apply_overrides(["--quality", "--bits=3"])
         assert bench.quality == 1 and bench.bits == 3
         for bad in (["--bits"], ["--nope=1"], ["--bits=two"], ["--bits=5"]):
             with pytest.raises(SystemExit):
                 bench.apply_overrides(bad)
+        for bad in ("x", "5", "2,,3"):
+            with pytest.raises(SystemExit, match="--quality_bits"):
+                bench.apply_overrides([f"--quality_bits={bad}"])
     finally:
         for key, value in saved.items():
             setattr(bench, key, value)
