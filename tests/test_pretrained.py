@@ -31,6 +31,7 @@ def test_pretrained_defaults_fill_only_what_the_command_line_leaves(llama_dir):
     assert config["tokenizer"] == "bytes"                            # a directory brings no named tokenizer
     named = train_kd.parse_config(["--init_from=smollm2"])
     assert (named["tokenizer"], named["dataset"]) == ("smollm2", "shakespeare_smollm2")
+    assert named["kd_baseline"] == 0 and train_kd.parse_config([])["kd_baseline"] == 1   # plain KD: one flag away
     assert train_kd.parse_config([])["kd_mode"] == "e2e"             # the baby GPT keeps its own defaults
     with pytest.raises(ValueError, match="--ptq names \\['nope'\\]"):
         train_kd.parse_config(["--ptq=rtn,nope"])
@@ -102,3 +103,22 @@ def test_block_wise_pipeline_under_torchrun(llama_dir, tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "block model.layers.1: relative output error" in result.stdout and "lcd: val loss" in result.stdout
     assert os.path.exists(tmp_path / "lcd_w2.pt")
+
+
+def test_without_the_kd_baseline_only_lcd_is_distilled(monkeypatch):
+    ran = []
+
+    def fake_run(method, teacher, config, *args):
+        ran.append(method)
+        history = dict(loss=[], stages=[], spec_wins={}, spec_checks=0, blocks=[], blocks_seconds=0.0, e2e_seconds=0.0)
+        return None, history, 0.0, "none"
+    monkeypatch.setattr(train_kd, "run_distillation", fake_run)
+    monkeypatch.setattr(train_kd, "result_row", lambda method, *a: dict(method=method, val_loss=0.0))
+    for kd_baseline, stop_after, want in ((0, "", ["lcd"]), (1, "", ["kd", "lcd"]), (0, "kd", []), (1, "kd", ["kd"])):
+        ran.clear()
+        config = train_kd.parse_config([f"--kd_baseline={kd_baseline}", f"--stop_after={stop_after}"])
+        monkeypatch.setattr(train_kd, "peak_memory_gib", lambda reset=False: 0.0)
+        train_kd.distillation_rows(config, None, None, None, None, {}, 0, 1, "cpu")
+        assert ran == want, (kd_baseline, stop_after)
+    with pytest.raises(ValueError, match="--kd_baseline must be 0 or 1"):
+        train_kd.parse_config(["--kd_baseline=2"])
