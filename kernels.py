@@ -366,17 +366,18 @@ def lut_forward_cpu(layer, x, version=None):
 # A generated token calls 210 small matrices, where Python's own time per call (checking the operands,
 # reading pointers) was as long as the kernel's: so a layer's operands are checked once and its kernel kept
 # with their pointers, until the layer's buffers are other tensors (model.to(), a new packed tensor).
-_prepared = weakref.WeakKeyDictionary()   # layer -> (version, packed, codebook (weak), their pointers, call)
+_prepared = weakref.WeakKeyDictionary()   # layer -> {version: (packed, codebook (weak), their pointers, call)}
 
 
 def _prepared_call(layer, version):
     """fn(x_ptr, y_ptr, B) running kernels.c's `version` (v0 .. v4) on layer's packed weights; built, and
-    the operands checked, at the first call and again whenever layer.packed or layer.codebook has changed."""
+    the operands checked, at the first call and again whenever layer.packed or layer.codebook has changed.
+    Each version keeps its own (a prompt runs v4, the tokens after it v3)."""
     packed, codebook = layer.packed, layer.codebook
-    cached = _prepared.get(layer)
-    if (cached is not None and cached[0] == version and cached[1]() is packed and cached[2]() is codebook
-            and cached[3] == packed.data_ptr() and cached[4] == codebook.data_ptr()):
-        return cached[5]
+    cached = _prepared.setdefault(layer, {}).get(version)
+    if (cached is not None and cached[0]() is packed and cached[1]() is codebook
+            and cached[2] == packed.data_ptr() and cached[3] == codebook.data_ptr()):
+        return cached[4]
     if version not in CPU_VERSIONS[:5]:
         raise ValueError(f"unknown CPU kernel version {version!r}; choose one of {CPU_VERSIONS}")
     N, K, bits = layer.out_features, layer.in_features, layer.bits
@@ -386,7 +387,7 @@ def _prepared_call(layer, version):
 
     def call(x_ptr, y_ptr, B):
         fn(packed_ptr, codebook_ptr, x_ptr, y_ptr, N, K, B, bits, group, torch.get_num_threads())
-    _prepared[layer] = (version, weakref.ref(packed), weakref.ref(codebook), packed_ptr, codebook_ptr, call)
+    _prepared[layer][version] = (weakref.ref(packed), weakref.ref(codebook), packed_ptr, codebook_ptr, call)
     return call
 
 

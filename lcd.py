@@ -1637,7 +1637,6 @@ def _apply_candidate(student, path, previous, ema=None):
 
 
 @torch.no_grad()
-@torch.no_grad()   # candidates are scored, not trained: no graph
 def speculative_step(student, calib_x, teacher_logits, tau, paths=SPECULATIVE_PATHS, previous=None, ema=None):
     """Build each candidate from the current student, score its distillation loss on the fixed held-out
     batch (forward only), commit the best, roll the others back. 'keep' is always scored first and a
