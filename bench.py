@@ -26,7 +26,6 @@ speed measurement.
 
 import copy
 import json as jsonlib
-import math
 import os
 import re
 import shutil
@@ -812,12 +811,13 @@ def bench_sass():
 # LCQ's and LBLLM's layer-wise optimization on calibration statistics is part of their post-training
 # quantization and counts as not trained. Nominal bits differ from effective bits (codebooks, scales,
 # outliers), so compare rows by bits_per_weight.
-def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **overrides):
+def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, on_row=None, **overrides):
     """Rows {method, bits, bits_per_weight, bytes, val_loss, ppl, [general_loss, general_ppl], trained,
     seconds} for the teacher, every post-training method at every b in bits_list, and (trained=True) plain
     KD and LCD distilled with train_kd's budget. methods: row names to keep (None: all). overrides:
     train_kd config keys (out_dir, preset, init_from, kd_steps, ...); the teacher is train_kd's: pretrained
-    (init_from), or loaded from out_dir, or trained there first."""
+    (init_from), or loaded from out_dir, or trained there first. on_row(rows so far) is called after each
+    row (bench.py --json saves them as they come, so a run stopped after hours keeps its finished rows)."""
     import train_kd   # the pipeline whose teacher, data and distillation the methods are compared on
     argv = [f"--{k}={v}" if isinstance(v, str) else f"--{k}={v!r}" for k, v in overrides.items()]
     config = train_kd.parse_config(argv)
@@ -836,14 +836,20 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **
         return r
 
     rows = []
+
+    def add(r):
+        rows.append(r)
+        if on_row is not None:
+            on_row(rows)
+
     if wanted("teacher"):
-        rows.append(dict(teacher_row, trained=False))
+        add(dict(teacher_row, trained=False))
     for bits in bits_list:
         for name, method, group_size, kw in baselines.quality_rows(bits):
             if wanted(name):
                 t0 = time.time()
                 model = baselines.quantize(copy.deepcopy(teacher), bits, group_size, calib, method=method, **kw)
-                rows.append(row(name, bits, model, time.time() - t0, False))
+                add(row(name, bits, model, time.time() - t0, False))
                 del model
         for method in ("kd", "lcd") if trained else ():
             if wanted(method):
@@ -852,19 +858,21 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, **
                                                                       calib_x, 0, 1, config["device"])
                 if os.path.exists(path):          # the run is complete: its resume checkpoint has served
                     os.remove(path)
-                rows.append(row(method, bits, student, seconds, True))
+                add(row(method, bits, student, seconds, True))
     return rows
 
 
-def bench_quality():
+def bench_quality(on_row=None):
     """--quality: on --model's teacher ('' train_kd's own in out_dir, or a pretrained one such as smollm2:
-    then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd)."""
+    then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd); on_row as
+    in quality_table."""
     names = [m.strip() for m in quality_methods.split(",") if m.strip()] or None
     bits_list = tuple(parse_ints(quality_bits, 'quality_bits')) if quality_bits.strip() else ((2, 3) if model else (2, 3, 4))
     if not model:
-        return quality_table(bits_list, methods=names, out_dir=out_dir)
+        return quality_table(bits_list, methods=names, on_row=on_row, out_dir=out_dir)
     trained = names is not None and bool({"kd", "lcd"} & set(names))
-    return quality_table(bits_list, methods=names, trained=trained, init_from=model, out_dir=os.path.join(out_dir, model))
+    return quality_table(bits_list, methods=names, trained=trained, on_row=on_row, init_from=model,
+                         out_dir=os.path.join(out_dir, model))
 
 
 # ---- cost at real scale: quantize, prepare_student and one distillation step of a 135M-class model ----
@@ -1220,12 +1228,13 @@ def bench_generate():
     return dict(prompt=text, tokenizer=tokenizer, texts=samples)
 
 
-def write_json(path, results):
+def write_json(path, results, quiet=False):
     def write(tmp):
         with open(tmp, "w") as f:
             jsonlib.dump(results, f, indent=2)
     lcd.atomic_write(path, write)   # atomic, and the usual file mode
-    print(f"\nwrote {path}")
+    if not quiet:
+        print(f"\nwrote {path}")
 
 
 def main(argv):
@@ -1265,7 +1274,9 @@ def main(argv):
     if emulate:
         results["emulation"] = bench_emulate()
     if quality:
-        results["rows"] = bench_quality()   # the quality table: one object per method and width
+        def save_so_far(rows):      # each finished row is on disk at once (complete: false until the end)
+            write_json(json, dict(results, rows=rows, complete=False), quiet=True)
+        results["rows"] = bench_quality(save_so_far if json else None)   # one object per method and width
     if sass:
         results["sass"] = bench_sass()
     if cost:

@@ -56,8 +56,10 @@ def test_bare_flags_switch_a_part_on_and_bad_keys_are_refused():
 def test_quality_table_rows(tiny_teacher, tmp_path):
     teacher, meta = tiny_teacher
     train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))        # quality_table loads it from out_dir
+    so_far = []                                                          # what --json saves as rows finish
     rows = bench.quality_table(bits_list=(2,), methods=("teacher", "rtn", "gptq"), trained=False,
-                               log=lambda *a: None, dataset=meta["dir"], out_dir=str(tmp_path),
+                               log=lambda *a: None, on_row=lambda r: so_far.append([x["method"] for x in r]),
+                               dataset=meta["dir"], out_dir=str(tmp_path),
                                preset="tiny", device="cpu", eval_batches=2, calib_batches=1, batch_size=4)
     assert [r["method"] for r in rows] == ["teacher", "rtn", "gptq"]
     for r in rows:
@@ -66,6 +68,7 @@ def test_quality_table_rows(tiny_teacher, tmp_path):
         assert r["trained"] is False
     assert rows[0]["bits_per_weight"] == 32 and all(2 < r["bits_per_weight"] < 4 for r in rows[1:])
     assert rows[2]["val_loss"] < rows[1]["val_loss"]          # GPTQ beats RTN at the same bits
+    assert so_far == [["teacher"], ["teacher", "rtn"], ["teacher", "rtn", "gptq"]]
 
 
 # ---- the command line: --help, group_size, prerequisites first -------------------------------------
