@@ -1132,7 +1132,8 @@ def distillation_rows(config, teacher, train, calib, calib_x, sets, rank, world,
         if rank != 0:
             continue
         row = result_row(method, student, config, sets, seconds)
-        print(f"{method}: val loss {row['val_loss']:.4f}; {seconds:.0f} s (block-wise "
+        general = f", general-English loss {row['general_loss']:.4f}" if "general_loss" in row else ""
+        print(f"{method}: val loss {row['val_loss']:.4f}{general}; {seconds:.0f} s (block-wise "
               f"{history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
               f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
         curves[method] = {k: history[k] for k in ("loss", "stages", "spec_wins", "spec_checks", "blocks",
