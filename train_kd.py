@@ -699,6 +699,13 @@ def evaluate_sets(model, sets, config):
     return scores
 
 
+def scores_text(scores):
+    """evaluate_sets' scores as a log line: 'val loss 4.1822 (ppl 65.51); general English: loss ... (ppl ...)'."""
+    loss, general = scores["val_loss"], scores.get("general_loss")
+    return f"val loss {loss:.4f} (ppl {math.exp(loss):.2f})" + (
+        f"; general English: loss {general:.4f} (ppl {math.exp(general):.2f})" if general is not None else "")
+
+
 def result_row(method, model, config, sets, seconds):
     """One row of the report: loss and perplexity on every held-out set (evaluate_sets), effective bits per
     weight, bytes, seconds."""
@@ -1132,8 +1139,7 @@ def distillation_rows(config, teacher, train, calib, calib_x, sets, rank, world,
         if rank != 0:
             continue
         row = result_row(method, student, config, sets, seconds)
-        general = f", general-English loss {row['general_loss']:.4f}" if "general_loss" in row else ""
-        print(f"{method}: val loss {row['val_loss']:.4f}{general}; {seconds:.0f} s (block-wise "
+        print(f"{method}: {scores_text(row)}; {seconds:.0f} s (block-wise "
               f"{history['blocks_seconds']:.0f} s, end-to-end {history['e2e_seconds']:.0f} s); "
               f"peak memory {peak_memory_gib(reset=True):.2f} GiB")
         curves[method] = {k: history[k] for k in ("loss", "stages", "spec_wins", "spec_checks", "blocks",
@@ -1332,9 +1338,7 @@ def teacher_stage(config, meta, rank, world, device):
     scores = {}
     if rank == 0:
         scores = evaluate_sets(teacher, held_out_sets(config, meta), config)
-        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, val loss {scores['val_loss']:.4f} "
-              f"(ppl {scores['ppl']:.2f})" + (f"; general English: loss {scores['general_loss']:.4f} (ppl "
-                                              f"{scores['general_ppl']:.2f})" if "general_ppl" in scores else ""))
+        print(f"teacher: {teacher.num_params() / 1e6:.2f}M parameters, {scores_text(scores)}")
     row = dict(method="teacher", bits=32, **scores, seconds=time.time() - t_teacher, **fp_footprint(teacher))
     return teacher, row
 
