@@ -1,5 +1,5 @@
 """
-The seed systems and the standard quantizers LCD is measured against, each a per-layer function
+The methods LCD is measured against: the standard quantizers and the published clustering methods, each a per-layer function
 
     layer = METHODS[name](W, stats, bits, group_size, **kw)     # W: (N, K) float32
 
@@ -19,9 +19,9 @@ comparison of all methods on train_kd's teacher is bench.py's (bench.quality_tab
 
 RTN (uniform min/max grid per row or group) and plain k-means are built into lcd.py ("rtn", "kmeans");
 they are not repeated here. Uniform grids are codebooks too (C = s * v + lo for v = 0 .. 2^b - 1), so
-RTN's and GPTQ's output is an lcd.GridLinear: a LUTLinear whose storage counts the grid's fp16 lo and
+RTN's and GPTQ's output is a packed_model.GridLinear: a LUTLinear whose storage counts the grid's fp16 lo and
 step per row or group (scale and zero point), not the 2^b derived entries.
-Definitions: ../shared/LCD_DESIGN.md, "The baselines". Weight matrices are (N, K): y = x W^T.
+Each section names the paper it follows. Weight matrices are (N, K): y = x W^T.
 """
 import math
 
@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lcd
+import packed_model
 
 # GPTQ
 GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
@@ -110,9 +111,9 @@ def output_error(W, W_hat, H):
 def _check(W, bits):
     if W.dim() != 2:
         raise ValueError(f"W must be (N, K), got shape {tuple(W.shape)}")
-    lcd.check_bits(bits)
-    lcd.check_weight(W)
-    lcd.check_fp16(W, "W: a weight")            # every method here stores fp16 codebooks, grids or scales
+    packed_model.check_bits(bits)
+    packed_model.check_weight(W)
+    packed_model.check_fp16(W, "W: a weight")            # every method here stores fp16 codebooks, grids or scales
     return W.detach().float()
 
 
@@ -220,7 +221,7 @@ def gptq(W, stats, bits, group_size=None, bias=None, act_order=GPTQ_ACT_ORDER, b
          damp=GPTQ_DAMP):
     codebook, idx = gptq_quantize(W, hessian(stats, W.shape[1]), bits, group_size, act_order, block_size,
                                   damp)
-    return lcd.GridLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
+    return packed_model.GridLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
 
 
 # ==== 3. SqueezeLLM-like k-means ====================================================================
@@ -234,7 +235,7 @@ def squeezellm(W, stats, bits, group_size=None, bias=None, outlier_frac=0.0, gen
     W = _check(W, bits)
     c = lcd.cluster(W, stats["h"].float(), 2 ** bits, group_size=group_size, init="kmeans++",
                     outlier_frac=outlier_frac, generator=generator)
-    return lcd.LUTLinear.from_clustered(c["codebook"], c["idx"], bits, group_size, bias=bias,
+    return packed_model.LUTLinear.from_clustered(c["codebook"], c["idx"], bits, group_size, bias=bias,
                                         outliers=c["outliers"])
 
 
@@ -301,23 +302,23 @@ def claq_quantize(W, H, target_bits, outliers=True, act_order=GPTQ_ACT_ORDER, bl
 
 class CLAQLinear(nn.Module):
     """CLAQ's stored format: per column k a codebook of 2^{b_k} fp16 values shared by the column's N
-    weights, b_k-bit indices (columns of equal width packed together, lcd.pack_indices' layout), the
+    weights, b_k-bit indices (columns of equal width packed together, packed_model.pack_indices' layout), the
     width of every column (uint8), and reserved outliers (flat position n*K + k as int32, value fp16).
     forward: dequantize, then F.linear. storage_bits counts every buffer; the bias, kept as in the
-    original layer, is not counted (as in lcd.LUTLinear). lcd.save_quantized does not take this layer."""
+    original layer, is not counted (as in packed_model.LUTLinear). packed_model.save_quantized does not take this layer."""
 
     def __init__(self, N, K, col_bits, codebooks, idx, outliers=None, bias=None):
         super().__init__()
         self.in_features, self.out_features = K, N
         for k, codebook in enumerate(codebooks):
-            lcd.check_fp16(codebook, f"the codebook of column {k}")
+            packed_model.check_fp16(codebook, f"the codebook of column {k}")
         if outliers is not None:
-            lcd.check_fp16(outliers[2], "a reserved outlier (fp16)")
+            packed_model.check_fp16(outliers[2], "a reserved outlier (fp16)")
         self.register_buffer("col_bits", col_bits.to(torch.uint8))
         for b in (2, 3, 4):
             cols = (col_bits == b).nonzero()[:, 0]
             if len(cols):
-                self.register_buffer(f"packed{b}", lcd.pack_indices(idx[:, cols], b))
+                self.register_buffer(f"packed{b}", packed_model.pack_indices(idx[:, cols], b))
                 self.register_buffer(f"codebook{b}", torch.stack([codebooks[k] for k in cols]).half())
         if outliers is not None:
             rows, cols, vals = outliers
@@ -331,7 +332,7 @@ class CLAQLinear(nn.Module):
             if hasattr(self, f"packed{b}"):
                 cols = (self.col_bits == b).nonzero()[:, 0]
                 codebook = getattr(self, f"codebook{b}").float()                   # (K_b, 2^b)
-                idx = lcd.unpack_indices(getattr(self, f"packed{b}"), b, len(cols))  # (N, K_b)
+                idx = packed_model.unpack_indices(getattr(self, f"packed{b}"), b, len(cols))  # (N, K_b)
                 W[:, cols] = codebook[torch.arange(len(cols), device=W.device)[None, :], idx]
         if hasattr(self, "outlier_pos"):
             W.view(-1)[self.outlier_pos.long()] = self.outlier_vals.float()
@@ -409,7 +410,7 @@ def lcq_fit(W, h, bits, group_size=None, rank=LCQ_RANK, steps=LCQ_STEPS, lr=LCQ_
         C = lcq_codebook(S, V, B, step)
         with torch.no_grad():
             idx = nearest(W, C, group_size)
-        loss = (h * (W - lcd.dequantize(C, idx, group_size)) ** 2).sum()
+        loss = (h * (W - packed_model.dequantize(C, idx, group_size)) ** 2).sum()
         if loss.item() < best_loss:
             best_loss, best = loss.item(), [p.detach().clone() for p in params]
         if it == steps:
@@ -427,10 +428,10 @@ def lcq_fit(W, h, bits, group_size=None, rank=LCQ_RANK, steps=LCQ_STEPS, lr=LCQ_
     return C, idx, dict(S=S_stored, V=V_stored, B=B_stored)
 
 
-class LCQLinear(lcd.LUTLinear):
+class LCQLinear(packed_model.LUTLinear):
     """A LUTLinear whose codebook is rebuilt from LCQ's fp16 parameters S (N, G, r), V (r, 2^b), B (N, G).
     storage_bits counts what LCQ stores: the packed indices and S, V, B (not the 2^b materialized
-    entries of every row, which the LUT kernel derives from them at load time). lcd.save_quantized
+    entries of every row, which the LUT kernel derives from them at load time). packed_model.save_quantized
     writes it as the plain LUTLinear it also is: same outputs, but the file holds the materialized
     codebook."""
 
@@ -445,7 +446,7 @@ def lcq(W, stats, bits, group_size=None, bias=None, rank=LCQ_RANK, steps=LCQ_STE
     C, idx, p = lcq_fit(W, stats["h"], bits, group_size, rank, steps, lr)
     layer = LCQLinear.from_clustered(C, idx, bits, group_size, bias=bias)
     for name, value in p.items():           # not in the state_dict: save_quantized keeps the codebook
-        lcd.check_fp16(value, f"LCQ's parameter {name}")
+        packed_model.check_fp16(value, f"LCQ's parameter {name}")
         layer.register_buffer(f"lcq_{name}", value.half(), persistent=False)
     return layer
 
@@ -479,7 +480,7 @@ def lbllm_index(W, scales, group_size):
 
 def fake_quantize_clipped(x, a_bits, clip):
     """Per-token symmetric fake quantization to a_bits (levels -(2^(a-1) - 1) .. 2^(a-1) - 1, as
-    kernels.quantize_activations), range clip * max|x| of the token, so values beyond it saturate. The rounding
+    lcd_kernels.quantize_activations), range clip * max|x| of the token, so values beyond it saturate. The rounding
     is passed straight through (its gradient reaches clip, as in learned step size quantization)."""
     qmax = 2 ** (a_bits - 1) - 1
     step = (clip * x.abs().amax(-1, keepdim=True)).clamp_min(1e-8) / qmax
@@ -505,7 +506,7 @@ def lbllm_fit(W, H, group_size=None, steps=LBLLM_STEPS, lr=LBLLM_LR, h=None):
     for it in range(steps + 1):
         with torch.no_grad():
             idx = lbllm_index(latent, scales, group_size)
-        W_hat = lcd.dequantize(lbllm_codebook(scales), idx, group_size)
+        W_hat = packed_model.dequantize(lbllm_codebook(scales), idx, group_size)
         W_hat = W_hat + latent - latent.detach()                      # straight-through to the latent weights
         E = W - W_hat
         loss = ((E @ H) * E).sum()
@@ -541,10 +542,10 @@ def lbllm_clip(W_hat, X, a_bits=LBLLM_A_BITS, steps=LBLLM_ACT_STEPS, lr=1e-2):
     return best
 
 
-class LBLLMLinear(lcd.LUTLinear):
+class LBLLMLinear(packed_model.LUTLinear):
     """A 2-bit LUTLinear whose codebook (-a2, -a1, a1, a2) is stored as its two fp16 scales per group;
     with act_bits set, the input is fake-quantized per token to act_bits with the learned clip first.
-    lcd.save_quantized writes it as a plain LUTLinear: the weights survive, the activation clip does not."""
+    packed_model.save_quantized writes it as a plain LUTLinear: the weights survive, the activation clip does not."""
     act_bits = None
 
     def forward(self, x):
@@ -580,7 +581,7 @@ def lbllm(W, stats, bits=2, group_size=None, bias=None, steps=LBLLM_STEPS, a_bit
             generator = generator or torch.Generator().manual_seed(0)    # deterministic by default
             z = torch.randn(LBLLM_ACT_SAMPLES, H.shape[0], generator=generator, dtype=torch.double)
             X = (z @ L.t()).float()
-        clip = lbllm_clip(lcd.dequantize(codebook, idx, group_size), X.float(), a_bits, act_steps)
+        clip = lbllm_clip(packed_model.dequantize(codebook, idx, group_size), X.float(), a_bits, act_steps)
     layer.register_buffer("act_clip", torch.tensor(clip).half(), persistent=False)   # see LBLLMLinear
     return layer
 

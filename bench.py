@@ -41,8 +41,9 @@ import torch.nn.functional as F
 import baselines
 import checkpoints
 import configurator
-import kernels
+import lcd_kernels
 import lcd
+import packed_model
 from model import GPT, SIZES
 
 # -----------------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def layer_group_size(K, group_size):
 
 def lut_bytes(N, K, b, group_size, batch, x_bytes=2):
     """Bytes a LUT GEMV must move at the least: packed indices, fp16 codebooks, activations in, fp16 out."""
-    n_words = -(-K // lcd.ENTRIES_PER_WORD[b])
+    n_words = -(-K // packed_model.ENTRIES_PER_WORD[b])
     G = -(-K // layer_group_size(K, group_size))
     return 4 * N * n_words + 2 * N * G * 2 ** b + x_bytes * batch * K + 2 * batch * N
 
@@ -259,7 +260,7 @@ def cuda_time_us(fn, n_reps, n_warmup, flush_buffer):
 def random_lut_operands(N, K, b, gs, dev, generator):
     """Random packed words (every bit pattern is a valid set of indices; 3-bit keeps its spare bits 0)
     and fp16 codebooks: the kernels' speed does not depend on the values."""
-    n_words = -(-K // lcd.ENTRIES_PER_WORD[b])
+    n_words = -(-K // packed_model.ENTRIES_PER_WORD[b])
     words = torch.randint(-2 ** 31, 2 ** 31, (N, n_words), generator=generator, dtype=torch.int64)
     if b == 3:
         words &= 0x3FFFFFFF
@@ -269,16 +270,16 @@ def random_lut_operands(N, K, b, gs, dev, generator):
 
 
 def kernel_versions(b, gs, K):
-    """The kernel versions that serve this layer shape (v4 only where kernels.v4_supports says so)."""
-    return [v for v in kernels.KERNEL_VERSIONS if v != "v4" or kernels.v4_supports(b, gs, K)]
+    """The kernel versions that serve this layer shape (v4 only where lcd_kernels.v4_supports says so)."""
+    return [v for v in lcd_kernels.KERNEL_VERSIONS if v != "v4" or lcd_kernels.v4_supports(b, gs, K)]
 
 
 def run_kernel(version, b, gs, packed, codebook, x, launch):
     """One kernel version on x (B, K) fp16: (y, the activations it really multiplied). v3 takes int8 x."""
     if version == "v3":
-        q, scale = kernels.quantize_activations(x, 8)
-        return kernels.lut_matmul("v3", b, gs, packed, codebook, q, launch, x_scale=scale), q.float() * scale[:, None]
-    return kernels.lut_matmul(version, b, gs, packed, codebook, x, launch), x.float()
+        q, scale = lcd_kernels.quantize_activations(x, 8)
+        return lcd_kernels.lut_matmul("v3", b, gs, packed, codebook, q, launch, x_scale=scale), q.float() * scale[:, None]
+    return lcd_kernels.lut_matmul(version, b, gs, packed, codebook, x, launch), x.float()
 
 
 def kernel_error(version, b, gs, packed, codebook, x, launch):
@@ -286,7 +287,7 @@ def kernel_error(version, b, gs, packed, codebook, x, launch):
     reference. fp32 sums: one fp16 rounding of y (2^-11 of |y| <= sum |w x|); v4's fp16 partial sums: 17;
     dequant ends in the fp16 matmul of cuBLAS, whose reductions may round in fp16 on a GPU: 4x."""
     y, x_used = run_kernel(version, b, gs, packed, codebook, x, launch)
-    W = lcd.dequantize(codebook.float(), lcd.unpack_indices(packed, b, x.shape[1]), gs)   # (N, K)
+    W = packed_model.dequantize(codebook.float(), packed_model.unpack_indices(packed, b, x.shape[1]), gs)   # (N, K)
     reference, magnitude = x_used @ W.T, x_used.abs() @ W.abs().T                         # (B, N) each
     error = ((y.float() - reference).abs() / magnitude.clamp(min=1e-6)).max().item()
     return error, {"v4": 17 * 2.0 ** -11, "dequant": 4 * 2.0 ** -10}.get(version, 2.0 ** -10)
@@ -302,7 +303,7 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
         W = torch.randn(N, K, generator=generator).to(torch.float16).to(dev)
         for batch in parse_ints(batches):
             x = torch.randn(batch, K, generator=generator).to(torch.float16).to(dev)
-            xq, x_scale = kernels.quantize_activations(x, 8)
+            xq, x_scale = lcd_kernels.quantize_activations(x, 8)
             fp16_us = cuda_time_us(lambda: F.linear(x, W), reps, warmup, flush)
             limit = roofline_limit(N, K, bits, gs, batch)
             rows.append([f"{N}x{K}", batch, "fp16 F.linear", f"{fp16_us:.1f}",
@@ -310,14 +311,14 @@ def bench_kernels_gpu(peak_gbps, dev="cuda"):
                          f"{100 * fp16_bytes(N, K, batch) / fp16_us / 1e3 / peak_gbps:.0f}", "1.00x", ""])
             versions = kernel_versions(bits, gs, K)
             for version in versions:   # every version is validated before anything is timed
-                error, bound = kernel_error(version, bits, gs, packed, codebook, x, kernels.cuda_launch)
+                error, bound = kernel_error(version, bits, gs, packed, codebook, x, lcd_kernels.cuda_launch)
                 if not error <= bound:
                     raise SystemExit(f"{version} is WRONG on {N}x{K}, batch {batch}: error {error:.1e} > {bound:.1e}")
             for version in versions:
                 if version == "v3":
-                    run = lambda: kernels.lut_matmul("v3", bits, gs, packed, codebook, xq, kernels.cuda_launch, x_scale=x_scale)
+                    run = lambda: lcd_kernels.lut_matmul("v3", bits, gs, packed, codebook, xq, lcd_kernels.cuda_launch, x_scale=x_scale)
                 else:
-                    run = lambda: kernels.lut_matmul(version, bits, gs, packed, codebook, x, kernels.cuda_launch)
+                    run = lambda: lcd_kernels.lut_matmul(version, bits, gs, packed, codebook, x, lcd_kernels.cuda_launch)
                 us = cuda_time_us(run, reps, warmup, flush)
                 moved = lut_bytes(N, K, bits, gs, batch, x_bytes=1 if version == "v3" else 2)
                 gbps = moved / us / 1e3
@@ -381,7 +382,7 @@ def bench_footprint_cpu():
     config = dict(SIZES[cpu_model_size])
     config.setdefault("vocab_size", 256)
     model = GPT(config).eval()
-    n_quantizable = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    n_quantizable = sum(m.weight.numel() for m in packed_model.find_linears(model).values())
     calib = [torch.randint(0, config["vocab_size"], (4, 64)) for _ in range(2)]
     rows, numbers = [], {"model_size": cpu_model_size, "quantized_params": n_quantizable, "methods": []}
     # the footprint depends on the format only; LCD's slower clustering is timed at --bits alone
@@ -390,7 +391,7 @@ def bench_footprint_cpu():
         quantized = lcd.quantize(copy.deepcopy(model), b, group_size=group_size,
                                  calib=calib if method == "lcd" else None, method=method)
         seconds = time.perf_counter() - t0
-        fp = lcd.footprint(quantized)
+        fp = packed_model.footprint(quantized)
         rows.append([method, b, f"{fp['bits_per_weight']:.3f}", f"{fp['total_bytes'] / 1e6:.3f}",
                      f"{2 * n_quantizable / 1e6:.3f}", f"{seconds:.2f}"])
         numbers["methods"].append({"method": method, "bits": b, "bits_per_weight": fp["bits_per_weight"],
@@ -431,7 +432,7 @@ def bench_reference_cpu():
         gs = layer_group_size(K, group_size)
         idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
         codebook = torch.randn(N, -(-K // gs), 2 ** bits, generator=generator)
-        layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size).eval()
+        layer = packed_model.LUTLinear.from_clustered(codebook, idx, bits, group_size).eval()
         W = layer.weight_dequantized()   # the dense layer's weight: only the dense column uses it
         with torch.no_grad():
             for batch in parse_ints(cpu_batches):
@@ -443,7 +444,7 @@ def bench_reference_cpu():
                 numbers.append({"shape": [N, K], "batch": batch, "dense_ms": dense_ms, "lut_reference_ms": lut_ms,
                                 "ratio": lut_ms / dense_ms, "path": path})
     print_table(f"CPU, {bits}-bit, {gs_text}: dense F.linear (fp32) vs the LUTLinear PyTorch reference "
-                "(ratio = LUT / dense; issue 14's targets on 2 idle cores: <= 10x at batch 1, <= 2x at batch 16)",
+                "(ratio = LUT / dense)",
                 ["layer", "batch", "dense ms", "LUT ref ms", "ratio", "LUT path"], rows)
     return numbers
 
@@ -473,7 +474,7 @@ def cpu_median_us(fns, reps=CPU_TIMING_REPS):
 def cpu_bandwidth_gbps(n_bytes=256 << 20, reps=7):
     """Memory bandwidth of this machine, measured: kernels.c's copy_bytes (memcpy split among torch's threads)
     over n_bytes, GB/s counting the bytes read and written; the median of reps."""
-    lib = kernels.cpu_library()
+    lib = lcd_kernels.cpu_library()
     src, dst = torch.ones(n_bytes, dtype=torch.uint8), torch.empty(n_bytes, dtype=torch.uint8)
     us = cpu_median_us([lambda: lib.copy_bytes(dst.data_ptr(), src.data_ptr(), n_bytes, torch.get_num_threads())], reps)
     return 2 * n_bytes / us / 1e3
@@ -481,7 +482,7 @@ def cpu_bandwidth_gbps(n_bytes=256 << 20, reps=7):
 
 def random_packed_layer(N, K, b, generator):
     """(packed, codebook) of a random one-codebook-per-row b-bit layer, straight from random words."""
-    words = torch.randint(-2 ** 31, 2 ** 31, (N, -(-K // lcd.ENTRIES_PER_WORD[b])), generator=generator, dtype=torch.int64)
+    words = torch.randint(-2 ** 31, 2 ** 31, (N, -(-K // packed_model.ENTRIES_PER_WORD[b])), generator=generator, dtype=torch.int64)
     if b == 3:
         words &= 0x3FFFFFFF                                               # the 2 spare bits are 0
     packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
@@ -491,7 +492,7 @@ def random_packed_layer(N, K, b, generator):
 def bench_kernels_cpu():
     """--cpu: every kernels.c version against dense fp32 F.linear (timed side by side, same run, both cold),
     on CPU_KERNEL_SHAPES at 2, 3, 4 bits, batch 1 and 16; then generation speed and the per-token breakdown."""
-    if kernels.cpu_library() is None:
+    if lcd_kernels.cpu_library() is None:
         raise SystemExit("--cpu needs kernels.c built by a C compiler (see the line above)")
     if cpu_threads:
         torch.set_num_threads(cpu_threads)
@@ -512,7 +513,7 @@ def bench_kernels_cpu():
                 versions = ("v0", "v1", "v2", "v3") if batch == 1 else ("v3", "v4", "sgemm")
                 for version in versions:
                     slow = version in ("v0", "v1") or (version == "v3" and batch > 1)
-                    us = cpu_median_us([lambda p=p, c=c: kernels.lut_matmul_cpu(version, b, K, p, c, x)
+                    us = cpu_median_us([lambda p=p, c=c: lcd_kernels.lut_matmul_cpu(version, b, K, p, c, x)
                                         for p, c in layers], 3 if slow else CPU_TIMING_REPS)
                     n_bytes = lut_bytes(N, K, b, K, batch, x_bytes=4) + 2 * N * batch   # fp32 out
                     rows.append([f"{N}x{K}", b, batch, version, f"{us:.0f}", f"{n_bytes / us / 1e3:.1f}",
@@ -559,7 +560,7 @@ def token_breakdown(model, prompt, n_tokens=16):
     a module's children are subtracted), over n_tokens greedy tokens; 'other' is the rest of the token
     (embedding, residual adds, SwiGLU's product, sampling, Python and torch dispatch)."""
     import model as model_lib
-    kinds = [(lcd.LUTLinear, "packed matrices"), (torch.nn.Linear, "dense matrices"), (model_lib.RMSNorm, "norms"),
+    kinds = [(packed_model.LUTLinear, "packed matrices"), (torch.nn.Linear, "dense matrices"), (model_lib.RMSNorm, "norms"),
              (model_lib.LlamaAttention, "attention (rotary, KV cache, SDPA)")]
     spent, stack, handles = dict.fromkeys(["packed matrices", "dense matrices", "head", "norms",
                                            "attention (rotary, KV cache, SDPA)"], 0.0), [], []
@@ -606,15 +607,15 @@ def bench_generate_cpu():
     results.append(dict(model="teacher", tokens_per_s=rate))
     breakdowns["teacher fp32"] = token_breakdown(teacher, prompt)
     for b in (2, 3, 4):
-        student = lcd.quantize_head(lcd.quantize(copy.deepcopy(teacher), b, method="rtn"))
+        student = packed_model.quantize_head(lcd.quantize(copy.deepcopy(teacher), b, method="rtn"))
         s_rate, tokens = tokens_per_second(student, prompt)
-        kernels.CPU_KERNELS = False
+        lcd_kernels.CPU_KERNELS = False
         with torch.no_grad():
             ref = student.generate(prompt, 32, temperature=0)
-        kernels.CPU_KERNELS = True
+        lcd_kernels.CPU_KERNELS = True
         same = torch.equal(ref, tokens[:, :ref.shape[1]])
-        linear_bits = lcd.footprint(student)
-        lut = [m for m in student.modules() if isinstance(m, lcd.LUTLinear)]
+        linear_bits = packed_model.footprint(student)
+        lut = [m for m in student.modules() if isinstance(m, packed_model.LUTLinear)]
         lut_bpw = sum(m.storage_bits() for m in lut) / sum(m.in_features * m.out_features for m in lut)
         model_bits = 8 * sum(t.numel() * t.element_size() for t in list(student.parameters()) + list(student.buffers()))
         rows.append([f"{b}-bit student", f"{lut_bpw:.2f}", f"{model_bits / n_params:.2f}", f"{s_rate:.1f}",
@@ -646,7 +647,7 @@ def bench_emulate():
         for gs in (K, 64):
             idx = torch.randint(0, 2 ** b, (N, K), generator=generator)
             codebook = torch.randn(N, -(-K // gs), 2 ** b, generator=generator).to(torch.float16)
-            packed = lcd.pack_indices(idx, b)
+            packed = packed_model.pack_indices(idx, b)
             x = torch.randn(batch, K, generator=generator).to(torch.float16)
             for version in kernel_versions(b, gs, K):
                 error, bound = kernel_error(version, b, gs, packed, codebook, x, emulated.launch)
@@ -683,8 +684,8 @@ def sass_functions(arch):
     """{kernel name: [(address, instruction text)]} of kernels.cu compiled for arch (nvcc, cuobjdump)."""
     nvcc, cuobjdump = sass_tools()
     with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernels.cubin")
-        built = subprocess.run([nvcc, "-cubin", f"-arch={arch}", kernels.KERNELS_CU, "-o", cubin], capture_output=True, text=True)
+        cubin = os.path.join(tmp, "lcd_kernels.cubin")
+        built = subprocess.run([nvcc, "-cubin", f"-arch={arch}", lcd_kernels.KERNELS_CU, "-o", cubin], capture_output=True, text=True)
         if built.returncode != 0:
             raise SystemExit(f"nvcc could not compile kernels.cu for {arch}:\n{built.stderr}")
         dumped = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
@@ -763,8 +764,8 @@ def bench_sass():
           "measurement. Predicated-off instructions still take an issue slot, so a straight-line block costs its "
           "full length whatever the batch.")
     functions = sass_functions(sass_arch)
-    c = kernels.kernel_constants()
-    E = lcd.ENTRIES_PER_WORD[bits]
+    c = lcd_kernels.kernel_constants()
+    E = packed_model.ENTRIES_PER_WORD[bits]
     weights_per_pass = {  # weights one thread multiplies in one pass through the block, its multiply-add
         "v2": (E, f"1 word x every batch row <= {c['MAX_BATCH']} (predicated)", "FFMA"),
         "v4": (c["V4_ROWS_PER_WARP"] * c["V4_COLUMNS"], f"{c['V4_ROWS_PER_WARP']} rows x 128-bit load", "HFMA2"),
@@ -806,7 +807,7 @@ def bench_sass():
 # Every method on the same teacher, calibration data and held-out windows (train_kd's stages 1-3: for a
 # pretrained teacher its PRETRAINED_DEFAULTS, distillation data included), one row each: loss and
 # perplexity on every held-out set (the plays, and general English where train_kd judges on it), effective
-# bits per weight (lcd.footprint: everything stored), seconds. `trained` is true only for end-to-end
+# bits per weight (packed_model.footprint: everything stored), seconds. `trained` is true only for end-to-end
 # distillation on the training split with the teacher (plain KD and LCD, the same step budget for both);
 # LCQ's and LBLLM's layer-wise optimization on calibration statistics is part of their post-training
 # quantization and counts as not trained. Nominal bits differ from effective bits (codebooks, scales,
@@ -890,7 +891,7 @@ SPECULATIVE_EVERY = 25    # train_kd.py's default: the speculative step's cost i
 def heavy_tailed_(model, generator, outlier_channels=0.01):
     """Give every linear layer heavy-tailed weights (Student-t, nu = 4) of the layer's own scale, a log-normal
     scale per row and 10x weights in `outlier_channels` of the input channels; returns the model."""
-    for linear in lcd.find_linears(model).values():
+    for linear in packed_model.find_linears(model).values():
         W = linear.weight                                                       # (N, K)
         N, K = W.shape
         z = torch.randn(5, N, K, generator=generator)
@@ -969,7 +970,7 @@ def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepar
     distillation step (speculative step amortized) against one teacher training step on `batch` (B, T).
     Returns dict(n_weights, teacher_step (s), rows: [dict(method, bits, seconds, bits_per_weight or ratio ...)])."""
     rows = []
-    n_weights = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    n_weights = sum(m.weight.numel() for m in packed_model.find_linears(model).values())
     teacher_s = teacher_step_seconds(model, batch, 2) if "kd" in methods else None
     for b in bits_list:
         if "prepare" in methods or "kd" in methods:       # one student serves both rows
@@ -983,7 +984,7 @@ def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepar
                 log(f"  kd step b={b}: {step:.2f} s, {step / teacher_s:.2f}x the teacher step {teacher_s:.2f} s")
             if "prepare" in methods:
                 rows.append(dict(method="prepare_student", bits=b, seconds=prepare_s,
-                                 bits_per_weight=lcd.footprint(lcd.freeze(student))["bits_per_weight"]))
+                                 bits_per_weight=packed_model.footprint(lcd.freeze(student))["bits_per_weight"]))
                 log(f"  prepare_student b={b}: {prepare_s:.1f} s")
             del student
         for method in methods:
@@ -993,7 +994,7 @@ def cost_table(model, calib, batch, bits_list=(2, 3, 4), methods=("lcd", "prepar
             quantized = baselines.quantize(copy.deepcopy(model), b, calib=calib, method=method)
             seconds = time.perf_counter() - t0
             rows.append(dict(method=method, bits=b, seconds=seconds,
-                             bits_per_weight=lcd.footprint(quantized)["bits_per_weight"]))
+                             bits_per_weight=packed_model.footprint(quantized)["bits_per_weight"]))
             log(f"  {method} b={b}: {seconds:.1f} s")
     return dict(n_weights=n_weights, teacher_step=teacher_s, rows=rows)
 
@@ -1081,7 +1082,7 @@ def figure_centroids(plt, teacher, calib, n_bits, path):
     """One weight row's histogram with the starting centroids of RTN's grid, k-means++ and LCD's density
     init (before Lloyd): the row of the first MLP layer whose weights are the most heavy-tailed (largest
     kurtosis), where the three differ most. The legend gives each init's importance-weighted error."""
-    linears = lcd.find_linears(teacher)
+    linears = packed_model.find_linears(teacher)
     name = next(n for n in linears if n.endswith("mlp.c_fc"))
     h = lcd.collect_stats(teacher, calib, [name])[name]["h"]
     W = linears[name].weight.detach().float()
@@ -1232,7 +1233,7 @@ def write_json(path, results, quiet=False):
     def write(tmp):
         with open(tmp, "w") as f:
             jsonlib.dump(results, f, indent=2)
-    lcd.atomic_write(path, write)   # atomic, and the usual file mode
+    packed_model.atomic_write(path, write)   # atomic, and the usual file mode
     if not quiet:
         print(f"\nwrote {path}")
 
@@ -1241,7 +1242,7 @@ def main(argv):
     apply_overrides(argv)
     if json:                         # the results' file: writable, before any benchmark runs
         try:
-            lcd.check_writable(os.path.dirname(os.path.abspath(json)), f"--json={json}")
+            packed_model.check_writable(os.path.dirname(os.path.abspath(json)), f"--json={json}")
         except OSError as e:
             raise SystemExit(f"bench.py: {e}") from None
     if generate:                     # text and its speed only: none of the benchmarks below
@@ -1252,7 +1253,7 @@ def main(argv):
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")
-    if on_gpu and not kernels.cuda_kernels_available():
+    if on_gpu and not lcd_kernels.cuda_kernels_available():
         raise SystemExit("the GPU benchmark needs CuPy and a CUDA GPU (pip install cupy-cuda12x); use --device=cpu")
     if sass:                    # prerequisites first, not after minutes of other work
         sass_tools()

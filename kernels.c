@@ -8,9 +8,9 @@ straight from the packed indices. A batch-1 product (decoding one token) is boun
 reading b-bit indices instead of 32-bit weights is where the speed comes from, IF the arithmetic keeps up
 (it is 8-16 weights a byte now, so it is the arithmetic that has to be made cheap).
 
-Build (kernels.py does this at first use, cached by a hash of this file and the flags):
-    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o kernels.so
-Every entry point takes the OpenMP thread count as its last argument (kernels.py passes torch's own,
+Build (lcd_kernels.py does this at first use, cached by a hash of this file and the flags):
+    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o lcd_kernels.so
+Every entry point takes the OpenMP thread count as its last argument (lcd_kernels.py passes torch's own,
 torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
 fast entry points fall back to the portable versions (plain C the compiler vectorizes).
 

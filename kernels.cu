@@ -33,7 +33,7 @@ The kernels (each entry point exists for b = 2, 3, 4: lut_gemv_v1_b2, ..., lut_d
 v2 and v3 take at most MAX_BATCH activation rows per launch; lcd.py splits bigger batches.
 
 Outliers, the smoothing scale (in_scale), the bias and activation quantization (a_bits) are applied in
-Python around these kernels (kernels.py): the kernels only do the LUT product.
+Python around these kernels (lcd_kernels.py): the kernels only do the LUT product.
 
 How it is used:
     lcd.py reads this file and compiles it with NVRTC at first use:

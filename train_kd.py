@@ -37,6 +37,7 @@ import torch
 import baselines
 import configurator
 import lcd
+import packed_model
 import checkpoints
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -120,7 +121,7 @@ PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_b
                            block_steps=80, block_batch_size=4, kd_steps=30, kd_batch_size=4, kd_warmup=5,
                            kd_ckpt_interval=10, speculative_every=10, ptq="rtn,lcd-init", sample_tokens=40,
                            distill_data="mix", kd_baseline=0)   # mix: measured best across both held-out sets (README);
-# GPTQ and the seed methods on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
+# GPTQ and the published methods (baselines.py) on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
 # plain KD doubles a run's time and is one flag away (--kd_baseline=1; --ablate=1 runs it too)
 NAMED_CHECKPOINT_DEFAULTS = {"smollm2": dict(tokenizer="smollm2", dataset="shakespeare_smollm2")}
 PTQ_NAMES = list(dict.fromkeys(row[0] for b in (2, 3, 4) for row in baselines.quality_rows(b)))
@@ -139,7 +140,7 @@ def parse_config(argv, defaults=None):
             config[key] = max(1, round(config[key] * config["budget"]))
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
-    choices = (("bits", tuple(lcd.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
+    choices = (("bits", tuple(packed_model.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
                ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
                ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")),
                ("distill_data", ("plays", "teacher", "mix")))
@@ -435,9 +436,9 @@ def _clock(seconds):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temp file, flushed to disk, then renamed (lcd.atomic_write): a crash or a full disk
+    """torch.save to a temp file, flushed to disk, then renamed (packed_model.atomic_write): a crash or a full disk
     never leaves a half-written checkpoint, and the previous one stays as it was."""
-    lcd.atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    packed_model.atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -449,7 +450,7 @@ def load_checkpoint(path, keys=(), remedy="delete it to restart that stage"):
     An empty, truncated or corrupt file, or one without those keys, is a RuntimeError naming the file and
     saying what to do (`remedy`)."""
     try:
-        ckpt = lcd.read_torch_file(path, remedy)
+        ckpt = packed_model.read_torch_file(path, remedy)
     except ValueError as e:
         raise RuntimeError(str(e)) from None
     missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
@@ -683,7 +684,7 @@ def check_teacher_data(stored, wanted, vocab_size, path, log=print):
 
 def fp_footprint(model):
     """Bytes and bits per weight of the layers lcd.py quantizes, as the FP model holds them (fp32)."""
-    params = sum(m.weight.numel() for m in lcd.find_linears(model).values())
+    params = sum(m.weight.numel() for m in packed_model.find_linears(model).values())
     bits_fp = torch.finfo(next(model.parameters()).dtype).bits
     return dict(bits_per_weight=float(bits_fp), bytes=params * bits_fp // 8)
 
@@ -709,7 +710,7 @@ def scores_text(scores):
 def result_row(method, model, config, sets, seconds):
     """One row of the report: loss and perplexity on every held-out set (evaluate_sets), effective bits per
     weight, bytes, seconds."""
-    fp = lcd.footprint(model)
+    fp = packed_model.footprint(model)
     return dict(method=method, bits=config["bits"], **evaluate_sets(model, sets, config),
                 bits_per_weight=fp["bits_per_weight"], bytes=fp["total_bytes"], seconds=seconds)
 
@@ -791,7 +792,7 @@ def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
         t0 = time.time()
         tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
                                     config["teacher_text_seed"] + 3000)
-        lcd.atomic_write(path, tokens.tofile)
+        packed_model.atomic_write(path, tokens.tofile)
         print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
     if world > 1:
         dist.barrier()
@@ -1009,16 +1010,16 @@ def get_tokenizer(name):
 
 
 def load_student(path, device="cpu", teacher_path=None):
-    """(model, tokenizer name) of a packed student file (lcd.save_quantized), built from the model
+    """(model, tokenizer name) of a packed student file (packed_model.save_quantized), built from the model
     configuration in its header. A file written before headers held it needs `teacher_path`: the
     teacher.pt whose architecture it was quantized from."""
-    header = lcd.quantized_header(path)
+    header = packed_model.quantized_header(path)
     tokenizer = header.get("tokenizer")
     if "model_config" in header or teacher_path is None:
-        model = lcd.load_quantized(from_config, path)   # a clear error when the header holds no model_config
+        model = packed_model.load_quantized(from_config, path)   # a clear error when the header holds no model_config
     else:
         ckpt = load_checkpoint(teacher_path)
-        model = lcd.load_quantized(GPT(ckpt["model_config"]), path)
+        model = packed_model.load_quantized(GPT(ckpt["model_config"]), path)
         tokenizer = tokenizer or (ckpt.get("data") or {}).get("tokenizer")
     if tokenizer is None:   # neither file names it: the two tokenizers have different vocabulary sizes
         vocab = model.config.vocab_size
@@ -1096,7 +1097,7 @@ def post_training_rows(config, teacher, calib, sets):
                                        method=method, **kw)
         if config["a_bits"] is not None:
             for layer in quantized.modules():
-                if isinstance(layer, lcd.LUTLinear):
+                if isinstance(layer, packed_model.LUTLinear):
                     layer.a_bits = config["a_bits"]
         rows.append(result_row(name, quantized, config, sets, time.time() - t0))
         print(f"{name}: val loss {rows[-1]['val_loss']:.4f} ({rows[-1]['seconds']:.1f} s to quantize)")
@@ -1157,7 +1158,7 @@ def save_packed_student(config, student, teacher, meta):
     header, so that it loads by itself (load_student, bench.py --generate). Returns its path."""
     path = os.path.join(config["out_dir"], f"lcd_{run_tag(config)}.pt")
     note = replaced(path)
-    lcd.save_quantized(student, path, model_config=config_dict(teacher), tokenizer=meta["tokenizer"])
+    packed_model.save_quantized(student, path, model_config=config_dict(teacher), tokenizer=meta["tokenizer"])
     print(f"wrote {path}{note}")
     return path
 
@@ -1256,11 +1257,11 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
 
 
 def write_json(obj, path):
-    """json.dump, atomically (lcd.atomic_write): an error midway leaves the previous file as it was."""
+    """json.dump, atomically (packed_model.atomic_write): an error midway leaves the previous file as it was."""
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    lcd.atomic_write(path, write)
+    packed_model.atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1292,12 +1293,12 @@ def check_outputs(config):
     directory otherwise): --out_dir (checkpoints, the teacher, the packed student, the report) and, when
     the dataset is still to be prepared, its data directory. A run must not train for an hour and then
     lose it at the first save."""
-    lcd.check_writable(config["out_dir"], f"--out_dir={config['out_dir']}")
+    packed_model.check_writable(config["out_dir"], f"--out_dir={config['out_dir']}")
     dataset = config["dataset"]
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
     if (not os.path.exists(os.path.join(data_dir, "meta.json"))
             and dataset in ("shakespeare", f"shakespeare_{config['tokenizer']}")):    # ensure_data prepares it
-        lcd.check_writable(data_dir, f"--dataset={dataset} (to be prepared)")
+        packed_model.check_writable(data_dir, f"--dataset={dataset} (to be prepared)")
 
 
 def data_stage(config, rank, world):

@@ -1,6 +1,6 @@
 """
 Run kernels.cu on the CPU: compile it unchanged with g++ and tests/cuda_emulation.h, then launch its
-kernels through ctypes with the same (name, grid, block, args) that kernels.py hands to CuPy.
+kernels through ctypes with the same (name, grid, block, args) that lcd_kernels.py hands to CuPy.
 Used by tests/test_kernels.py and by `python bench.py --emulate=1`. A correctness tool, not a timer.
 """
 
@@ -50,7 +50,7 @@ def build(build_dir=BUILD_DIR):
         source = os.path.join(tmp, "launchers.cpp")
         with open(source, "w") as f:
             f.write(launchers)
-        temp_library = os.path.join(tmp, "kernels.so")
+        temp_library = os.path.join(tmp, "lcd_kernels.so")
         command = [compiler, *CXX_FLAGS, "-include", EMULATION_H, source, "-o", temp_library]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:

@@ -1,4 +1,4 @@
-"""Bad inputs from the field (issue 12): each kind fails with a clear error before any work, or gives the
+"""Bad inputs from the field, round 1: each kind fails with a clear error before any work, or gives the
 right answer. Every test is a small input a new user would try; messages are matched by their key words.
 
   1. calibration with no tokens; a Hessian that is all zero or singular
@@ -25,8 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
-import kernels
+import lcd_kernels
 import lcd
+import packed_model
 import train_kd
 from conftest import ROOT
 from model import GPT, SIZES
@@ -176,13 +177,13 @@ def test_every_fp16_store_refuses_a_value_it_would_make_inf():
     idx = torch.zeros(2, 8, dtype=torch.long)
     codebook = torch.tensor([[[0.0, 1.0, 2.0, 7e4]], [[0.0, 1.0, 2.0, 3.0]]])
     with pytest.raises(ValueError, match="codebook reaches .*70000"):
-        lcd.LUTLinear.from_clustered(codebook, idx, 2, None)
+        packed_model.LUTLinear.from_clustered(codebook, idx, 2, None)
     ok = codebook.clamp(max=3.0)
     with pytest.raises(ValueError, match="outlier .*1e\\+06"):
-        lcd.LUTLinear.from_clustered(ok, idx, 2, None, outliers=(torch.tensor([0]), torch.tensor([1]),
+        packed_model.LUTLinear.from_clustered(ok, idx, 2, None, outliers=(torch.tensor([0]), torch.tensor([1]),
                                                                  torch.tensor([1e6])))
     with pytest.raises(ValueError, match="scale reaches .*inf"):
-        lcd.LUTLinear.from_clustered(ok, idx, 2, None, in_scale=torch.full((8,), float("inf")))
+        packed_model.LUTLinear.from_clustered(ok, idx, 2, None, in_scale=torch.full((8,), float("inf")))
     with pytest.raises(ValueError, match="codebook of column 1 reaches"):
         baselines.CLAQLinear(2, 2, torch.tensor([2, 2]), [torch.zeros(4), torch.full((4,), 1e5)],
                              torch.zeros(2, 2, dtype=torch.long))
@@ -205,7 +206,7 @@ def test_smoothing_never_picks_a_scale_that_pushes_the_weights_past_fp16():
     X[:, 0] *= 1e4                                                     # an outlier channel: s_0 >> 1
     s, errors = lcd.choose_smoothing(W, X, (X ** 2).mean(0), 4, None, 8)
     assert errors[0.8] == float("inf")
-    assert s is None or ((W * s).abs() <= lcd.FP16_MAX).all()
+    assert s is None or ((W * s).abs() <= packed_model.FP16_MAX).all()
 
 
 def test_kernel_path_falls_back_to_the_reference_when_fp16_would_overflow(monkeypatch):
@@ -213,12 +214,12 @@ def test_kernel_path_falls_back_to_the_reference_when_fp16_would_overflow(monkey
         pytest.skip("g++ is not installed: the CPU emulation of kernels.cu needs it")
     import cuda_emulation
     emulated = cuda_emulation.EmulatedKernels()
-    monkeypatch.setattr(kernels, "cuda_launch", emulated.launch)           # the GPU path, replayed on the CPU
-    monkeypatch.setattr(kernels, "_cuda_available", True)
+    monkeypatch.setattr(lcd_kernels, "cuda_launch", emulated.launch)           # the GPU path, replayed on the CPU
+    monkeypatch.setattr(lcd_kernels, "_cuda_available", True)
     layer = lcd.quantize_linear(nn.Linear(64, 4), 2)
     x = torch.full((1, 64), 1e5)                                       # fp32 activations past fp16
-    assert kernels.lut_forward_cuda(layer, x) is None                      # -> LUTLinear's reference
-    y = kernels.lut_forward_cuda(layer, torch.ones(1, 64))                 # in range: the kernel's answer
+    assert lcd_kernels.lut_forward_cuda(layer, x) is None                      # -> LUTLinear's reference
+    y = lcd_kernels.lut_forward_cuda(layer, torch.ones(1, 64))                 # in range: the kernel's answer
     torch.testing.assert_close(y, F.linear(torch.ones(1, 64), layer.weight_dequantized(), layer.bias),
                                rtol=2e-3, atol=2e-3)
 
@@ -227,9 +228,9 @@ def test_load_quantized_rejects_a_file_with_non_finite_codebooks(tmp_path):
     model = baselines.quantize(tiny_gpt(), 2)
     model.transformer.h[0].mlp.c_fc.codebook[0, 0, 0] = float("inf")   # written behind the API's back
     path = str(tmp_path / "q.pt")
-    lcd.save_quantized(model, path)
+    packed_model.save_quantized(model, path)
     with pytest.raises(ValueError, match=r"'transformer\.h\.0\.mlp\.c_fc'.*non-finite codebook.*corrupt"):
-        lcd.load_quantized(tiny_gpt(), path)
+        packed_model.load_quantized(tiny_gpt(), path)
 
 
 # ---- 3. adaptive smoothing on a layer that outputs zero ----------------------------------------------
@@ -339,12 +340,12 @@ def cut(path, fraction):
 @pytest.mark.parametrize("fraction, words", [(0.5, "incomplete or corrupt"), (0.0, "empty")])
 def test_load_quantized_names_a_truncated_or_empty_file(tmp_path, fraction, words):
     path = str(tmp_path / "q.pt")
-    lcd.save_quantized(baselines.quantize(tiny_gpt(), 2), path)
+    packed_model.save_quantized(baselines.quantize(tiny_gpt(), 2), path)
     cut(path, fraction)
     with pytest.raises(ValueError, match=f"q.pt.*{words}.*save the quantized model again"):
-        lcd.load_quantized(tiny_gpt(), path)
+        packed_model.load_quantized(tiny_gpt(), path)
     with pytest.raises(FileNotFoundError, match="nothing.pt not found"):
-        lcd.load_quantized(tiny_gpt(), str(tmp_path / "nothing.pt"))
+        packed_model.load_quantized(tiny_gpt(), str(tmp_path / "nothing.pt"))
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.0])

@@ -1,4 +1,4 @@
-"""Bad inputs from the field, round 2 (issue 21): generation, the tokenizer, GGUF / Hugging Face metadata,
+"""Bad inputs from the field, round 2: generation, the tokenizer, GGUF / Hugging Face metadata,
 resume, NaN, full disks. Each kind is a small input a new user would try; messages are matched by their
 key words.
 
@@ -24,6 +24,7 @@ import torch
 import bench
 import checkpoints
 import lcd
+import packed_model
 import train_kd
 from conftest import ROOT
 from model import GPT, SIZES, Llama, LlamaConfig
@@ -347,7 +348,7 @@ def test_a_full_disk_says_so_and_keeps_the_previous_file(tmp_path, error):
         open(tmp, "wb").write(b"half")
         raise error
     with pytest.raises(OSError, match=r"no space left on the device holding .*lcd_w2.pt; the previous file is intact"):
-        lcd.atomic_write(str(path), write)
+        packed_model.atomic_write(str(path), write)
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["lcd_w2.pt"]
 
 
@@ -357,8 +358,8 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_on_the_next_write(tmp_p
     others = [tmp_path / "distill_lcd_w2.pt.mine.tmp", tmp_path / "teacher.pt.abcdefgh.tmp", tmp_path / "notes.tmp"]
     for f in ours + others:
         f.write_bytes(b"x")
-    assert lcd.stale_temp_files(str(path)) == sorted(str(f) for f in ours)
-    lcd.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"new"))
+    assert packed_model.stale_temp_files(str(path)) == sorted(str(f) for f in ours)
+    packed_model.atomic_write(str(path), lambda tmp: open(tmp, "wb").write(b"new"))
     assert sorted(os.listdir(tmp_path)) == sorted(["distill_lcd_w2.pt"] + [f.name for f in others])
 
 
@@ -378,9 +379,9 @@ def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path, monkeypatch)
 
     def read_only(*a, **kw):                          # a read-only filesystem (root ignores chmod)
         raise OSError(errno.EROFS, "Read-only file system")
-    monkeypatch.setattr(lcd.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(packed_model.tempfile, "mkstemp", read_only)
     with pytest.raises(OSError, match=r"--out_dir=x: cannot write in .*Read-only file system"):
-        lcd.check_writable(str(tmp_path), "--out_dir=x")
+        packed_model.check_writable(str(tmp_path), "--out_dir=x")
 
 
 # ---- 13. saving a student before freeze() ---------------------------------------------------------------
@@ -388,10 +389,10 @@ def test_an_unwritable_out_dir_is_refused_before_any_work(tmp_path, monkeypatch)
 def test_saving_a_student_before_freeze_is_refused(teacher, tmp_path):
     student = lcd.prepare_student(teacher, 2, calib=calib())
     with pytest.raises(ValueError, match=r"LCDLinear, still being distilled.*call lcd.freeze\(model\) first"):
-        lcd.save_quantized(student, str(tmp_path / "s.pt"))
+        packed_model.save_quantized(student, str(tmp_path / "s.pt"))
     assert not os.path.exists(tmp_path / "s.pt")
-    lcd.save_quantized(lcd.freeze(copy.deepcopy(student)), str(tmp_path / "s.pt"))
-    assert lcd.quantized_header(str(tmp_path / "s.pt"))["layers"]
+    packed_model.save_quantized(lcd.freeze(copy.deepcopy(student)), str(tmp_path / "s.pt"))
+    assert packed_model.quantized_header(str(tmp_path / "s.pt"))["layers"]
 
 
 # ---- 14. safetensors dtypes -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import baselines
 import lcd
+import packed_model
 from model import GPT, SIZES
 
 
@@ -60,9 +61,9 @@ def test_gptq_reduces_output_error_versus_rtn(bits, group_size):
     W = torch.randn(32, 96, generator=torch.Generator().manual_seed(3))
     H = correlated_hessian(96)
     codebook, idx = baselines.gptq_quantize(W, H, bits, group_size)
-    gptq_error = baselines.output_error(W, lcd.dequantize(codebook.half(), idx, group_size), H)
+    gptq_error = baselines.output_error(W, packed_model.dequantize(codebook.half(), idx, group_size), H)
     rtn_codebook, rtn_idx = rtn(W, bits, group_size)
-    rtn_error = baselines.output_error(W, lcd.dequantize(rtn_codebook.half(), rtn_idx, group_size), H)
+    rtn_error = baselines.output_error(W, packed_model.dequantize(rtn_codebook.half(), rtn_idx, group_size), H)
     assert gptq_error < 0.8 * rtn_error
 
 
@@ -89,7 +90,7 @@ def test_lcq_learning_lowers_the_weighted_error():
     h = correlated_hessian(64).diag()
     def error(rank, steps):
         C, idx, _ = baselines.lcq_fit(W, h, 2, None, rank=rank, steps=steps)
-        return (h * (W - lcd.dequantize(C, idx, None)) ** 2).sum()
+        return (h * (W - packed_model.dequantize(C, idx, None)) ** 2).sum()
     rtn_error = error(1, 0)
     assert error(1, 100) < rtn_error and error(2, 100) < rtn_error
 
@@ -172,7 +173,7 @@ def test_lbllm_distillation_lowers_output_error():
     H = correlated_hessian(64)
     init = baselines.lbllm_fit(W, H, 32, steps=0)
     trained = baselines.lbllm_fit(W, H, 32, steps=100)
-    errors = [baselines.output_error(W, lcd.dequantize(baselines.lbllm_codebook(s), i, 32), H)
+    errors = [baselines.output_error(W, packed_model.dequantize(baselines.lbllm_codebook(s), i, 32), H)
               for s, i in (init, trained)]
     assert errors[1] < errors[0]
 
@@ -223,7 +224,7 @@ def test_lcd_quantize_dispatches_to_every_baseline(name):
     calib = [torch.randint(0, 64, (2, 32))]
     x = torch.randint(0, 64, (1, 16))
     bits = 2 if name == "lbllm" else 3
-    biases = {n: m.bias.detach().clone() for n, m in lcd.find_linears(model).items()}
+    biases = {n: m.bias.detach().clone() for n, m in packed_model.find_linears(model).items()}
     quantized = lcd.quantize(model, bits, calib=calib, method=baselines.METHODS[name], **FAST.get(name, {}))
     layers = {n: m for n, m in quantized.named_modules() if hasattr(m, "storage_bits")}
     assert sorted(layers) == sorted(biases)                  # 4 linears in each of the 2 blocks
@@ -231,7 +232,7 @@ def test_lcd_quantize_dispatches_to_every_baseline(name):
         assert layer.bias is not None and torch.equal(layer.bias.detach(), biases[n])
     logits = lcd.model_logits(quantized(x))
     assert torch.isfinite(logits).all()
-    report = lcd.footprint(quantized)
+    report = packed_model.footprint(quantized)
     assert bits < report["bits_per_weight"] < 16
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import lcd
+import packed_model
 import train_kd
 from conftest import ROOT
 
@@ -35,7 +36,7 @@ def test_straight_through_gradients_reach_centroids_and_latent_weights():
     target = torch.randn(5, 6)
     ((layer(x) - target) ** 2).sum().backward()
     # the gradient a dense layer with the quantized weight would get
-    W_q = lcd.dequantize(layer.codebook.detach().half().float(), layer.idx, 8).requires_grad_(True)
+    W_q = packed_model.dequantize(layer.codebook.detach().half().float(), layer.idx, 8).requires_grad_(True)
     ((F.linear(x, W_q, layer.bias.detach()) - target) ** 2).sum().backward()
     torch.testing.assert_close(layer.weight.grad, W_q.grad)              # latent: the identity
     expected = torch.zeros_like(layer.codebook)                          # centroid: sum over its weights
@@ -99,7 +100,7 @@ def test_smoothing_leaves_the_fp_layer_unchanged(tiny_teacher, tiny_data):
     teacher, meta = tiny_teacher
     calib = calib_of(meta)
     student = lcd.prepare_student(teacher, 2, None, calib, a_bits=4, smoothing=True)
-    teacher_linears = lcd.find_linears(teacher)
+    teacher_linears = packed_model.find_linears(teacher)
     smoothed = [n for n, m in lcd.lcd_layers(student).items() if m.in_scale is not None]
     assert smoothed, "no layer chose smoothing on this teacher; the test checks nothing"
     inputs = lcd.collect_inputs(teacher, calib, smoothed)
@@ -131,7 +132,7 @@ def test_freeze_equals_the_training_layer(tiny_teacher, tiny_data, a_bits):
     for name, layer in layers.items():
         x = torch.randn(3, 7, layer.in_features)
         frozen = layer.freeze()
-        assert isinstance(frozen, lcd.LUTLinear)
+        assert isinstance(frozen, packed_model.LUTLinear)
         torch.testing.assert_close(frozen(x), layer(x), rtol=1e-5, atol=1e-5)
     frozen_model = lcd.freeze(student)
     assert not lcd.lcd_layers(frozen_model)

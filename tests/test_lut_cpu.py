@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lcd
+import packed_model
 
 
 def old_weight(layer, outliers=True):
     """W_hat (N, K) float32 as LUTLinear.weight_dequantized computed it originally (outliers=False: from
     the codebooks alone)."""
     N, K, b = layer.out_features, layer.in_features, layer.bits
-    E = lcd.ENTRIES_PER_WORD[b]
+    E = packed_model.ENTRIES_PER_WORD[b]
     words = layer.packed.long() & 0xFFFFFFFF                                   # uint32 values
     entries = (words[:, :, None] >> (torch.arange(E) * b)) & (2 ** b - 1)      # (N, n_words, E)
     idx = entries.reshape(N, -1)[:, :K]
@@ -29,7 +29,7 @@ def old_forward(layer, x):
     if layer.in_scale is not None:
         x = x / layer.in_scale.to(x.dtype)
     if layer.a_bits:
-        x = lcd.fake_quantize_per_token(x, layer.a_bits)
+        x = packed_model.fake_quantize_per_token(x, layer.a_bits)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, old_weight(layer).to(x.dtype), bias)
 
@@ -37,10 +37,10 @@ def old_forward(layer, x):
 def random_layer(N, K, bits, group_size, n_outliers=0, in_scale=False, a_bits=None, bias=True, seed=0):
     """A LUTLinear with random packed words (every pattern valid), codebooks, outliers, scale and bias."""
     g = torch.Generator().manual_seed(seed)
-    layer = lcd.LUTLinear(K, N, bits, group_size, bias=bias, n_outliers=n_outliers, in_scale=in_scale,
+    layer = packed_model.LUTLinear(K, N, bits, group_size, bias=bias, n_outliers=n_outliers, in_scale=in_scale,
                           a_bits=a_bits)
     idx = torch.randint(0, 2 ** bits, (N, K), generator=g)
-    layer.packed.copy_(lcd.pack_indices(idx, bits))
+    layer.packed.copy_(packed_model.pack_indices(idx, bits))
     layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=g).half())
     if bias:
         layer.bias.data.copy_(torch.randn(N, generator=g))
@@ -69,17 +69,17 @@ CASES = [  # (N, K, bits, group_size, n_outliers, in_scale, a_bits, bias)
 ]
 
 
-@pytest.mark.parametrize("block_bytes", [lcd.WEIGHT_BLOCK_BYTES, 300])   # 300: blocks of a row or a few
+@pytest.mark.parametrize("block_bytes", [packed_model.WEIGHT_BLOCK_BYTES, 300])   # 300: blocks of a row or a few
 @pytest.mark.parametrize("N, K, bits, group_size, n_outliers, in_scale, a_bits, bias", CASES)
 def test_reference_equals_the_old_formula(N, K, bits, group_size, n_outliers, in_scale, a_bits, bias, block_bytes,
                                           monkeypatch):
-    monkeypatch.setattr(lcd, "WEIGHT_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(packed_model, "WEIGHT_BLOCK_BYTES", block_bytes)
     layer = random_layer(N, K, bits, group_size, n_outliers, in_scale, a_bits, bias)
     assert torch.equal(layer.weight_rows(), old_weight(layer, outliers=False))
     assert torch.equal(layer.weight_rows(3, 11), old_weight(layer, outliers=False)[3:11])
     assert torch.equal(layer.weight_dequantized(), old_weight(layer))          # the weight: bit-exact
     g = torch.Generator().manual_seed(1)
-    for shape in ((1, K), (3, K), (2, 2, K), (lcd.PARTIAL_SUM_ROWS + 1, K), (2, 9, K)):   # both paths
+    for shape in ((1, K), (3, K), (2, 2, K), (packed_model.PARTIAL_SUM_ROWS + 1, K), (2, 9, K)):   # both paths
         x = torch.randn(shape, generator=g)
         with torch.no_grad():
             y, expected = layer(x), old_forward(layer, x)
@@ -89,8 +89,8 @@ def test_reference_equals_the_old_formula(N, K, bits, group_size, n_outliers, in
 
 def test_partial_sums_serve_few_rows_only_and_match_the_built_weight():
     layer = random_layer(64, 128, 2, 32, n_outliers=9)
-    x = torch.randn(lcd.PARTIAL_SUM_ROWS, 128)
-    assert layer.partial_sums_apply(x) and not layer.partial_sums_apply(torch.randn(lcd.PARTIAL_SUM_ROWS + 1, 128))
+    x = torch.randn(packed_model.PARTIAL_SUM_ROWS, 128)
+    assert layer.partial_sums_apply(x) and not layer.partial_sums_apply(torch.randn(packed_model.PARTIAL_SUM_ROWS + 1, 128))
     assert not layer.partial_sums_apply(x.double()) and not random_layer(8, 64, 3, None).partial_sums_apply(x[:, :64])
     for rows in (1, 3, 8):                      # the tables serve any number of rows when called directly
         x = torch.randn(rows, 128)
@@ -113,12 +113,12 @@ def test_unpack_indices_matches_the_shift_formula_on_every_bit_pattern(bits):
     if bits == 3:
         words &= 0x3FFFFFFF                     # 3-bit words keep their 2 spare bits 0
     packed = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
-    E = lcd.ENTRIES_PER_WORD[bits]
+    E = packed_model.ENTRIES_PER_WORD[bits]
     K = 7 * E - 3
     expected = ((words[:, :, None] & 0xFFFFFFFF) >> (torch.arange(E) * bits)) & (2 ** bits - 1)
     expected = expected.reshape(5, -1)[:, :K]
     for dtype in (torch.int64, torch.int32):
-        got = lcd.unpack_indices(packed, bits, K, dtype)
+        got = packed_model.unpack_indices(packed, bits, K, dtype)
         assert got.dtype == dtype and torch.equal(got.long(), expected)
 
 

@@ -1,4 +1,4 @@
-"""The fast paths of issue 13 (cost at real scale) against the plain computations they replace."""
+"""The fast paths (cost at real scale) against the plain computations they replace."""
 import os
 import sys
 
@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import lcd  # noqa: E402
+import packed_model
 
 
 @pytest.mark.parametrize("group_size", [None, 8, 12])
@@ -16,7 +17,7 @@ def test_straight_through_weight_matches_the_autograd_expression(group_size):
     dequantize(fp16 codebook + (p - p.detach()), idx) + (weight - weight.detach())."""
     g = torch.Generator().manual_seed(0)
     N, K, C = 6, 20, 4
-    gs = lcd.check_group_size(group_size, K)
+    gs = packed_model.check_group_size(group_size, K)
     G = -(-K // gs)
     weight = torch.randn(N, K, generator=g, requires_grad=True)
     codebook = torch.randn(N, G, C, generator=g, requires_grad=True)
@@ -26,7 +27,7 @@ def test_straight_through_weight_matches_the_autograd_expression(group_size):
     fast = lcd._StraightThrough.apply(weight, codebook, idx, gs)
     fast_grads = torch.autograd.grad(fast, (weight, codebook), upstream)
     rounded = codebook.detach().half().float() + (codebook - codebook.detach())
-    plain = lcd.dequantize(rounded, idx, gs) + (weight - weight.detach())
+    plain = packed_model.dequantize(rounded, idx, gs) + (weight - weight.detach())
     plain_grads = torch.autograd.grad(plain, (weight, codebook), upstream)
     assert torch.equal(fast, plain)
     for a, b in zip(fast_grads, plain_grads):
@@ -93,7 +94,7 @@ def test_cost_table_runs_every_part_on_a_small_heavy_tailed_model():
     the seconds are whatever this machine takes)."""
     import bench
     model = bench.cost_stand_in("tiny").eval()
-    W = next(iter(lcd.find_linears(model).values())).weight
+    W = next(iter(packed_model.find_linears(model).values())).weight
     kurtosis = ((W - W.mean()) ** 4).mean() / W.var() ** 2
     assert kurtosis > 4                                        # heavy-tailed, unlike the Gaussian init (3)
     g = torch.Generator().manual_seed(0)

@@ -11,6 +11,7 @@ import torch
 import configurator
 import bench
 import lcd
+import packed_model
 import model as model_lib
 import prepare
 import train_kd
@@ -174,7 +175,7 @@ def test_every_atomic_writer_gives_the_usual_file_mode(tmp_path):
     old = os.umask(0o022)
     try:
         model = lcd.quantize(tiny_gpt(), 2, method="rtn")
-        lcd.save_quantized(model, str(tmp_path / "packed.pt"))
+        packed_model.save_quantized(model, str(tmp_path / "packed.pt"))
         train_kd.atomic_save({"a": 1}, str(tmp_path / "ckpt.pt"))
         train_kd.write_json({"a": 1}, str(tmp_path / "results.json"))
         bench.write_json(str(tmp_path / "bench.json"), {"a": 1})
@@ -209,7 +210,7 @@ def test_pipeline_names_its_outputs_and_ends_with_a_text_sample(tiny_data, tiny_
     assert len(sample["texts"]) == 2 and all(t["tokens"] == 12 and t["text"] for t in sample["texts"].values())
     assert "--- teacher:" in out and "--- packed 2-bit student" in out and out.index("text sample") > out.index(
         "LCD report")
-    header = lcd.quantized_header(str(tmp_path / "lcd_w2_g32.pt"))
+    header = packed_model.quantized_header(str(tmp_path / "lcd_w2_g32.pt"))
     assert header["tokenizer"] == "bytes" and header["version"] == 1
     assert header["model_config"] == dict(architecture="gpt", **vars(tiny_teacher[0].config))
 
@@ -219,18 +220,18 @@ def test_pipeline_names_its_outputs_and_ends_with_a_text_sample(tiny_data, tiny_
 def test_a_packed_student_loads_by_itself_from_its_header(tmp_path):
     model = lcd.quantize(tiny_gpt(), 2, 32, method="kmeans")
     path = str(tmp_path / "lcd_w2.pt")
-    lcd.save_quantized(model, path, model_config=model_lib.config_dict(model), tokenizer="bytes")
-    loaded = lcd.load_quantized(model_lib.from_config, path)           # no architecture built by hand
+    packed_model.save_quantized(model, path, model_config=model_lib.config_dict(model), tokenizer="bytes")
+    loaded = packed_model.load_quantized(model_lib.from_config, path)           # no architecture built by hand
     x = torch.randint(0, 256, (2, 16))
     assert torch.equal(loaded(x)[0], model(x)[0])
     student, tokenizer = train_kd.load_student(path)
     assert tokenizer == "bytes" and torch.equal(student(x)[0], model(x)[0])
 
     old = str(tmp_path / "old.pt")                                     # a file as written before: no config
-    lcd.save_quantized(model, old)
+    packed_model.save_quantized(model, old)
     with pytest.raises(ValueError, match="stores no model configuration.*build the original architecture"):
-        lcd.load_quantized(model_lib.from_config, old)
-    assert torch.equal(lcd.load_quantized(tiny_gpt(seed=1), old)(x)[0], model(x)[0])   # into a given model
+        packed_model.load_quantized(model_lib.from_config, old)
+    assert torch.equal(packed_model.load_quantized(tiny_gpt(seed=1), old)(x)[0], model(x)[0])   # into a given model
     teacher = str(tmp_path / "teacher.pt")
     train_kd.save_teacher(tiny_gpt(seed=2), teacher)
     student, tokenizer = train_kd.load_student(old, teacher_path=teacher)          # its teacher's architecture
@@ -238,10 +239,10 @@ def test_a_packed_student_loads_by_itself_from_its_header(tmp_path):
 
     for bad, words in ((dict(n_layer=2), "no architecture"), (dict(architecture="gpt", f=[1]), "plain values")):
         with pytest.raises(ValueError, match=words):
-            lcd.save_quantized(model, path, model_config=bad)
+            packed_model.save_quantized(model, path, model_config=bad)
     with pytest.raises(ValueError, match="architecture one of.*got 'llama9'"):
-        lcd.save_quantized(model, path, model_config=dict(architecture="llama9"))
-        lcd.load_quantized(model_lib.from_config, path)
+        packed_model.save_quantized(model, path, model_config=dict(architecture="llama9"))
+        packed_model.load_quantized(model_lib.from_config, path)
 
 
 # ---- generated text ---------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ def test_bench_generate_from_a_student_file_and_its_teacher(tmp_path, monkeypatc
     teacher = tiny_gpt(seed=4)
     train_kd.save_teacher(teacher, str(tmp_path / "teacher.pt"))
     student = lcd.quantize(tiny_gpt(seed=4), 2, method="rtn")
-    lcd.save_quantized(student, str(tmp_path / "lcd_w2.pt"), model_config=model_lib.config_dict(student),
+    packed_model.save_quantized(student, str(tmp_path / "lcd_w2.pt"), model_config=model_lib.config_dict(student),
                        tokenizer="bytes")
     for key in ("generate", "teacher", "prompt", "max_new_tokens", "seed", "json"):
         monkeypatch.setattr(bench, key, getattr(bench, key))           # restored after the test
@@ -276,6 +277,6 @@ def test_bench_generate_from_a_student_file_and_its_teacher(tmp_path, monkeypatc
     assert results["generate"]["prompt"] == "ROMEO:\nO" and len(texts) == 2
     assert all(t["tokens"] == 6 and t["tokens_per_s"] > 0 for t in texts.values())
     assert capsys.readouterr().out.count("tokens/s ---") == 2
-    lcd.save_quantized(student, str(tmp_path / "old.pt"))
+    packed_model.save_quantized(student, str(tmp_path / "old.pt"))
     with pytest.raises(SystemExit, match="stores no model configuration.*--teacher="):
         bench.main([f"--generate={tmp_path / 'old.pt'}", "--teacher="])

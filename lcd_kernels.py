@@ -1,5 +1,5 @@
 """
-kernels.py: the loaders of the LUT kernels, beside the kernels they load. lcd.py's LUTLinear hands its
+lcd_kernels.py: the loaders of the LUT kernels, beside the kernels they load. lcd.py's LUTLinear hands its
 product here when a faster path than its PyTorch reference exists:
 
   1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
@@ -125,7 +125,7 @@ def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale
 
 
 def quantize_activations(x, a_bits):
-    """Per-token symmetric quantization with the rule of lcd.fake_quantize_per_token (lcd.py section 4), returning the
+    """Per-token symmetric quantization with the rule of packed_model.fake_quantize_per_token (lcd.py section 4), returning the
     integers: x (B, K) ~ scale[:, None] * q, q int8 in [-(2^(a-1) - 1), 2^(a-1) - 1], scale (B,) float32."""
     q_max = 2 ** (a_bits - 1) - 1
     scale = x.float().abs().amax(dim=1).clamp_min(1e-8) / q_max
