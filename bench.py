@@ -68,6 +68,7 @@ quality = 0                # 1: every method's loss on both held-out sets, on --
 model = ""                 # --quality's teacher: "" (train_kd's own, in out_dir) or pretrained, e.g. "smollm2"
 quality_bits = ""          # --quality's index bits, comma-separated ("": 2,3,4 on train_kd's teacher, 2,3 on a pretrained one)
 quality_methods = ""       # --quality's rows, comma-separated (baselines.quality_rows names, teacher, kd, lcd; "": all)
+quality_fast = 0           # 1, with --quality: the post-training rows only, no distillation (minutes instead of ~40)
 sass = 0                   # 1: static instruction counts of the kernels' inner loops (nvcc + cuobjdump)
 sass_arch = "sm_90"        # GPU architecture the --sass counts are compiled for
 cost = 0                   # 1: seconds to quantize, prepare and distill a 135M-class model (bench_cost)
@@ -118,7 +119,7 @@ def usage():
     """The --help text: how to call bench.py, then every key with its default and meaning (from the config
     lines above, through configurator.describe_config: the globals and their comments are the one source)."""
     return (f"usage: python bench.py [--key=value ...]   (a bare --{'/--'.join(SWITCHES)} means =1)\n"
-            f"{__doc__.strip().splitlines()[0]}\n\noptions:\n"
+            f"{__doc__.strip().splitlines()[0]}\n\n"
             + configurator.describe_config(os.path.abspath(__file__), DEFAULTS))
 
 
@@ -865,13 +866,13 @@ def quality_table(bits_list=(2, 3, 4), methods=None, trained=True, log=print, on
 
 def bench_quality(on_row=None):
     """--quality: on --model's teacher ('' train_kd's own in out_dir, or a pretrained one such as smollm2:
-    then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd); on_row as
-    in quality_table."""
+    then b = 2 and 3 and the post-training rows only, unless --quality_methods names kd or lcd); with
+    --quality_fast the post-training rows only, whatever the teacher. on_row as in quality_table."""
     names = [m.strip() for m in quality_methods.split(",") if m.strip()] or None
     bits_list = tuple(parse_ints(quality_bits, 'quality_bits')) if quality_bits.strip() else ((2, 3) if model else (2, 3, 4))
     if not model:
-        return quality_table(bits_list, methods=names, on_row=on_row, out_dir=out_dir)
-    trained = names is not None and bool({"kd", "lcd"} & set(names))
+        return quality_table(bits_list, methods=names, trained=not quality_fast, on_row=on_row, out_dir=out_dir)
+    trained = names is not None and bool({"kd", "lcd"} & set(names)) and not quality_fast
     return quality_table(bits_list, methods=names, trained=trained, on_row=on_row, init_from=model,
                          out_dir=os.path.join(out_dir, model))
 
@@ -1057,23 +1058,27 @@ def smoothed(values, decay=0.98):
 
 
 def figure_ppl_vs_bits(plt, rows, path):
-    """Perplexity against effective bits per weight: one line per method, distilled methods solid."""
+    """Perplexity against effective bits per weight, one panel per held-out set (the plays, and general
+    English where the rows have it): one line per method, post-training dashed, distilled solid."""
+    sets = [("ppl", "held-out plays")] + [("general_ppl", "general English")] * any("general_ppl" in r for r in rows)
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
-    fig, ax = plt.subplots(figsize=(8, 5))
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "teacher"))
-    for i, method in enumerate(methods):
-        points = sorted((r["bits_per_weight"], r["ppl"], r["trained"]) for r in rows if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^Dv"[i % 5], label=method,
-                color={"kd": "black", "lcd": "red"}.get(method, plt.cm.tab20(i % 20)),
-                linestyle="-" if points[0][2] else "--",
-                linewidth=2.5 if points[0][2] else 1.2)
-    if teacher:
-        ax.axhline(teacher["ppl"], color="black", linestyle=":", label=f"teacher (fp32) {teacher['ppl']:.3f}")
-    ax.set(xlabel="effective bits per weight (everything stored)", ylabel="validation perplexity (log scale)",
-           yscale="log", title="Perplexity vs bits: post-training (dashed) and distilled (solid)")
-    ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(1, len(sets), figsize=(8 * len(sets), 5), squeeze=False)
+    for ax, (key, set_name) in zip(axes[0], sets):
+        for i, method in enumerate(methods):
+            points = sorted((r["bits_per_weight"], r[key], r["trained"]) for r in rows if r["method"] == method and key in r)
+            if not points:
+                continue
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^Dv"[i % 5], label=method,
+                    color={"kd": "black", "lcd": "red"}.get(method, plt.cm.tab20(i % 20)),
+                    linestyle="-" if points[0][2] else "--", linewidth=2.5 if points[0][2] else 1.2)
+        if teacher and key in teacher:
+            ax.axhline(teacher[key], color="black", linestyle=":", label=f"teacher (fp32) {teacher[key]:.3f}")
+        ax.set(xlabel="effective bits per weight (everything stored)", ylabel="perplexity (log scale)",
+               yscale="log", title=f"{set_name}: post-training (dashed) and distilled (solid)")
+        ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.legend(fontsize=8, ncol=2)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -1238,6 +1243,24 @@ def write_json(path, results, quiet=False):
         print(f"\nwrote {path}")
 
 
+def bench_speed(on_gpu):
+    """bench.py with no part named: on a GPU every kernel's time against the roofline and end-to-end decoding;
+    on a CPU the PyTorch reference against dense and the footprint; then the computed roofline."""
+    results = {}
+    if on_gpu:
+        peak, source = gpu_peak_gbps()
+        print(f"\nGPU: {source}, peak {peak:.0f} GB/s")
+        results["gpu"] = {"peak_gbps": peak, "peak_source": source}
+        results["kernels"] = bench_kernels_gpu(peak)
+        results["decode"] = bench_decode_gpu()
+    else:                       # what this machine measured comes first
+        results["cpu_reference"] = bench_reference_cpu()
+        results["footprint"] = bench_footprint_cpu()
+    print("\nThe roofline below is COMPUTED from datasheet bandwidths and byte counts, not measured on this machine.")
+    results["roofline"] = roofline(parse_shapes(shapes))
+    return results
+
+
 def main(argv):
     apply_overrides(argv)
     if json:                         # the results' file: writable, before any benchmark runs
@@ -1253,25 +1276,16 @@ def main(argv):
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if device not in ("auto", "cuda", "cpu"):
         raise SystemExit(f"--device must be auto, cuda or cpu, got {device!r}")
-    if on_gpu and not lcd_kernels.cuda_kernels_available():
+    asked = [part for part in ("emulate", "quality", "sass", "cost", "cpu", "figures") if globals()[part]]
+    if not asked and on_gpu and not lcd_kernels.cuda_kernels_available():
         raise SystemExit("the GPU benchmark needs CuPy and a CUDA GPU (pip install cupy-cuda12x); use --device=cpu")
     if sass:                    # prerequisites first, not after minutes of other work
         sass_tools()
     if figures:
         check_figures()
     results = {"config": {k: globals()[k] for k in CONFIG_KEYS}, "device": "cuda" if on_gpu else "cpu"}
-    if on_gpu:
-        peak, source = gpu_peak_gbps()
-        print(f"\nGPU: {source}, peak {peak:.0f} GB/s")
-        results["gpu"] = {"peak_gbps": peak, "peak_source": source}
-        results["kernels"] = bench_kernels_gpu(peak)
-        results["decode"] = bench_decode_gpu()
-    else:                       # what this machine measured comes first
-        results["cpu_reference"] = bench_reference_cpu()
-        # end-to-end tokens per second of generation, teacher vs packed student (--generate): its table goes here
-        results["footprint"] = bench_footprint_cpu()
-    print("\nThe roofline below is COMPUTED from datasheet bandwidths and byte counts, not measured on this machine.")
-    results["roofline"] = roofline(parse_shapes(shapes))
+    if not asked:               # no part named: the speed benchmark of this machine; a named part runs alone
+        results.update(bench_speed(on_gpu))
     if emulate:
         results["emulation"] = bench_emulate()
     if quality:

@@ -13,6 +13,7 @@ Values are Python literals read with ast.literal_eval, never executed. train_kd.
 it imports no project file.
 """
 import ast
+import difflib
 import tokenize
 
 PLAIN_TYPES = (int, float, bool, str, type(None))   # what a config value can be
@@ -25,8 +26,18 @@ def config_defaults(namespace):
             if isinstance(v, PLAIN_TYPES) and not k.startswith("_") and not k.isupper()}
 
 
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "True or False (1 or 0)", str: "a string"}
+
+
 def _wanted(default):
-    return "an int or None" if default is None else f"a {type(default).__name__} (default {default!r})"
+    return "an integer or None" if default is None else f"{TYPE_NAMES[type(default)]} (default {default!r})"
+
+
+def unknown_key(key, keys):
+    """The error text for an unknown --key: the nearest valid keys, if any are close, and where the rest are."""
+    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f": did you mean {' or '.join('--' + k for k in near)}?" if near else ""
+    return f"unknown option --{key}{hint} (--help lists every option with its default)"
 
 
 def parse_value(key, raw, default):
@@ -53,16 +64,18 @@ def parse_value(key, raw, default):
 def parse_overrides(argv, defaults, switches=()):
     """(config, given): `defaults` overridden by `--key=value` arguments, and the set of keys given.
     A bare `--key` of a key in `switches` means --key=1. ValueError for anything else, naming the argument
-    and listing the valid keys."""
+    and, for an unknown key, the nearest valid ones ("did you mean")."""
     config, given = dict(defaults), set()
     for arg in argv:
         if arg.startswith("--") and arg[2:] in switches:
             arg += "=1"                              # --quality switches that part on
         key, sep, raw = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep:
+        if not arg.startswith("--") or not key:
             raise ValueError(f"argument {arg!r} is not of the form --key=value (--help lists the keys)")
         if key not in config:
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(config))}")
+            raise ValueError(unknown_key(key, list(config)))
+        if not sep:
+            raise ValueError(f"--{key} needs a value: --{key}=VALUE, {_wanted(defaults[key])}")
         config[key] = parse_value(key, raw, defaults[key])
         given.add(key)
     return config, given

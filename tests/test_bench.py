@@ -2,11 +2,15 @@
 table, the command line."""
 import json
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 
 import bench
 import train_kd
+from conftest import ROOT
 
 
 def test_smoothed_is_unbiased_and_follows_a_step():
@@ -145,3 +149,13 @@ def test_cpu_table_times_every_shape_and_batch(capsys):
     assert all(r["dense_ms"] > 0 and r["lut_reference_ms"] > 0 for r in numbers)
     assert [r["path"] for r in numbers] == ["partial sums", "built W"] * 2
     assert "CPU, measured here" in capsys.readouterr().out
+
+
+def test_figures_never_write_over_tracked_files():
+    """--figures writes into out_dir (out/ by default), which git ignores: a student's clone stays clean."""
+    for figure, source, command in bench.figure_inputs():
+        assert os.path.dirname(os.path.join(bench.out_dir, figure)) == bench.out_dir
+    if shutil.which("git") and os.path.isdir(os.path.join(ROOT, ".git")):
+        tracked = subprocess.run(["git", "ls-files", bench.out_dir], cwd=ROOT, capture_output=True, text=True)
+        ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(bench.out_dir, "ppl_vs_bits.png")], cwd=ROOT)
+        assert tracked.stdout == "" and ignored.returncode == 0

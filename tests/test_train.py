@@ -13,10 +13,18 @@ from conftest import ROOT
 def test_config_overrides_are_type_checked():
     c = train_kd.parse_config(["--max_iters=7", "--learning_rate=1", "--preset=tiny", "--n_layer=3"])
     assert c["max_iters"] == 7 and c["learning_rate"] == 1.0 and c["preset"] == "tiny" and c["n_layer"] == 3
-    with pytest.raises(ValueError, match="unknown config key 'max_iter'.*max_iters"):
+    with pytest.raises(ValueError, match=r"unknown option --max_iter: did you mean --max_iters\b"):
         train_kd.parse_config(["--max_iter=7"])
-    with pytest.raises(ValueError, match="wants a int"):
+    with pytest.raises(ValueError, match=r"did you mean --kd_steps\b"):
+        train_kd.parse_config(["--kd_step=100"])
+    with pytest.raises(ValueError, match="unknown option --zzz .*--help"):    # nothing near: no guess
+        train_kd.parse_config(["--zzz=1"])
+    with pytest.raises(ValueError, match="wants an integer"):
         train_kd.parse_config(["--max_iters=1.5"])
+    with pytest.raises(ValueError, match="--bits wants an integer"):
+        train_kd.parse_config(["--bits=two"])
+    with pytest.raises(ValueError, match="--bits needs a value"):
+        train_kd.parse_config(["--bits"])
     with pytest.raises(ValueError, match="unknown preset"):
         train_kd.parse_config(["--preset=huge"])
     with pytest.raises(ValueError, match="--key=value"):

@@ -280,3 +280,13 @@ def test_bench_generate_from_a_student_file_and_its_teacher(tmp_path, monkeypatc
     packed_model.save_quantized(student, str(tmp_path / "old.pt"))
     with pytest.raises(SystemExit, match="stores no model configuration.*--teacher="):
         bench.main([f"--generate={tmp_path / 'old.pt'}", "--teacher="])
+
+
+def test_bench_flags_say_did_you_mean_and_help_has_no_empty_header(capsys):
+    with pytest.raises(SystemExit, match=r"unknown option --figure: did you mean --figures\b"):
+        bench.apply_overrides(["--figure"])
+    with pytest.raises(SystemExit, match=r"did you mean --quality\b"):
+        bench.apply_overrides(["--qualty=1"])
+    text = bench.usage()
+    assert "options:\nconfig" not in text and "\n\n\n" not in text
+    assert text.splitlines()[3].startswith("  --") or text.splitlines()[3].endswith(":")   # a heading or a key
