@@ -418,7 +418,7 @@ def cpu_time_ms(fn):
 
 def bench_reference_cpu():
     """The CPU table: each cpu_shapes layer as a dense fp32 F.linear against the LUTLinear PyTorch reference
-    (lcd.py section 4: partial-sum tables for a few rows, else the weight built from the packed bytes and
+    (packed_model.py section 2: partial-sum tables for a few rows, else the weight built from the packed bytes and
     dropped; no dense copy is kept), at every cpu_batches size."""
     gs_text = "one codebook per row" if group_size is None else f"groups of {group_size}"
     if cpu_threads:

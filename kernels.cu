@@ -8,7 +8,7 @@ indices instead of 16-bit weights is where the speed comes from. These kernels c
     y[b, n] = sum_k codebook[n, k / group_size, idx[n, k]] * x[b, k]
 straight from the packed indices, without ever writing W out (except the dequant kernel).
 
-Packed layout (the same as lcd.py section 3, exact):
+Packed layout (the same as packed_model.py section 1, exact):
     E = entries per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero), b=4 -> 8.
     n_words = ceil(K / E). The index of weight (n, k) lives in word packed[n, k / E] at bits
     [(k % E) * b, (k % E) * b + b) (entry 0 in the lowest bits). Padding entries (k >= K) are 0.

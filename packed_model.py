@@ -173,7 +173,7 @@ def fake_quantize_per_token(x, bits):
 # dispatch to the kernels (forward), and what it stores (storage_bits, config). Each method is short.
 class LUTLinear(nn.Module):
     """A linear layer served from look-up tables: y = x W_hat^T + bias with
-    W_hat[n, k] = codebook[n, k // group_size, idx[n, k]], the indices packed as in section 3.
+    W_hat[n, k] = codebook[n, k // group_size, idx[n, k]], the indices packed as in section 1.
 
     Buffers: packed (N, n_words) int32, codebook (N, G, 2^b) fp16; optional: outlier_rows, outlier_cols
     int32 and outlier_vals fp16 (sparse weights kept exactly: they replace the codebook value there),

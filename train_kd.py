@@ -73,7 +73,7 @@ grad_clip = 1.0                # clip the global gradient norm (0: off)
 ckpt_interval = 250            # steps between resumable checkpoints
 eval_batches = 20              # validation batches (fixed windows, so every evaluation is comparable)
 log_interval = 10.0            # seconds between progress lines when the output is not a terminal
-# quantization and distillation (stages 3-7; lcd.py section 6)
+# quantization and distillation (stages 3-7; lcd.py sections 4-5)
 bits = 2                       # b: 2^b centroids per row (or group) in the quantized student
 group_size = None              # inputs sharing one codebook (None: one codebook per row)
 a_bits = None                  # activation bits: None (weight-only), 8 or 4 (per-token, symmetric)

@@ -1,4 +1,4 @@
-"""lcd.py section 6 and train_kd.py stages 3-7: the trainable LCD layer, progressive merging, speculative
+"""lcd.py section 4 and train_kd.py stages 3-7: the trainable LCD layer, progressive merging, speculative
 steps, adaptive smoothing, freezing to LUTLinear, and the whole pipeline end to end (with resume)."""
 import json
 import os

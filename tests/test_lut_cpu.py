@@ -1,4 +1,4 @@
-"""The CPU reference of LUTLinear (lcd.py section 4) against the formula it had before it was made fast,
+"""The CPU reference of LUTLinear (packed_model.py section 2) against the formula it had before it was made fast,
 written out plainly here: unpack every index with int64 shifts, gather its centroid, put the outliers
 back, then x / in_scale, fake-quantize, F.linear. Both of its paths (partial sums for few rows, the
 built weight otherwise) must give the same numbers, to fp32 rounding."""
