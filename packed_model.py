@@ -282,11 +282,12 @@ class LUTLinear(nn.Module):
         return rows, cols, delta
 
     def partial_sums_apply(self, x):
-        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
-        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
-        fp32 activations on the CPU take blocked_forward; other dtypes, and x that needs a gradient,
+        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, 1 to
+        PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
+        fp32 activations on the CPU take blocked_forward (0 rows too: its empty product is the (0, N) result,
+        where the tables' look-ups would index an empty P); other dtypes, and x that needs a gradient,
         F.linear with weight_dequantized() (the out= buffers of the fast paths have no autograd)."""
-        return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
+        return (x.dtype == torch.float32 and not x.is_cuda and 0 < x.numel() <= PARTIAL_SUM_ROWS * self.in_features
                 and self.bits == 2 and sys.byteorder == "little"
                 and (self.group_size >= self.in_features or self.group_size % 4 == 0))
 
