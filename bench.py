@@ -1220,8 +1220,10 @@ def bench_generate():
     if chat:   # a user's question, in the chat template, answered greedily to the end of the model's turn
         if not prompt:
             raise SystemExit("--chat needs a question: --prompt='What is the capital of France?'")
-        if getattr(train_kd.get_tokenizer(tokenizer), "chat", None) is None:
-            raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate} has no chat template (not a chat model)")
+        try:                # no template, or one this reader cannot follow: refused, saying which
+            checkpoints.chat_of(train_kd.get_tokenizer(tokenizer))
+        except ValueError as e:
+            raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate}: {e}") from None
         answers = train_kd.chat_answers(models, tokenizer, (prompt.replace("\\n", "\n"),), max_new_tokens)
         return dict(prompt=prompt, tokenizer=tokenizer, chat=answers)
     text = prompt.replace("\\n", "\n") if prompt else train_kd.sample_prompt

@@ -743,12 +743,9 @@ def teacher_text_prompts(enc, n, generator):
     ordinary token (LLM-QAT), or the chat template's opening up to an open user turn (a chat model only)."""
     special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
     ordinary = [i for i in range(enc.n_vocab) if i not in special]
-    chat = getattr(enc, "chat", None)
     opening = None
-    if chat is not None:
-        text = checkpoints.chat_prompt(chat, [{"role": "user", "content": ""}]).removesuffix(
-            "<|im_end|>\n<|im_start|>assistant\n")
-        opening = enc.encode(text, allowed_special="all")
+    if getattr(enc, "chat", None) is not None:      # the system turn, then the user's turn left open
+        opening = checkpoints.chat_ids(enc, [{"role": "user", "content": ""}], answer=False)
     prompts = []
     for start in range(0, n, TEACHER_TEXT_BATCH):
         size = min(TEACHER_TEXT_BATCH, n - start)
@@ -1186,12 +1183,12 @@ def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48,
     cut at the end of its turn. Returns [{question, answers: {label: dict(text, loops)}}]; printed side by
     side, an answer that loops flagged."""
     enc = get_tokenizer(tokenizer)
-    ends = {enc.encode_single_token(t) for t in (enc.chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
+    chat = checkpoints.chat_of(enc)        # ValueError saying why, before any answer: no template, or not ChatML
+    ends = {enc.encode_single_token(t) for t in (chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
     results = []
     log(f"\nchat: greedy answers in the model's chat template (ChatML), at most {max_new_tokens} tokens each")
     for question in questions:
-        prompt = checkpoints.chat_prompt(enc.chat, [{"role": "user", "content": question}])
-        ids = enc.encode(prompt, allowed_special="all")
+        ids = checkpoints.chat_ids(enc, [{"role": "user", "content": question}])   # the question stays text
         answers = {}
         log(f"--- {question}")
         for label, model in models.items():
@@ -1203,6 +1200,18 @@ def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48,
             log(f"  {label}{' [LOOPS]' if answers[label]['loops'] else ''}: {text!r}")
         results.append(dict(question=question, answers=answers))
     return results
+
+
+def report_chat(models, tokenizer, max_new_tokens, log=print):
+    """The report's chat answers (chat_answers) for a chat model; None for a model without a chat template,
+    and for one whose template this reader cannot follow (not ChatML), after one line saying why: the rest
+    of the report does not depend on chat."""
+    enc = get_tokenizer(tokenizer)
+    if getattr(enc, "chat", None) is None:
+        if getattr(enc, "chat_refusal", None):
+            log(f"chat: skipped: {enc.chat_refusal}")
+        return None
+    return chat_answers(models, tokenizer, max_new_tokens=max_new_tokens, log=log)
 
 
 def write_report(config, teacher, meta, rows, ablation, curves, packed_path, device):
@@ -1226,8 +1235,10 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
         results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
             models, meta["tokenizer"], config["sample_prompt"], config["sample_tokens"],
             config["sample_temperature"], config["sample_top_k"], config["seed"]))
-    if packed is not None and config["chat_tokens"] > 0 and getattr(get_tokenizer(meta["tokenizer"]), "chat", None):
-        results["chat"] = chat_answers(models, meta["tokenizer"], max_new_tokens=config["chat_tokens"])
+    if packed is not None and config["chat_tokens"] > 0:
+        answers = report_chat(models, meta["tokenizer"], config["chat_tokens"])
+        if answers is not None:
+            results["chat"] = answers
     for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
         note = replaced(path)
         write_json(results, path)
