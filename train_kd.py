@@ -22,6 +22,7 @@ type-checked, range-checked before any work starts, unknown keys rejected. Ctrl-
 progress and says which checkpoint holds it; the same command resumes.
 """
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -298,19 +299,38 @@ def prepare_module():
     return prepare
 
 
-def ensure_data(dataset, tokenizer="bytes"):
-    """Return data/<dataset>/meta.json as a dict, preparing the dataset first if it is missing."""
+def ensure_data(dataset, tokenizer="bytes", log=print):
+    """Return data/<dataset>/meta.json as a dict, the dataset checked against it (prepare.check_dataset: every
+    file's length and sha256). The plays and the general-English set are prepared when missing, and prepared
+    again when incomplete or corrupt (one line saying so), by one process at a time: the others (the ranks of
+    a torchrun, runs started together) wait for it (packed_model.exclusive) and find it ready. Any other
+    dataset that is missing is a FileNotFoundError, a corrupt one a ValueError naming the file and the command
+    that prepares it again."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if dataset == general_name(tokenizer):
-            prepare_module().prepare_general(tokenizer)
-        elif dataset in ("shakespeare", f"shakespeare_{tokenizer}"):
-            prepare_module().prepare(name=dataset, tokenizer=tokenizer)
-        else:
-            raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
-                                    f"python data/prepare.py --input=FILE --name={dataset}")
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    prepare = prepare_module()
+    meta, problem = prepare.check_dataset(data_dir)
+    known = dataset == general_name(tokenizer) or dataset in ("shakespeare", f"shakespeare_{tokenizer}")
+    if problem is not None and known:
+        with packed_model.exclusive(os.path.join(data_dir, "meta.json"), f"the dataset {dataset}", log):
+            meta, problem = prepare.check_dataset(data_dir)      # another process may have prepared it meanwhile
+            if problem is not None:
+                if meta is not None or os.path.exists(os.path.join(data_dir, "meta.json")):
+                    log(f"{data_dir}: {problem}: removed; preparing the dataset again")
+                    for name in ("meta.json", "train.bin", "val.bin"):   # meta.json first: it vouches for the rest
+                        if os.path.exists(os.path.join(data_dir, name)):
+                            os.remove(os.path.join(data_dir, name))
+                if dataset == general_name(tokenizer):
+                    prepare.prepare_general(tokenizer)
+                else:
+                    prepare.prepare(name=dataset, tokenizer=tokenizer)
+                meta, problem = prepare.check_dataset(data_dir)
+    if problem is not None and meta is None and not os.path.exists(os.path.join(data_dir, "meta.json")):
+        raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
+                                f"python data/prepare.py --input=FILE --name={dataset}")
+    if problem is not None:
+        source = (meta or {}).get("source") or "FILE"
+        raise ValueError(f"--dataset={dataset}: {problem}; the dataset is incomplete or corrupt: prepare it again "
+                         f"with python data/prepare.py --input={source} --name={os.path.basename(data_dir)}")
     if meta.get("tokenizer") != tokenizer:
         raise ValueError(f"{data_dir} holds {meta.get('tokenizer')!r} tokens, not {tokenizer!r}: use a dataset "
                          f"prepared with that tokenizer, e.g. --dataset=shakespeare_{tokenizer}")
@@ -459,13 +479,23 @@ def load_checkpoint(path, keys=(), remedy="delete it to restart that stage"):
     return ckpt
 
 
+# How long a collective (DDP's gradients, a broadcast) waits for every rank. Rank 0 works alone between the
+# collectives of distillation -- the post-training rows (GPTQ on a pretrained model: minutes to an hour on a
+# slow machine), each row's evaluation, the report -- while the other ranks wait at the next one; with
+# torch's default (10 or 30 minutes) a slow machine timed out and torchrun killed the whole run. A rank
+# that dies is seen by torchrun at once, so a long timeout costs nothing there. Files that rank 0 writes
+# (data, the teacher's text) are not waited for at a collective at all (packed_model.exclusive).
+DIST_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def setup_distributed(device):
-    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA; collectives
+    wait DIST_TIMEOUT."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -785,14 +815,16 @@ def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
     key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
                                      config["teacher_text_seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
     path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
-    if rank == 0 and not os.path.exists(path):
+    log = print if rank == 0 else (lambda line: print(f"rank {rank}: {line}"))
+
+    def write(tmp):    # whichever process comes first (rank 0, or one of a sweep) writes; the others wait
         t0 = time.time()
         tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
-                                    config["teacher_text_seed"] + 3000)
-        packed_model.atomic_write(path, tokens.tofile)
-        print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
-    if world > 1:
-        dist.barrier()
+                                    config["teacher_text_seed"] + 3000, log=log)
+        tokens.tofile(tmp)
+        log(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
+    # checked on every read (its length and sha256): a cut-off or altered text is written again, never used
+    packed_model.cached(path, write, "the teacher's text", log, expect_bytes=2 * config["teacher_text_seqs"] * T)
     text = np.fromfile(path, dtype=np.uint16)
     if config["distill_data"] == "teacher":
         return text
@@ -1263,8 +1295,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
         for path in resume_files:   # the run is complete: its distillation checkpoints have served
             if os.path.exists(path):
                 os.remove(path)
-    if world > 1:
-        dist.barrier()
+    # the other ranks' work ends with the distillation: they do not wait for rank 0's report (no collective)
 
 
 def write_json(obj, path):
@@ -1314,12 +1345,12 @@ def check_outputs(config):
 
 def data_stage(config, rank, world):
     """Stage 1: the dataset's meta.json (data/prepare.py writes it and the general-English evaluation set on
-    first use; rank 0 prepares, the other ranks wait for it)."""
-    if rank == 0:
-        held_out_sets(config, ensure_data(config["dataset"], config["tokenizer"]))   # the general set too
-    if world > 1:
-        dist.barrier()
-    return ensure_data(config["dataset"], config["tokenizer"])
+    first use). Every rank asks for both: the first prepares each, the others wait for its lock, never at
+    a collective (ensure_data)."""
+    log = print if rank == 0 else (lambda line: print(f"rank {rank}: {line}"))
+    meta = ensure_data(config["dataset"], config["tokenizer"], log)
+    held_out_sets(config, meta)                                                  # the general set too
+    return meta
 
 
 def teacher_stage(config, meta, rank, world, device):
@@ -1337,11 +1368,9 @@ def teacher_stage(config, meta, rank, world, device):
     else:
         t0 = time.time()
         teacher = train_teacher(config, meta, rank, world, device)
-        if rank == 0:
+        if rank == 0:    # the other ranks hold the same weights (DDP): they go on without waiting for the file
             save_teacher(teacher, teacher_path, teacher_data(config, meta))
             print(f"teacher: trained in {time.time() - t0:.0f} s, saved {teacher_path}")
-        if world > 1:
-            dist.barrier()
     teacher.eval()
     try:
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
