@@ -135,10 +135,17 @@ def parse_config(argv, defaults=None):
         pretrained = dict(PRETRAINED_DEFAULTS, **NAMED_CHECKPOINT_DEFAULTS.get(config["init_from"], {}))
         config.update({k: v for k, v in pretrained.items() if k in config and k not in given})
     if config.get("budget", 1.0) != 1.0:                        # the one flag for a longer (or shorter) run
-        if not (math.isfinite(config["budget"]) and config["budget"] > 0):
-            raise ValueError(f"--budget must be a number > 0 (a multiple of the distillation steps), got {config['budget']!r}")
-        for key in ("block_steps", "kd_steps"):
-            config[key] = max(1, round(config[key] * config["budget"]))
+        budget = config["budget"]
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"--budget must be a number > 0 (a multiple of the distillation steps), got {budget!r}")
+        steps = {key: config[key] for key in ("block_steps", "kd_steps")}
+        for key, n in steps.items():
+            if n * budget > COUNT_MAX:      # the product, not only the flag: 1e308 steps became inf
+                raise ValueError(f"--budget={budget!r} makes --{key}={n} x {budget:g} = {n * budget:.3g} steps, past "
+                                 f"the most a run counts ({COUNT_MAX}): give a --budget of at most "
+                                 f"{COUNT_MAX / max(*steps.values(), 1):.3g}")
+        for key, n in steps.items():
+            config[key] = max(1, round(n * budget))
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(packed_model.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
@@ -162,6 +169,9 @@ NON_NEGATIVE = ("seed", "teacher_text_seed", "min_lr", "warmup_iters", "weight_d
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
                 "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
+COUNT_MAX = 2 ** 31 - 1   # the most of any count (steps, batches, sequences, tokens): sizes, loops and kernels take C ints
+SEEDS = ("seed", "teacher_text_seed")
+SEED_MAX = 2 ** 63 - 1    # the stages add offsets below 2^32 to a seed (seed + 2000 + rank, ...): torch takes < 2^64
 
 
 def check_config(config):
@@ -175,6 +185,10 @@ def check_config(config):
         for key in keys:
             if config.get(key) is not None and not ok(config[key]):
                 raise ValueError(f"--{key} must be {wanted}, got {config[key]!r}")
+    for key in AT_LEAST_ONE + NON_NEGATIVE:
+        value = config.get(key)
+        if isinstance(value, int) and value > (SEED_MAX if key in SEEDS else COUNT_MAX):
+            raise ValueError(f"--{key} must be at most {SEED_MAX if key in SEEDS else COUNT_MAX}, got {value!r}")
     for key, lo, lo_ok, hi, hi_ok in FRACTIONS:
         if key in config and not ((lo <= config[key] if lo_ok else lo < config[key]) and
                                   (config[key] <= hi if hi_ok else config[key] < hi)):
@@ -189,6 +203,15 @@ def check_config(config):
     for key in ("ablate", "kd_baseline"):
         if config.get(key, 0) not in (0, 1):
             raise ValueError(f"--{key} must be 0 or 1, got {config[key]!r}")
+    if config.get("distill_data") == "teacher" and config.get("teacher_text_seqs", 2) < 2:
+        raise ValueError(f"--teacher_text_seqs={config['teacher_text_seqs']} with --distill_data=teacher: the text "
+                         "is teacher_text_seqs windows of block_size tokens, and distillation draws windows of "
+                         "block_size + 1 (the next token too) from it: give --teacher_text_seqs >= 2 (or "
+                         "--distill_data=mix, which adds the plays)")
+    if "progressive_p" in config and config.get("bits", bits) + config["progressive_p"] > 8:
+        raise ValueError(f"--progressive_p={config['progressive_p']} at --bits={config.get('bits', bits)}: LCD starts "
+                         f"at 2^(bits + p) centroids and stores an assignment in one byte (at most 2^8): give "
+                         f"--progressive_p <= {8 - config.get('bits', bits)}")
     if config.get("stop_after", "") not in STAGES:
         raise ValueError(f"--stop_after must be one of {STAGES}, got {config['stop_after']!r}")
     if "device" in config:
@@ -1353,6 +1376,35 @@ def data_stage(config, rank, world):
     return meta
 
 
+def check_config_against_data(config, meta, block_size):
+    """The flags whose bounds the data sets, checked once the dataset is there and before the teacher trains
+    (ValueError naming the flag, the bound and what to do): windows of block_size + 1 tokens must fit in the
+    train split and every held-out set; the sample prompt must be spelled by the tokenizer in ids of the
+    vocabulary; a chat model's opening of the teacher's text (distill_data teacher or mix) must leave room
+    in a window for the teacher to write."""
+    sets = dict(held_out_sets(config, meta), train=load_tokens(meta["dir"], "train")) \
+        if not meta.get("eval_only") else held_out_sets(config, meta)
+    for name, tokens in sets.items():
+        if block_size is not None and len(tokens) <= block_size:    # None: a pretrained model's own context
+            raise ValueError(f"--block_size={block_size}: the {name} set ({meta['dir'] if name != 'general' else name}) "
+                             f"holds {len(tokens)} tokens, fewer than one window of block_size + 1: give a "
+                             f"--block_size below {len(tokens)}, or prepare more text")
+    enc = get_tokenizer(meta["tokenizer"])
+    if config["sample_tokens"] > 0:
+        try:
+            ids = enc.encode_ordinary(config["sample_prompt"])
+        except ValueError as e:
+            raise ValueError(f"--sample_prompt: {e}") from None
+        if max(ids) >= meta["vocab_size"]:
+            raise ValueError(f"--sample_prompt: token id {max(ids)} is outside the vocabulary of {meta['vocab_size']}")
+    if config["distill_data"] != "plays" and getattr(enc, "chat", None) is not None:
+        opening = len(checkpoints.chat_ids(enc, [{"role": "user", "content": ""}], answer=False))
+        if block_size is not None and opening >= block_size:
+            raise ValueError(f"--block_size={block_size} with --distill_data={config['distill_data']}: the chat "
+                             f"template's opening of the teacher's text takes {opening} tokens, leaving the teacher "
+                             f"nothing to write: give a --block_size above {opening}, or --distill_data=plays")
+
+
 def teacher_stage(config, meta, rank, world, device):
     """Stage 2: the full-precision teacher - pretrained (--init_from), loaded from out_dir/teacher.pt, or
     trained and saved there - and its report row (rank 0 evaluates it)."""
@@ -1393,6 +1445,11 @@ def run(config):
     if rank == 0:
         check_outputs(config)                                                     # before any work
     meta = data_stage(config, rank, world)                                        # 1. data
+    try:               # the flags the data bounds, before the teacher trains (a pretrained one may be shorter)
+        block_size = (model_config(config, 1) if config["init_from"] == "scratch" else config)["block_size"]
+        check_config_against_data(config, meta, block_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     teacher, teacher_row = teacher_stage(config, meta, rank, world, device)       # 2. the teacher
     if config["stop_after"] != "teacher":                                         # 3-7: quantize, distill, report
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)

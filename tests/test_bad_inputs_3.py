@@ -427,3 +427,66 @@ def test_a_cache_entry_wanted_by_two_runs_is_produced_once(tmp_path, monkeypatch
     assert produced == ["run 0"] and open(path, "rb").read() == b"x" * 64
     assert packed_model.cache_problem(path) is None
     assert any("waiting for process" in line and "the entry" in line for line in lines)
+
+
+# ---- 11. a flag that passes its check, then fails later ---------------------------------------------------
+
+@pytest.mark.parametrize("argv,words", [
+    (["--budget=1e308"], r"--budget=1e\+308 makes --block_steps=50 x 1e\+308 = inf steps, past the most a run counts "
+                         r"\(2147483647\): give a --budget of at most 1.43e\+06"),
+    (["--budget=1e7"], r"--budget=10000000.0 makes --kd_steps=1500 x 1e\+07 = 1.5e\+10 steps"),
+    (["--distill_data=teacher", "--teacher_text_seqs=1"], r"--teacher_text_seqs=1 with --distill_data=teacher.*"
+                                                          r"give --teacher_text_seqs >= 2"),
+    (["--progressive_p=7"], r"--progressive_p=7 at --bits=2: .*give --progressive_p <= 6"),
+    (["--bits=4", "--progressive_p=5"], r"--progressive_p <= 4"),
+    ([f"--seed={2 ** 64}"], rf"--seed must be at most {2 ** 63 - 1}"),
+    ([f"--teacher_text_seed={2 ** 64 - 2000}"], "--teacher_text_seed must be at most"),
+    ([f"--kd_steps={10 ** 30}"], r"--kd_steps must be at most 2147483647"),
+    ([f"--sample_tokens={2 ** 40}"], r"--sample_tokens must be at most 2147483647"),
+])
+def test_a_flag_is_checked_for_what_later_stages_make_of_it(argv, words):
+    import train_kd
+    with pytest.raises(ValueError, match=words):
+        train_kd.parse_config(argv)
+
+
+def test_the_bounds_leave_every_good_value_alone():
+    import train_kd
+    config = train_kd.parse_config(["--budget=1000", f"--seed={2 ** 63 - 1}", "--distill_data=mix",
+                                    "--teacher_text_seqs=1", "--bits=4", "--progressive_p=4"])
+    assert config["kd_steps"] == 1500 * 1000 and config["block_steps"] == 50 * 1000
+    import torch as t
+    t.Generator().manual_seed(config["seed"] + 2000 + 7)          # the largest seed and its offsets: in range
+
+
+def test_flags_the_data_bounds_are_checked_before_the_teacher_trains(tiny_data, tmp_path, monkeypatch):
+    import train_kd
+    data_dir, _ = tiny_data
+    monkeypatch.setattr(train_kd, "train_teacher", lambda *a, **k: pytest.fail("the teacher trained first"))
+    base = [f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--preset=tiny", "--device=cpu"]
+    with pytest.raises(SystemExit, match=r"--block_size=5000: the val set .* holds 2649 tokens, fewer than one "
+                                         r"window of block_size \+ 1: give a --block_size below 2649"):
+        train_kd.main(base + ["--block_size=5000"])
+    with pytest.raises(SystemExit, match=r"--sample_prompt: token id 300 is outside the vocabulary of 256"):
+        monkeypatch.setattr(train_kd, "get_tokenizer", lambda name: type("E", (), dict(
+            encode_ordinary=lambda self, text: [300], chat=None))())
+        train_kd.main(base)
+
+
+def test_bench_checks_its_flags_before_any_benchmark(monkeypatch):
+    import bench
+    for key in bench.CONFIG_KEYS + ["_GIVEN"]:
+        monkeypatch.setattr(bench, key, getattr(bench, key))
+    monkeypatch.setattr(bench, "bench_reference_cpu", lambda: pytest.fail("a benchmark ran first"))
+    for argv, words in ((["--cost_batch=4y256"], "shapes are written NxK"),
+                        (["--cpu_batches=1,x"], "--cpu_batches: expected comma-separated integers"),
+                        (["--batches=0"], r"--batches: every value must lie in 1..2147483647"),
+                        (["--cost_bits=5"], "--cost_bits takes index bits 2, 3 and 4"),
+                        (["--cpu_reps=0"], r"--cpu_reps must lie in 1..2147483647"),
+                        ([f"--seed={2 ** 64}"], r"--seed must lie in 0..9223372036854775807"),
+                        (["--cpu_model_size=huge"], "--cpu_model_size must be one of"),
+                        (["--cost", "--cost_model=llama-70b"], "--cost_model must be one of"),
+                        (["--cpu", "--cpu_model=big"], "--cpu_model must be smol or smollm2"),
+                        (["--shapes=4096x99999999999"], "--shapes: every size must be at most 2147483647")):
+        with pytest.raises(SystemExit, match=words):
+            bench.main(argv + ["--device=cpu"])
