@@ -585,6 +585,8 @@ def _writer_alive(tmp):
         return True                       # gone already, or not ours to judge: leave it
     try:
         return not _try_lock(fd)
+    except OSError:                       # a filesystem without flock on a read-only file: cannot tell, keep it
+        return True
     finally:
         os.close(fd)                      # drops the lock taken to look
 
@@ -608,6 +610,9 @@ def exclusive(path, what, log=print):
     """Hold the exclusive lock of the cache entry `path` (the file <path>.lock, created if missing) for the
     body of the with-statement, waiting for it while another process holds it: one line when the wait starts,
     naming `what`, `path` and the holder's pid, and one every LOCK_NOTE_S (log None: silent)."""
+    if fcntl is None:                     # no POSIX locks here: one writer assumed, as atomic_write does
+        yield
+        return
     lock_path = path + ".lock"
     os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -617,8 +622,8 @@ def exclusive(path, what, log=print):
             waited = time.time() - t0
             if log and (noted is None or waited - noted >= LOCK_NOTE_S):
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                log(f"waiting for process {holder} to finish writing {what} ({path}): "
-                    f"{waited / 60:.0f} min so far")
+                log(f"waiting for process {holder} to finish writing {what} ({path})"
+                    + (f": {waited / 60:.0f} min so far" if noted is not None else ""))
                 noted = waited
             time.sleep(LOCK_POLL_S)
         os.ftruncate(fd, 0)

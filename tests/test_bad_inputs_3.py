@@ -67,6 +67,16 @@ def test_an_empty_batch_gives_an_empty_result_on_every_path(every_layer, monkeyp
             assert full.shape == (2, 24) and torch.isfinite(full).all(), name
 
 
+@pytest.mark.parametrize("a_bits", [None, 8])
+def test_an_empty_batch_launches_no_gpu_kernel(every_layer, a_bits, monkeypatch):
+    # on a GPU, lcd_kernels.lut_forward picks the kernel by the rows: 0 rows must not launch a grid of 0 blocks
+    layer = every_layer["lut2"]
+    monkeypatch.setattr(layer, "a_bits", a_bits)
+    launches = []
+    y = lcd_kernels.lut_forward(layer, torch.randn(0, 32), lambda *launch: launches.append(launch))
+    assert y.shape == (0, 24) and all(min(grid) > 0 for _, grid, _, _ in launches), launches
+
+
 def test_one_row_still_takes_the_partial_sum_tables():
     layer = packed_layers()["lut2"]
     assert layer.partial_sums_apply(torch.randn(1, 32))
