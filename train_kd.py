@@ -330,14 +330,14 @@ def ensure_data(dataset, tokenizer="bytes", log=print):
     dataset that is missing is a FileNotFoundError, a corrupt one a ValueError naming the file and the command
     that prepares it again."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
-    prepare = prepare_module()
+    meta_path, prepare = os.path.join(data_dir, "meta.json"), prepare_module()
     meta, problem = prepare.check_dataset(data_dir)
     known = dataset == general_name(tokenizer) or dataset in ("shakespeare", f"shakespeare_{tokenizer}")
     if problem is not None and known:
-        with packed_model.exclusive(os.path.join(data_dir, "meta.json"), f"the dataset {dataset}", log):
+        with packed_model.exclusive(meta_path, f"the dataset {dataset}", log):
             meta, problem = prepare.check_dataset(data_dir)      # another process may have prepared it meanwhile
             if problem is not None:
-                if meta is not None or os.path.exists(os.path.join(data_dir, "meta.json")):
+                if os.path.exists(meta_path):
                     log(f"{data_dir}: {problem}: removed; preparing the dataset again")
                     for name in ("meta.json", "train.bin", "val.bin"):   # meta.json first: it vouches for the rest
                         if os.path.exists(os.path.join(data_dir, name)):
@@ -347,8 +347,8 @@ def ensure_data(dataset, tokenizer="bytes", log=print):
                 else:
                     prepare.prepare(name=dataset, tokenizer=tokenizer)
                 meta, problem = prepare.check_dataset(data_dir)
-    if problem is not None and meta is None and not os.path.exists(os.path.join(data_dir, "meta.json")):
-        raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
+    if problem is not None and not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: prepare it with "
                                 f"python data/prepare.py --input=FILE --name={dataset}")
     if problem is not None:
         source = (meta or {}).get("source") or "FILE"
@@ -1382,13 +1382,14 @@ def check_config_against_data(config, meta, block_size):
     train split and every held-out set; the sample prompt must be spelled by the tokenizer in ids of the
     vocabulary; a chat model's opening of the teacher's text (distill_data teacher or mix) must leave room
     in a window for the teacher to write."""
-    sets = dict(held_out_sets(config, meta), train=load_tokens(meta["dir"], "train")) \
-        if not meta.get("eval_only") else held_out_sets(config, meta)
+    sets = held_out_sets(config, meta)
+    if not meta.get("eval_only"):
+        sets["train"] = load_tokens(meta["dir"], "train")
     for name, tokens in sets.items():
         if block_size is not None and len(tokens) <= block_size:    # None: a pretrained model's own context
-            raise ValueError(f"--block_size={block_size}: the {name} set ({meta['dir'] if name != 'general' else name}) "
-                             f"holds {len(tokens)} tokens, fewer than one window of block_size + 1: give a "
-                             f"--block_size below {len(tokens)}, or prepare more text")
+            what = "the general-English set" if name == "general" else f"the {name} split of --dataset={config['dataset']}"
+            raise ValueError(f"--block_size={block_size}: {what} holds {len(tokens)} tokens, fewer than one window "
+                             f"of block_size + 1: give a --block_size below {len(tokens)}, or prepare more text")
     enc = get_tokenizer(meta["tokenizer"])
     if config["sample_tokens"] > 0:
         try:

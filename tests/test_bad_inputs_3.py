@@ -474,7 +474,7 @@ def test_flags_the_data_bounds_are_checked_before_the_teacher_trains(tiny_data, 
     data_dir, _ = tiny_data
     monkeypatch.setattr(train_kd, "train_teacher", lambda *a, **k: pytest.fail("the teacher trained first"))
     base = [f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--preset=tiny", "--device=cpu"]
-    with pytest.raises(SystemExit, match=r"--block_size=5000: the val set .* holds 2649 tokens, fewer than one "
+    with pytest.raises(SystemExit, match=r"--block_size=5000: the val split of --dataset=.* holds 2649 tokens, fewer than one "
                                          r"window of block_size \+ 1: give a --block_size below 2649"):
         train_kd.main(base + ["--block_size=5000"])
     with pytest.raises(SystemExit, match=r"--sample_prompt: token id 300 is outside the vocabulary of 256"):
