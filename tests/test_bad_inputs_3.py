@@ -500,3 +500,30 @@ def test_bench_checks_its_flags_before_any_benchmark(monkeypatch):
                         (["--shapes=4096x99999999999"], "--shapes: every size must be at most 2147483647")):
         with pytest.raises(SystemExit, match=words):
             bench.main(argv + ["--device=cpu"])
+
+
+def test_torchrun_ranks_share_the_teacher_text_and_end_without_a_barrier(tiny_data, tiny_teacher, tmp_path):
+    # two real processes: the text is written once (by whichever rank comes first), both read it, and the
+    # run ends on each rank without waiting for rank 0's report
+    import glob
+    import subprocess
+    import time
+    import train_kd
+    data_dir, _ = tiny_data
+    train_kd.save_teacher(tiny_teacher[0], str(tmp_path / "teacher.pt"))
+    seed = int(time.time() * 1000) % 10 ** 9                    # a text no earlier run has cached
+    before = set(glob.glob(os.path.join(train_kd.DATA_ROOT, "cache", "teacher_text_*.bin")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           os.path.join(ROOT, "train_kd.py"), f"--dataset={data_dir}", f"--out_dir={tmp_path}", "--preset=tiny",
+           "--device=cpu", "--batch_size=4", "--calib_batches=1", "--eval_batches=1", "--distill_data=teacher",
+           "--teacher_text_seqs=4", f"--teacher_text_seed={seed}", "--ptq=rtn", "--stop_after=baselines"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    written = set(glob.glob(os.path.join(train_kd.DATA_ROOT, "cache", "teacher_text_*.bin"))) - before
+    try:
+        assert result.stdout.count("teacher text: wrote") == 1 and len(written) == 1
+        assert packed_model.cache_problem(written.pop()) is None
+    finally:
+        for path in glob.glob(os.path.join(train_kd.DATA_ROOT, "cache", "teacher_text_*.bin*")):
+            if path.split(".bin")[0] + ".bin" not in before:
+                os.remove(path)
