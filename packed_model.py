@@ -8,7 +8,8 @@ an output:
                          (PyTorch reference here; kernels.c / kernels.cu through lcd_kernels.py when built)
   3. Q8Linear          - the output head in GGUF's Q8_0 format (int8 blocks of 32 with an fp16 scale)
   4. a packed model    - which layers are packed, how many bits each stores (footprint)
-  5. save / load       - one file: a validated header describing each layer, then the state_dict
+  5. save / load       - one file: a validated header describing each layer, then the state_dict; atomic
+                         writes, and cache entries written once under a lock and checked on read
 
 This file knows nothing of how the codebooks were found (lcd.py); it imports only the kernels' loader.
 A linear layer computes y = x W^T with W of shape (N, K): N outputs, K inputs.
