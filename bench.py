@@ -146,6 +146,39 @@ def apply_overrides(argv):
                          f"per row; got {group_size} (0 no longer means one per row: write --group_size=None)")
     if quality_bits.strip() and not set(parse_ints(quality_bits, 'quality_bits')) <= {2, 3, 4}:
         raise SystemExit(f"--quality_bits takes index bits 2, 3 and 4, comma-separated; got {quality_bits!r}")
+    check_flags()
+
+
+COUNT_MAX = 2 ** 31 - 1   # the most of any size or count: the kernels take N, K and batch sizes as C ints
+SEED_MAX = 2 ** 63 - 1    # torch's generators take seeds below 2^64; the benchmarks add small offsets
+
+
+def check_flags():
+    """Every flag a later benchmark parses, converts or sizes data with, checked now, before any benchmark
+    runs (a bad --cost_batch was found after minutes of the others): shapes and lists parse, counts lie in
+    their range, names are known. SystemExit naming the flag and its bound."""
+    for key in ("shapes", "cpu_shapes", "cost_batch"):
+        if any(d > COUNT_MAX for shape in parse_shapes(globals()[key]) for d in shape):
+            raise SystemExit(f"--{key}: every size must be at most {COUNT_MAX}, got {globals()[key]!r}")
+    for key in ("batches", "cpu_batches", "cost_bits"):
+        values = parse_ints(globals()[key], key)
+        if not all(1 <= v <= COUNT_MAX for v in values):
+            raise SystemExit(f"--{key}: every value must lie in 1..{COUNT_MAX}, got {globals()[key]!r}")
+        if key == "cost_bits" and not set(values) <= {2, 3, 4}:
+            raise SystemExit(f"--cost_bits takes index bits 2, 3 and 4, comma-separated; got {cost_bits!r}")
+    for key, low in (("reps", 1), ("cpu_reps", 1), ("decode_tokens", 1), ("cost_calib", 1), ("cost_kd_steps", 1),
+                     ("warmup", 0), ("flush_mb", 0), ("cpu_threads", 0), ("cost_layers", 0)):
+        if not low <= globals()[key] <= COUNT_MAX:
+            raise SystemExit(f"--{key} must lie in {low}..{COUNT_MAX}, got {globals()[key]!r}")
+    if not 0 <= seed <= SEED_MAX:
+        raise SystemExit(f"--seed must lie in 0..{SEED_MAX}, got {seed!r}")
+    for key in ("model_size", "cpu_model_size"):
+        if globals()[key] not in SIZES:
+            raise SystemExit(f"--{key} must be one of {', '.join(SIZES)}, got {globals()[key]!r}")
+    if cost and cost_model not in {"smollm2", *COST_MODELS, *SIZES}:
+        raise SystemExit(f"--cost_model must be one of {sorted({'smollm2', *COST_MODELS, *SIZES})}, got {cost_model!r}")
+    if cpu and cpu_model not in ("smol", "smollm2"):
+        raise SystemExit(f"--cpu_model must be smol or smollm2, got {cpu_model!r}")
 
 
 def parse_shapes(text):
@@ -1225,8 +1258,10 @@ def bench_generate():
     if chat:   # a user's question, in the chat template, answered greedily to the end of the model's turn
         if not prompt:
             raise SystemExit("--chat needs a question: --prompt='What is the capital of France?'")
-        if getattr(train_kd.get_tokenizer(tokenizer), "chat", None) is None:
-            raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate} has no chat template (not a chat model)")
+        try:                # no template, or one this reader cannot follow: refused, saying which
+            checkpoints.chat_of(train_kd.get_tokenizer(tokenizer))
+        except ValueError as e:
+            raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate}: {e}") from None
         answers = train_kd.chat_answers(models, tokenizer, (prompt.replace("\\n", "\n"),), max_new_tokens)
         return dict(prompt=prompt, tokenizer=tokenizer, chat=answers)
     text = prompt.replace("\\n", "\n") if prompt else train_kd.sample_prompt

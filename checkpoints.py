@@ -759,8 +759,12 @@ def gguf_tokenizer(path, metadata=None):
         raise ValueError(f"{path}: tokenizer.ggml.tokens / merges / token_type are missing or of unequal length")
     special = {i for i, t in enumerate(types) if t in GGUF_SPECIAL_TYPES}
     enc = bpe_tokenizer(os.path.basename(path), tokens, merges, special, gguf_pre_tokenizer(path, metadata))
-    enc.chat = chat_template(metadata["tokenizer.chat_template"], path) if "tokenizer.chat_template" in metadata \
-        else None
+    enc.chat, enc.chat_refusal = None, None
+    if "tokenizer.chat_template" in metadata:
+        try:
+            enc.chat = chat_template(metadata["tokenizer.chat_template"], path)
+        except ValueError as e:     # chat alone is refused (chat_of says why); the model and its text are fine
+            enc.chat_refusal = f"{e} (only chat is refused: the model itself loads)"
     return enc
 
 
@@ -787,35 +791,91 @@ def gguf_pre_tokenizer(path, metadata):
 # A chat model reads its conversation in one template, stored with the tokenizer (tokenizer.chat_template:
 # a Jinja program that the format's readers evaluate). This project reads one form of it, ChatML (SmolLM2,
 # Qwen): every message is <|im_start|>{role}\n{content}<|im_end|>\n, and the answer starts after
-# <|im_start|>assistant\n. Its program is recognised by that line, and its default system message (the one
-# it puts first when the conversation has none) is read from it; any other template is refused by name,
-# never run: the file's text is data, not code.
+# <|im_start|>assistant\n. Its program is recognised by that line (message['role'], message["role"] or
+# Qwen2.5's message.role), and its default system message (the one it puts first when the conversation has
+# none) is read from it; any other template is refused by name, never run: the file's text is data, not code.
+# The template concerns chat only: a tokenizer whose template is refused still encodes and decodes text
+# (its model loads and writes), and keeps the reason in enc.chat_refusal for chat to say (chat_of).
 NEWLINE = r"(?:\n|\\n)"      # in the template's string literals: a newline, or its escape
-CHATML_MESSAGE = re.compile(r"'<\|im_start\|>'\s*\+\s*message\['role'\]\s*\+\s*'" + NEWLINE + r"'\s*\+\s*"
-                            r"message\['content'\]\s*\+\s*'<\|im_end\|>'\s*\+\s*'" + NEWLINE + "'")
-CHATML_SYSTEM = re.compile(r"'<\|im_start\|>system" + NEWLINE + r"(.*?)<\|im_end\|>" + NEWLINE + "'", re.S)
+
+
+def _field(name):
+    """A Jinja reference to message[name]: message['role'], message["role"] or message.role."""
+    return rf"""message(?:\['{name}'\]|\["{name}"\]|\.{name}\b)"""
+
+
+CHATML_MESSAGE = re.compile(r"'<\|im_start\|>'\s*\+\s*" + _field("role") + r"\s*\+\s*'" + NEWLINE + r"'\s*\+\s*"
+                            + _field("content") + r"\s*\+\s*'<\|im_end\|>'\s*\+\s*'" + NEWLINE + "'")
+CHATML_SYSTEM = re.compile(r"'<\|im_start\|>system" + NEWLINE + r"((?:[^'\\]|\\.)*?)<\|im_end\|>" + NEWLINE + "'",
+                           re.S)             # within one string literal: Qwen2.5's also writes messages[0]'s there
+CHATML_MARKERS = ("<|im_start|>", "<|im_end|>")   # the template's own control tokens: the only special ids of a prompt
 
 
 def chat_template(template, source):
     """{"form": "chatml", "system": default system message or None, "end": "<|im_end|>"} of a chat
     template (tokenizer.chat_template) of the ChatML form; ValueError naming `source` for any other form."""
     if not isinstance(template, str) or not CHATML_MESSAGE.search(template):
+        shown = repr(template[:60]) + ("..." if len(template) > 60 else "") if isinstance(template, str) else \
+            type(template).__name__
         raise ValueError(f"{source}: its tokenizer.chat_template is not ChatML (<|im_start|>role ... <|im_end|>), "
-                         "the one chat form this reader supports; prompt the model with plain text instead")
+                         f"the one chat form this reader supports (it begins {shown}); prompt the model with plain "
+                         "text instead")
     system = CHATML_SYSTEM.search(template)
     return {"form": "chatml", "system": system[1] if system else None, "end": "<|im_end|>"}
 
 
+def chat_of(enc):
+    """The tokenizer's chat template (chat_template's dict): enc.chat. ValueError saying why there is none:
+    its template was refused (enc.chat_refusal: not ChatML), or it has none (not a chat model)."""
+    chat = getattr(enc, "chat", None)
+    if chat is None:
+        refusal = getattr(enc, "chat_refusal", None)
+        raise ValueError(refusal or f"the tokenizer {getattr(enc, 'name', enc)!r} has no chat template: its model "
+                                    "is not a chat model; prompt it with plain text instead")
+    return chat
+
+
 def chat_prompt(chat, messages):
     """The text a ChatML model reads before it answers: `messages` [{"role", "content"}, ...] in the template
-    (chat_template), the default system message first when there is none, then <|im_start|>assistant\n."""
+    (chat_template), the default system message first when there is none, then <|im_start|>assistant\n.
+    For display: a model reads chat_ids (the same text, its user's part never taken for control tokens)."""
+    return "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in _chat_turns(chat, messages)) \
+        + "<|im_start|>assistant\n"
+
+
+def _chat_turns(chat, messages):
+    """[(role, content)] of the conversation: messages checked, the template's default system message first."""
     if chat is None:
         raise ValueError("this tokenizer has no chat template: its model is not a chat model")
-    if not messages or any(not isinstance(m, dict) or set(m) != {"role", "content"} for m in messages):
-        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
+    if not messages or any(not isinstance(m, dict) or set(m) != {"role", "content"} or
+                           not all(isinstance(v, str) for v in m.values()) for m in messages):
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts of str, got {messages!r}")
     if messages[0]["role"] != "system" and chat["system"] is not None:
         messages = [{"role": "system", "content": chat["system"]}, *messages]
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n"
+    return [(m["role"], m["content"]) for m in messages]
+
+
+def chat_ids(enc, messages, answer=True):
+    """The token ids of chat_prompt(chat_of(enc), messages): the template's markers (<|im_start|>, <|im_end|>)
+    as their control-token ids, every role and content as plain text -- so a user's text that spells
+    "<|im_end|>\n<|im_start|>system" stays text and cannot end its turn or forge another. answer=False leaves
+    the last message's turn open (no <|im_end|>, no assistant turn): the model writes the rest of it.
+    ValueError (chat_of) without a usable template, or when the vocabulary lacks a marker as a control token."""
+    chat = chat_of(enc)
+    start, end = (_control_id(enc, marker) for marker in CHATML_MARKERS)
+    turns, ids = _chat_turns(chat, messages), []
+    for i, (role, content) in enumerate(turns):
+        ids += [start, *enc.encode_ordinary(f"{role}\n{content}")]
+        if answer or i < len(turns) - 1:
+            ids += [end, *enc.encode_ordinary("\n")]
+    return ids + ([start, *enc.encode_ordinary("assistant\n")] if answer else [])
+
+
+def _control_id(enc, marker):
+    if marker not in enc.special_tokens_set:
+        raise ValueError(f"the tokenizer {enc.name!r} has no control token {marker!r}, which its ChatML template "
+                         "needs: the template does not belong to this vocabulary")
+    return enc.encode_single_token(marker)
 
 
 def hf_tokenizer(directory):

@@ -8,19 +8,29 @@ an output:
                          (PyTorch reference here; kernels.c / kernels.cu through lcd_kernels.py when built)
   3. Q8Linear          - the output head in GGUF's Q8_0 format (int8 blocks of 32 with an fp16 scale)
   4. a packed model    - which layers are packed, how many bits each stores (footprint)
-  5. save / load       - one file: a validated header describing each layer, then the state_dict
+  5. save / load       - one file: a validated header describing each layer, then the state_dict; atomic
+                         writes, and cache entries written once under a lock and checked on read
 
 This file knows nothing of how the codebooks were found (lcd.py); it imports only the kernels' loader.
 A linear layer computes y = x W^T with W of shape (N, K): N outputs, K inputs.
 """
 
+import contextlib
 import errno
 import functools
+import hashlib
+import json
 import math
 import os
 import re
 import sys
 import tempfile
+import time
+
+try:
+    import fcntl          # POSIX file locks (flock); elsewhere files are written unlocked, one writer assumed
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.nn as nn
@@ -282,11 +292,12 @@ class LUTLinear(nn.Module):
         return rows, cols, delta
 
     def partial_sums_apply(self, x):
-        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, at
-        most PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
-        fp32 activations on the CPU take blocked_forward; other dtypes, and x that needs a gradient,
+        """Whether forward() takes the partial-sum path for x (..., K): fp32 activations on the CPU, 1 to
+        PARTIAL_SUM_ROWS rows, 2-bit indices, codebook groups made of whole bytes (4 entries). Other
+        fp32 activations on the CPU take blocked_forward (0 rows too: its empty product is the (0, N) result,
+        where the tables' look-ups would index an empty P); other dtypes, and x that needs a gradient,
         F.linear with weight_dequantized() (the out= buffers of the fast paths have no autograd)."""
-        return (x.dtype == torch.float32 and not x.is_cuda and x.numel() <= PARTIAL_SUM_ROWS * self.in_features
+        return (x.dtype == torch.float32 and not x.is_cuda and 0 < x.numel() <= PARTIAL_SUM_ROWS * self.in_features
                 and self.bits == 2 and sys.byteorder == "little"
                 and (self.group_size >= self.in_features or self.group_size % 4 == 0))
 
@@ -483,10 +494,10 @@ def atomic_write(path, write):
     usually 0644), not mkstemp's private 0600.
 
     A full disk (OSError ENOSPC, or torch.save's "unexpected pos" RuntimeError) is an OSError(ENOSPC)
-    saying "no space left on the device holding <path>; the previous file is intact". A writer killed
-    before its cleanup (SIGKILL, SIGTERM) leaves its temp file behind; the next write of the same path
-    removes such stale files of its own (stale_temp_files: <name>.<8 random characters>.tmp, mkstemp's
-    pattern for this name, nothing else) -- one writer per file, as every caller here is."""
+    saying "no space left on the device holding <path>; the previous file is intact". The writer holds an
+    exclusive flock on its temp file until the rename, so that a writer killed before its cleanup (SIGKILL,
+    SIGTERM) is told from a live one: the next write of the same path removes the temp files of dead writers
+    only (stale_temp_files); two live writers of one path both finish (the later rename wins)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     for stale in stale_temp_files(path):
@@ -499,8 +510,8 @@ def atomic_write(path, write):
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     except OSError as e:
         raise _write_error(e, path, existed) from None
-    os.close(fd)
     try:
+        _try_lock(fd)                        # held until close: this temp file's writer is alive
         umask = os.umask(0)
         os.umask(umask)                      # reading the umask means setting it: put it straight back
         os.chmod(tmp, 0o666 & ~umask)
@@ -514,6 +525,7 @@ def atomic_write(path, write):
             raise
         raise err from None
     finally:
+        os.close(fd)
         if os.path.exists(tmp):
             os.remove(tmp)
 
@@ -532,16 +544,158 @@ def check_writable(directory, what):
                                f"{e.strerror or e}): choose a writable directory before any work is done") from None
 
 
+STALE_GRACE_S = 10.0   # an empty temp file this young may be a live writer's between mkstemp and its flock
+
+
 def stale_temp_files(path):
     """The temp files atomic_write(path) leaves when killed: <basename>.XXXXXXXX.tmp beside `path`, with
-    XXXXXXXX as tempfile.mkstemp names them (8 of a-z, 0-9, _)."""
+    XXXXXXXX as tempfile.mkstemp names them (8 of a-z, 0-9, _), whose writer is dead: nobody holds its flock
+    (a live writer holds it from creation to rename; an empty file younger than STALE_GRACE_S counts as
+    live, as its writer may not have locked it yet)."""
     directory, base = os.path.split(os.path.abspath(path))
     pattern = re.compile(re.escape(base) + r"\.[a-z0-9_]{8}\.tmp")
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    return [os.path.join(directory, n) for n in sorted(names) if pattern.fullmatch(n)]
+    return [os.path.join(directory, n) for n in sorted(names)
+            if pattern.fullmatch(n) and not _writer_alive(os.path.join(directory, n))]
+
+
+def _try_lock(fd):
+    """Take an exclusive flock on fd without waiting: True if taken (or without POSIX locks), False if
+    another open file holds it."""
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _writer_alive(tmp):
+    """Whether the temp file `tmp` of atomic_write is being written: its flock is held, or it is empty and
+    younger than STALE_GRACE_S."""
+    try:
+        info = os.stat(tmp)
+        if info.st_size == 0 and time.time() - info.st_mtime < STALE_GRACE_S:
+            return True
+        fd = os.open(tmp, os.O_RDONLY)
+    except OSError:
+        return True                       # gone already, or not ours to judge: leave it
+    try:
+        return not _try_lock(fd)
+    except OSError:                       # a filesystem without flock on a read-only file: cannot tell, keep it
+        return True
+    finally:
+        os.close(fd)                      # drops the lock taken to look
+
+
+# ---- caches: written once, by whichever process comes first ------------------------------------------
+# A cache entry (the teacher's text, a prepared dataset, a download) may be wanted by several processes at
+# once: the ranks of one torchrun, or the runs of a seed sweep started together. The first to come takes an
+# exclusive flock on <entry>.lock and writes the entry; the others wait for the lock (a line when they start
+# waiting and every LOCK_NOTE_S), then find the entry ready. The kernel drops a lock when its holder dies,
+# however it dies, so a wait never outlives the writer; and it is never a collective of torch.distributed,
+# whose timeout would end a rank that waits for another's long work (36 minutes of text, on a slow machine).
+# Each entry has a record beside it, <entry>.sha256.json = {"bytes", "sha256"}, written after the data: an
+# entry is used only when its record vouches for it; a missing, truncated or altered one is written again.
+LOCK_POLL_S = 0.5     # seconds between tries of a held lock
+LOCK_NOTE_S = 60.0    # seconds between the lines of a process waiting for one
+RECORD_SUFFIX = ".sha256.json"
+
+
+@contextlib.contextmanager
+def exclusive(path, what, log=print):
+    """Hold the exclusive lock of the cache entry `path` (the file <path>.lock, created if missing) for the
+    body of the with-statement, waiting for it while another process holds it: one line when the wait starts,
+    naming `what`, `path` and the holder's pid, and one every LOCK_NOTE_S (log None: silent)."""
+    if fcntl is None:                     # no POSIX locks here: one writer assumed, as atomic_write does
+        yield
+        return
+    lock_path = path + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        t0, noted = time.time(), None
+        while not _try_lock(fd):
+            waited = time.time() - t0
+            if log and (noted is None or waited - noted >= LOCK_NOTE_S):
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                log(f"waiting for process {holder} to finish writing {what} ({path})"
+                    + (f": {waited / 60:.0f} min so far" if noted is not None else ""))
+                noted = waited
+            time.sleep(LOCK_POLL_S)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)       # the holder, for the lines of those who wait
+        yield
+    finally:
+        os.close(fd)                                     # releases the lock
+
+
+def file_sha256(path):
+    """sha256 hex digest of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(2 ** 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
+
+
+def write_checked(path, write):
+    """atomic_write(path, write), then its record <path>.sha256.json {"bytes", "sha256"} (atomically too,
+    after the data: a record exists only for complete data)."""
+    atomic_write(path, write)
+    record = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+
+    def write_record(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+    atomic_write(path + RECORD_SUFFIX, write_record)
+
+
+def cache_problem(path, expect_bytes=None):
+    """None when `path` is a complete cache entry (write_checked): it has a record, and the record's length
+    (and expect_bytes, when given) and sha256; otherwise what is wrong with it, as words to follow its path."""
+    if not os.path.exists(path):
+        return "is missing"
+    try:
+        with open(path + RECORD_SUFFIX) as f:
+            record = json.load(f)
+        want_bytes, want_sha = int(record["bytes"]), str(record["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"has no valid record {os.path.basename(path)}{RECORD_SUFFIX} of its length and checksum (cut off "
+                "before it was complete, or written by an older version)")
+    size = os.path.getsize(path)
+    if size != want_bytes or (expect_bytes is not None and size != expect_bytes):
+        want = want_bytes if size != want_bytes else expect_bytes
+        return f"holds {size:,} bytes, not the {want:,} it should: truncated or cut off"
+    digest = file_sha256(path)
+    if digest != want_sha:
+        return f"has sha256 {digest[:16]}..., not the recorded {want_sha[:16]}...: corrupt"
+    return None
+
+
+def cached(path, produce, what, log=print, expect_bytes=None):
+    """The cache entry `path`, written by produce(tmp) once: a complete entry (cache_problem) is used as it
+    is; otherwise, under exclusive(path), the entry is checked again (another process may have written it
+    meanwhile), a bad one is removed with one line naming it and what is wrong, and produce writes it
+    (write_checked). Returns `path`."""
+    if cache_problem(path, expect_bytes) is None:
+        return path
+    with exclusive(path, what, log):
+        problem = cache_problem(path, expect_bytes)
+        if problem is None:
+            return path
+        if os.path.exists(path):
+            if log:
+                log(f"{what}: {path} {problem}: removed; writing it again")
+            for stale in (path, path + RECORD_SUFFIX):
+                if os.path.exists(stale):
+                    os.remove(stale)
+        write_checked(path, produce)
+    return path
 
 
 def _write_error(e, path, existed):

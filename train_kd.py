@@ -22,6 +22,7 @@ type-checked, range-checked before any work starts, unknown keys rejected. Ctrl-
 progress and says which checkpoint holds it; the same command resumes.
 """
 import copy
+import datetime
 import hashlib
 import json
 import math
@@ -134,10 +135,17 @@ def parse_config(argv, defaults=None):
         pretrained = dict(PRETRAINED_DEFAULTS, **NAMED_CHECKPOINT_DEFAULTS.get(config["init_from"], {}))
         config.update({k: v for k, v in pretrained.items() if k in config and k not in given})
     if config.get("budget", 1.0) != 1.0:                        # the one flag for a longer (or shorter) run
-        if not (math.isfinite(config["budget"]) and config["budget"] > 0):
-            raise ValueError(f"--budget must be a number > 0 (a multiple of the distillation steps), got {config['budget']!r}")
-        for key in ("block_steps", "kd_steps"):
-            config[key] = max(1, round(config[key] * config["budget"]))
+        budget = config["budget"]
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"--budget must be a number > 0 (a multiple of the distillation steps), got {budget!r}")
+        steps = {key: config[key] for key in ("block_steps", "kd_steps")}
+        for key, n in steps.items():
+            if n * budget > COUNT_MAX:      # the product, not only the flag: 1e308 steps became inf
+                raise ValueError(f"--budget={budget!r} makes --{key}={n} x {budget:g} = {n * budget:.3g} steps, past "
+                                 f"the most a run counts ({COUNT_MAX}): give a --budget of at most "
+                                 f"{COUNT_MAX / max(*steps.values(), 1):.3g}")
+        for key, n in steps.items():
+            config[key] = max(1, round(n * budget))
     if config.get("preset") not in SIZES:
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(packed_model.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
@@ -161,6 +169,9 @@ NON_NEGATIVE = ("seed", "teacher_text_seed", "min_lr", "warmup_iters", "weight_d
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
                 "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
+COUNT_MAX = 2 ** 31 - 1   # the most of any count (steps, batches, sequences, tokens): sizes, loops and kernels take C ints
+SEEDS = ("seed", "teacher_text_seed")
+SEED_MAX = 2 ** 63 - 1    # the stages add offsets below 2^32 to a seed (seed + 2000 + rank, ...): torch takes < 2^64
 
 
 def check_config(config):
@@ -174,6 +185,10 @@ def check_config(config):
         for key in keys:
             if config.get(key) is not None and not ok(config[key]):
                 raise ValueError(f"--{key} must be {wanted}, got {config[key]!r}")
+    for key in AT_LEAST_ONE + NON_NEGATIVE:
+        value = config.get(key)
+        if isinstance(value, int) and value > (SEED_MAX if key in SEEDS else COUNT_MAX):
+            raise ValueError(f"--{key} must be at most {SEED_MAX if key in SEEDS else COUNT_MAX}, got {value!r}")
     for key, lo, lo_ok, hi, hi_ok in FRACTIONS:
         if key in config and not ((lo <= config[key] if lo_ok else lo < config[key]) and
                                   (config[key] <= hi if hi_ok else config[key] < hi)):
@@ -188,6 +203,15 @@ def check_config(config):
     for key in ("ablate", "kd_baseline"):
         if config.get(key, 0) not in (0, 1):
             raise ValueError(f"--{key} must be 0 or 1, got {config[key]!r}")
+    if config.get("distill_data") == "teacher" and config.get("teacher_text_seqs", 2) < 2:
+        raise ValueError(f"--teacher_text_seqs={config['teacher_text_seqs']} with --distill_data=teacher: the text "
+                         "is teacher_text_seqs windows of block_size tokens, and distillation draws windows of "
+                         "block_size + 1 (the next token too) from it: give --teacher_text_seqs >= 2 (or "
+                         "--distill_data=mix, which adds the plays)")
+    if "progressive_p" in config and config.get("bits", bits) + config["progressive_p"] > 8:
+        raise ValueError(f"--progressive_p={config['progressive_p']} at --bits={config.get('bits', bits)}: LCD starts "
+                         f"at 2^(bits + p) centroids and stores an assignment in one byte (at most 2^8): give "
+                         f"--progressive_p <= {8 - config.get('bits', bits)}")
     if config.get("stop_after", "") not in STAGES:
         raise ValueError(f"--stop_after must be one of {STAGES}, got {config['stop_after']!r}")
     if "device" in config:
@@ -298,19 +322,38 @@ def prepare_module():
     return prepare
 
 
-def ensure_data(dataset, tokenizer="bytes"):
-    """Return data/<dataset>/meta.json as a dict, preparing the dataset first if it is missing."""
+def ensure_data(dataset, tokenizer="bytes", log=print):
+    """Return data/<dataset>/meta.json as a dict, the dataset checked against it (prepare.check_dataset: every
+    file's length and sha256). The plays and the general-English set are prepared when missing, and prepared
+    again when incomplete or corrupt (one line saying so), by one process at a time: the others (the ranks of
+    a torchrun, runs started together) wait for it (packed_model.exclusive) and find it ready. Any other
+    dataset that is missing is a FileNotFoundError, a corrupt one a ValueError naming the file and the command
+    that prepares it again."""
     data_dir = dataset if os.path.isabs(dataset) else os.path.join(DATA_ROOT, dataset)
-    if not os.path.exists(os.path.join(data_dir, "meta.json")):
-        if dataset == general_name(tokenizer):
-            prepare_module().prepare_general(tokenizer)
-        elif dataset in ("shakespeare", f"shakespeare_{tokenizer}"):
-            prepare_module().prepare(name=dataset, tokenizer=tokenizer)
-        else:
-            raise FileNotFoundError(f"{data_dir}/meta.json not found: prepare it with "
-                                    f"python data/prepare.py --input=FILE --name={dataset}")
-    with open(os.path.join(data_dir, "meta.json")) as f:
-        meta = json.load(f)
+    meta_path, prepare = os.path.join(data_dir, "meta.json"), prepare_module()
+    meta, problem = prepare.check_dataset(data_dir)
+    known = dataset == general_name(tokenizer) or dataset in ("shakespeare", f"shakespeare_{tokenizer}")
+    if problem is not None and known:
+        with packed_model.exclusive(meta_path, f"the dataset {dataset}", log):
+            meta, problem = prepare.check_dataset(data_dir)      # another process may have prepared it meanwhile
+            if problem is not None:
+                if os.path.exists(meta_path):
+                    log(f"{data_dir}: {problem}: removed; preparing the dataset again")
+                    for name in ("meta.json", "train.bin", "val.bin"):   # meta.json first: it vouches for the rest
+                        if os.path.exists(os.path.join(data_dir, name)):
+                            os.remove(os.path.join(data_dir, name))
+                if dataset == general_name(tokenizer):
+                    prepare.prepare_general(tokenizer)
+                else:
+                    prepare.prepare(name=dataset, tokenizer=tokenizer)
+                meta, problem = prepare.check_dataset(data_dir)
+    if problem is not None and not os.path.exists(meta_path):
+        raise FileNotFoundError(f"{meta_path} not found: prepare it with "
+                                f"python data/prepare.py --input=FILE --name={dataset}")
+    if problem is not None:
+        source = (meta or {}).get("source") or "FILE"
+        raise ValueError(f"--dataset={dataset}: {problem}; the dataset is incomplete or corrupt: prepare it again "
+                         f"with python data/prepare.py --input={source} --name={os.path.basename(data_dir)}")
     if meta.get("tokenizer") != tokenizer:
         raise ValueError(f"{data_dir} holds {meta.get('tokenizer')!r} tokens, not {tokenizer!r}: use a dataset "
                          f"prepared with that tokenizer, e.g. --dataset=shakespeare_{tokenizer}")
@@ -459,13 +502,23 @@ def load_checkpoint(path, keys=(), remedy="delete it to restart that stage"):
     return ckpt
 
 
+# How long a collective (DDP's gradients, a broadcast) waits for every rank. Rank 0 works alone between the
+# collectives of distillation -- the post-training rows (GPTQ on a pretrained model: minutes to an hour on a
+# slow machine), each row's evaluation, the report -- while the other ranks wait at the next one; with
+# torch's default (10 or 30 minutes) a slow machine timed out and torchrun killed the whole run. A rank
+# that dies is seen by torchrun at once, so a long timeout costs nothing there. Files that rank 0 writes
+# (data, the teacher's text) are not waited for at a collective at all (packed_model.exclusive).
+DIST_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def setup_distributed(device):
-    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA."""
+    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE; gloo on CPU, nccl on CUDA; collectives
+    wait DIST_TIMEOUT."""
     if "RANK" not in os.environ:
         return 0, 1, device
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
@@ -743,12 +796,9 @@ def teacher_text_prompts(enc, n, generator):
     ordinary token (LLM-QAT), or the chat template's opening up to an open user turn (a chat model only)."""
     special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
     ordinary = [i for i in range(enc.n_vocab) if i not in special]
-    chat = getattr(enc, "chat", None)
     opening = None
-    if chat is not None:
-        text = checkpoints.chat_prompt(chat, [{"role": "user", "content": ""}]).removesuffix(
-            "<|im_end|>\n<|im_start|>assistant\n")
-        opening = enc.encode(text, allowed_special="all")
+    if getattr(enc, "chat", None) is not None:      # the system turn, then the user's turn left open
+        opening = checkpoints.chat_ids(enc, [{"role": "user", "content": ""}], answer=False)
     prompts = []
     for start in range(0, n, TEACHER_TEXT_BATCH):
         size = min(TEACHER_TEXT_BATCH, n - start)
@@ -788,14 +838,16 @@ def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
     key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
                                      config["teacher_text_seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
     path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
-    if rank == 0 and not os.path.exists(path):
+    log = print if rank == 0 else (lambda line: print(f"rank {rank}: {line}"))
+
+    def write(tmp):    # whichever process comes first (rank 0, or one of a sweep) writes; the others wait
         t0 = time.time()
         tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
-                                    config["teacher_text_seed"] + 3000)
-        packed_model.atomic_write(path, tokens.tofile)
-        print(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
-    if world > 1:
-        dist.barrier()
+                                    config["teacher_text_seed"] + 3000, log=log)
+        tokens.tofile(tmp)
+        log(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
+    # checked on every read (its length and sha256): a cut-off or altered text is written again, never used
+    packed_model.cached(path, write, "the teacher's text", log, expect_bytes=2 * config["teacher_text_seqs"] * T)
     text = np.fromfile(path, dtype=np.uint16)
     if config["distill_data"] == "teacher":
         return text
@@ -1186,12 +1238,12 @@ def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48,
     cut at the end of its turn. Returns [{question, answers: {label: dict(text, loops)}}]; printed side by
     side, an answer that loops flagged."""
     enc = get_tokenizer(tokenizer)
-    ends = {enc.encode_single_token(t) for t in (enc.chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
+    chat = checkpoints.chat_of(enc)        # ValueError saying why, before any answer: no template, or not ChatML
+    ends = {enc.encode_single_token(t) for t in (chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
     results = []
     log(f"\nchat: greedy answers in the model's chat template (ChatML), at most {max_new_tokens} tokens each")
     for question in questions:
-        prompt = checkpoints.chat_prompt(enc.chat, [{"role": "user", "content": question}])
-        ids = enc.encode(prompt, allowed_special="all")
+        ids = checkpoints.chat_ids(enc, [{"role": "user", "content": question}])   # the question stays text
         answers = {}
         log(f"--- {question}")
         for label, model in models.items():
@@ -1203,6 +1255,18 @@ def chat_answers(models, tokenizer, questions=CHAT_QUESTIONS, max_new_tokens=48,
             log(f"  {label}{' [LOOPS]' if answers[label]['loops'] else ''}: {text!r}")
         results.append(dict(question=question, answers=answers))
     return results
+
+
+def report_chat(models, tokenizer, max_new_tokens, log=print):
+    """The report's chat answers (chat_answers) for a chat model; None for a model without a chat template,
+    and for one whose template this reader cannot follow (not ChatML), after one line saying why: the rest
+    of the report does not depend on chat."""
+    enc = get_tokenizer(tokenizer)
+    if getattr(enc, "chat", None) is None:
+        if getattr(enc, "chat_refusal", None):
+            log(f"chat: skipped: {enc.chat_refusal}")
+        return None
+    return chat_answers(models, tokenizer, max_new_tokens=max_new_tokens, log=log)
 
 
 def write_report(config, teacher, meta, rows, ablation, curves, packed_path, device):
@@ -1226,8 +1290,10 @@ def write_report(config, teacher, meta, rows, ablation, curves, packed_path, dev
         results["sample"] = dict(prompt=config["sample_prompt"], seed=config["seed"], texts=sample_texts(
             models, meta["tokenizer"], config["sample_prompt"], config["sample_tokens"],
             config["sample_temperature"], config["sample_top_k"], config["seed"]))
-    if packed is not None and config["chat_tokens"] > 0 and getattr(get_tokenizer(meta["tokenizer"]), "chat", None):
-        results["chat"] = chat_answers(models, meta["tokenizer"], max_new_tokens=config["chat_tokens"])
+    if packed is not None and config["chat_tokens"] > 0:
+        answers = report_chat(models, meta["tokenizer"], config["chat_tokens"])
+        if answers is not None:
+            results["chat"] = answers
     for path in (os.path.join(out, f"results_{tag}.json"), os.path.join(out, "results.json")):
         note = replaced(path)
         write_json(results, path)
@@ -1252,8 +1318,7 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
         for path in resume_files:   # the run is complete: its distillation checkpoints have served
             if os.path.exists(path):
                 os.remove(path)
-    if world > 1:
-        dist.barrier()
+    # the other ranks' work ends with the distillation: they do not wait for rank 0's report (no collective)
 
 
 def write_json(obj, path):
@@ -1303,12 +1368,42 @@ def check_outputs(config):
 
 def data_stage(config, rank, world):
     """Stage 1: the dataset's meta.json (data/prepare.py writes it and the general-English evaluation set on
-    first use; rank 0 prepares, the other ranks wait for it)."""
-    if rank == 0:
-        held_out_sets(config, ensure_data(config["dataset"], config["tokenizer"]))   # the general set too
-    if world > 1:
-        dist.barrier()
-    return ensure_data(config["dataset"], config["tokenizer"])
+    first use). Every rank asks for both: the first prepares each, the others wait for its lock, never at
+    a collective (ensure_data)."""
+    log = print if rank == 0 else (lambda line: print(f"rank {rank}: {line}"))
+    meta = ensure_data(config["dataset"], config["tokenizer"], log)
+    held_out_sets(config, meta)                                                  # the general set too
+    return meta
+
+
+def check_config_against_data(config, meta, block_size):
+    """The flags whose bounds the data sets, checked once the dataset is there and before the teacher trains
+    (ValueError naming the flag, the bound and what to do): windows of block_size + 1 tokens must fit in the
+    train split and every held-out set; the sample prompt must be spelled by the tokenizer in ids of the
+    vocabulary; a chat model's opening of the teacher's text (distill_data teacher or mix) must leave room
+    in a window for the teacher to write."""
+    sets = held_out_sets(config, meta)
+    if not meta.get("eval_only"):
+        sets["train"] = load_tokens(meta["dir"], "train")
+    for name, tokens in sets.items():
+        if block_size is not None and len(tokens) <= block_size:    # None: a pretrained model's own context
+            what = "the general-English set" if name == "general" else f"the {name} split of --dataset={config['dataset']}"
+            raise ValueError(f"--block_size={block_size}: {what} holds {len(tokens)} tokens, fewer than one window "
+                             f"of block_size + 1: give a --block_size below {len(tokens)}, or prepare more text")
+    enc = get_tokenizer(meta["tokenizer"])
+    if config["sample_tokens"] > 0:
+        try:
+            ids = enc.encode_ordinary(config["sample_prompt"])
+        except ValueError as e:
+            raise ValueError(f"--sample_prompt: {e}") from None
+        if max(ids) >= meta["vocab_size"]:
+            raise ValueError(f"--sample_prompt: token id {max(ids)} is outside the vocabulary of {meta['vocab_size']}")
+    if config["distill_data"] != "plays" and getattr(enc, "chat", None) is not None:
+        opening = len(checkpoints.chat_ids(enc, [{"role": "user", "content": ""}], answer=False))
+        if block_size is not None and opening >= block_size:
+            raise ValueError(f"--block_size={block_size} with --distill_data={config['distill_data']}: the chat "
+                             f"template's opening of the teacher's text takes {opening} tokens, leaving the teacher "
+                             f"nothing to write: give a --block_size above {opening}, or --distill_data=plays")
 
 
 def teacher_stage(config, meta, rank, world, device):
@@ -1326,11 +1421,9 @@ def teacher_stage(config, meta, rank, world, device):
     else:
         t0 = time.time()
         teacher = train_teacher(config, meta, rank, world, device)
-        if rank == 0:
+        if rank == 0:    # the other ranks hold the same weights (DDP): they go on without waiting for the file
             save_teacher(teacher, teacher_path, teacher_data(config, meta))
             print(f"teacher: trained in {time.time() - t0:.0f} s, saved {teacher_path}")
-        if world > 1:
-            dist.barrier()
     teacher.eval()
     try:
         check_groups(config, teacher.config.n_embd)   # a loaded teacher's width may not be the preset's
@@ -1353,6 +1446,11 @@ def run(config):
     if rank == 0:
         check_outputs(config)                                                     # before any work
     meta = data_stage(config, rank, world)                                        # 1. data
+    try:               # the flags the data bounds, before the teacher trains (a pretrained one may be shorter)
+        block_size = (model_config(config, 1) if config["init_from"] == "scratch" else config)["block_size"]
+        check_config_against_data(config, meta, block_size)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     teacher, teacher_row = teacher_stage(config, meta, rank, world, device)       # 2. the teacher
     if config["stop_after"] != "teacher":                                         # 3-7: quantize, distill, report
         quantize_and_distill(config, teacher, meta, teacher_row, rank, world, device)

