@@ -1,4 +1,4 @@
-"""Bad inputs from the field, round 3 (issue 30): what a user in the field ran into, each kind fixed
+"""Bad inputs from the field, round 3: what a user in the field ran into, each kind fixed
 wherever it can happen. Messages are matched by their key words.
 
   2. an empty batch into a packed layer    7. user text that spells control tokens
