@@ -2,6 +2,7 @@
 tiny shapes, batch 1 and more, outliers and bias, one codebook per row and groups; the fallback when the
 compiler fails; the Q8_0 head against its dequantized weight; greedy tokens of a tiny Llama, kernels vs
 reference. Skipped without a C compiler. No timing here (bench.py --cpu measures)."""
+import shlex
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ import lcd
 import model as model_lib
 from test_lut_cpu import random_layer
 
-pytestmark = pytest.mark.skipif(shutil.which(kernels.CPU_COMPILER) is None,
+pytestmark = pytest.mark.skipif(shutil.which((shlex.split(kernels.CPU_COMPILER) or [""])[0]) is None,
                                 reason=f"no C compiler ({kernels.CPU_COMPILER}): kernels.c cannot be built")
 
 
