@@ -129,7 +129,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, seed=None,
-                 use_cache=True):
+                 use_cache=True, on_token=None):
         """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
 
         temperature: > 0 divides the logits before sampling; 0 is greedy (the most likely token, argmax, no
@@ -140,7 +140,9 @@ class CausalLM(nn.Module):
         empty one (T = 0) is a ValueError ("the prompt is empty"). With use_cache, the prompt runs once and
         each new token costs one position's work (KVCache); a model with a `decode_step` attribute (a callable
         (new tokens (B, T), cache) -> logits (B, vocab) of the last one, or None to decline: kernels.py's C
-        step) runs each cached step through it. The context is block_size tokens: once the
+        step) runs each cached step through it. on_token, if given, is called with each new token (B, 1) as
+        soon as it is chosen (to stream it); a true return stops there (e.g. at the end of a chat turn), the
+        result then ending with that token. The context is block_size tokens: once the
         sequence is longer, each step re-runs the last block_size tokens without a cache (the GPT's learned
         position table ends there), exactly as use_cache=False does, so both paths give the same tokens."""
         top_k = check_sampling(idx, max_new_tokens, temperature, top_k)
@@ -168,6 +170,8 @@ class CausalLM(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            if on_token is not None and on_token(idx_next):
+                break
         return idx
 
 

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import bench
 import train_kd
@@ -145,3 +146,47 @@ def test_cpu_table_times_every_shape_and_batch(capsys):
     assert all(r["dense_ms"] > 0 and r["lut_reference_ms"] > 0 for r in numbers)
     assert [r["path"] for r in numbers] == ["partial sums", "built W"] * 2
     assert "CPU, measured here" in capsys.readouterr().out
+
+
+class Writes:
+    """A stream that keeps each write apart (to see an answer arrive token by token)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_the_chat_loop_streams_each_answer_and_stops_at_an_empty_line(monkeypatch):
+    import io
+
+    import checkpoints
+    import kernels
+    from test_llama import tiny_llama
+    by_byte = sorted(checkpoints.gpt2_byte_alphabet().items(), key=lambda kv: kv[1])   # the 256 single bytes
+    enc = checkpoints.bpe_tokenizer("t", [c for c, _ in by_byte] + ["<|im_start|>", "<|im_end|>"], [], {256, 257},
+                                    "gpt2")
+    enc.chat = {"form": "chatml", "system": None, "end": "<|im_end|>"}
+    monkeypatch.setattr(train_kd, "get_tokenizer", lambda name: enc)
+    model = tiny_llama(vocab_size=258, block_size=128)
+    kernels.attach_decode_step(model)                                   # the C step, where kernels.c builds
+    out = Writes()
+    results = bench.chat_loop({"student": model}, "t", 12, lines=io.StringIO("Hi there\nWhat is 1+1?\n\nunread\n"),
+                              out=out)
+    assert [r["question"] for r in results] == ["Hi there", "What is 1+1?"]   # the empty line ended the loop
+    for r in results:
+        ids = enc.encode(checkpoints.chat_prompt(enc.chat, [{"role": "user", "content": r["question"]}]),
+                         allowed_special="all")
+        new = model.generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t == 257), len(new))]
+        answer = r["answers"]["student"]
+        assert answer["text"] == enc.decode(new).strip() and answer["tokens"] >= len(new) >= 1
+    text = "".join(out.writes)
+    assert text.count("tokens/s") == 2 and text.count("you: ") == 3
+    streamed = [w for w in out.writes if w and w not in ("student: ",) and "tokens/s" not in w and "you" not in w]
+    assert len(streamed) >= len(new)                                    # one write a token, not one an answer
+    assert bench.chat_loop({"student": model}, "t", 5, lines=io.StringIO(""), out=Writes()) == []   # EOF at once
