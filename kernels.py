@@ -643,6 +643,12 @@ def llama_tables(model, n_positions):
     return table, tensors
 
 
+def _all_packed(table):
+    """Whether every block matrix is packed: then the prompt runs in C (v4); a dense one is faster in torch's
+    BLAS at T > 1 than in kernels.c's row by row products, so a model with one reads its prompt in Python."""
+    return all(getattr(table.blocks[i], k).kind == 0 for i in range(table.n_layer) for k in BLOCK_MATRICES)
+
+
 class DecodeStep:
     """model.decode_step: generate()'s step in C (attach_decode_step).
 
@@ -653,8 +659,9 @@ class DecodeStep:
     can continue from them), advances cache.pos and returns the logits of the last position, (1, vocab)
     float32. Returns None, with nothing changed, where it does not serve the call: a gradient wanted,
     CPU_KERNELS off, a batch of several sequences, token ids outside the vocabulary, a cache too short,
-    or a model it does not serve (see `refusal`); generate() then runs the Python forward, whose errors
-    are the clear ones."""
+    a prompt (T > 1) of a model with dense block matrices (torch's BLAS reads it faster), or a model it
+    does not serve (see `refusal`); generate() then runs the Python forward, whose errors are the clear
+    ones, and the next steps continue from the cache it filled."""
 
     def __init__(self, model):
         self.model = model
@@ -664,6 +671,7 @@ class DecodeStep:
     def _reset(self):
         self._cache = None       # weakref to the KVCache of the generate() the tables below were built for
         self._table = self._tensors = self._keys = self._values = None
+        self._prompt_in_c = False
 
     def __getstate__(self):      # copy.deepcopy(model), torch.save(model): ctypes pointers are not copied,
         return {"model": self.model, "refusal": self.refusal}   # the copy builds its own tables
@@ -695,7 +703,7 @@ class DecodeStep:
                     return
                 out.append(t.data_ptr())
         self.refusal = None
-        self._table, self._tensors = table, tensors
+        self._table, self._tensors, self._prompt_in_c = table, tensors, _all_packed(table)
         self._keys = (ctypes.c_void_p * len(keys))(*keys)
         self._values = (ctypes.c_void_p * len(values))(*values)
 
@@ -709,7 +717,7 @@ class DecodeStep:
         if self._table is None or idx.dtype != torch.int64 or idx.is_cuda or idx.dim() != 2 or idx.shape[0] != 1:
             return None
         T, pos = idx.shape[1], cache.pos
-        if T < 1 or pos + T > cache.max_len:
+        if T < 1 or pos + T > cache.max_len or (T > 1 and not self._prompt_in_c):
             return None
         tokens = idx[0].contiguous()                                        # (T,)
         logits = torch.empty(1, self._table.vocab)

@@ -59,6 +59,8 @@ def lockstep(m, prompt, n_steps, max_len):
     with torch.no_grad():
         for _ in range(n_steps + 1):
             c = step(new, c_cache)
+            if c is None and new.shape[1] > 1 and not step._prompt_in_c:   # a dense model's prompt: as generate()
+                c = m(new, kv_cache=c_cache)[0][:, -1, :]                  # does, the Python forward fills the cache
             py = m(new, kv_cache=py_cache)[0][:, -1, :]
             assert c is not None and c.shape == py.shape == (1, m.config.vocab_size)
             worst = max(worst, (c - py).abs().max().item() / max(1.0, py.abs().max().item()))
@@ -97,6 +99,7 @@ def test_greedy_tokens_equal_the_reference_also_past_block_size(library, bits, m
         m.decode_step = lambda idx, cache: calls.append(idx.shape[1]) or step(idx, cache)
         out = m.generate(prompt, 60, temperature=0)
         assert calls == [5] + [1] * (48 - 5)                            # the prompt at once, then token by token
+        assert step._prompt_in_c                                        # (all packed: the prompt ran in C)
         monkeypatch.setattr(kernels, "CPU_KERNELS", False)              # the kernels off: the Python reference
         assert step(prompt, model_lib.KVCache(8)) is None
         off = m.generate(prompt, 60, temperature=0)
@@ -107,7 +110,7 @@ def test_greedy_tokens_equal_the_reference_also_past_block_size(library, bits, m
 def test_heads_dense_packed_q8_and_the_fp32_model(library, head):
     for bits in (None, 3):                                              # None: the fp32 teacher itself
         m = packed_llama(bits, head=head, tie_embeddings=head != "dense")
-        kernels.attach_decode_step(m)
+        assert kernels.attach_decode_step(m) is not None
         worst, _, _ = lockstep(m, torch.tensor([[3, 1, 4, 1, 5]]), 12, 32)
         assert worst <= 1e-4, (bits, head, worst)
 
