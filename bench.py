@@ -22,6 +22,7 @@ speed measurement.
     python bench.py --figures                # the README's figures from the runs' JSON (matplotlib)
     python bench.py --help                   # every key, its default and its meaning
     python bench.py --generate=out/lcd_w2.pt --prompt="ROMEO:" --teacher=out/teacher.pt   # text + tokens/s
+    python bench.py --generate=out/lcd_w2.pt --chat          # a chat model: questions typed, answers streamed
 """
 
 import codecs
@@ -91,6 +92,7 @@ top_k = 40                 # with --generate: sample among the k likeliest token
 chat = 0                   # 1, with --generate: --prompt is a user's question, answered greedily in the model's chat template; without --prompt, questions from the terminal
 cpu = 0                    # 1: the C kernels (kernels.c) vs dense fp32, tokens/s of teacher and students, per-token time
 cpu_model = "smol"         # --cpu's model: "smol" (SmolLM2-135M's shapes, random weights) or "smollm2" (the real one, through pip)
+cpu_table = 1              # with --cpu: 0 skips the table of kernels (generation speeds only)
 # -----------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.config_defaults(globals())   # as written above: --help shows them, overrides take their types
 CONFIG_KEYS = list(DEFAULTS)
@@ -503,7 +505,7 @@ def bench_kernels_cpu():
           f"measured memory bandwidth (copy) {gbps:.1f} GB/s; median of {CPU_TIMING_REPS}, every call on a cold copy")
     generator = torch.Generator().manual_seed(seed)
     rows, numbers = [], {"bandwidth_gbps": gbps, "threads": threads, "kernels": []}
-    for N, K in CPU_KERNEL_SHAPES:
+    for N, K in CPU_KERNEL_SHAPES if cpu_table else ():
         copies_dense = max(2, -(-CPU_COLD_BYTES // (4 * N * K)))
         dense_W = [torch.randn(N, K, generator=generator) for _ in range(copies_dense)]
         for b in (2, 3, 4):
@@ -521,8 +523,9 @@ def bench_kernels_cpu():
                                  f"{100 * n_bytes / us / 1e3 / gbps:.0f}%", f"{dense_us:.0f}", f"{dense_us / us:.2f}x"])
                     numbers["kernels"].append(dict(shape=[N, K], bits=b, batch=batch, version=version, us=us,
                                                    gbps=n_bytes / us / 1e3, dense_us=dense_us, speedup=dense_us / us))
-    print_table("kernels.c vs dense fp32 F.linear (speedup = dense us / LUT us; GB/s of the packed layer's bytes)",
-                ["layer", "bits", "batch", "version", "us", "GB/s", "% bw", "dense us", "speedup"], rows)
+    if cpu_table:
+        print_table("kernels.c vs dense fp32 F.linear (speedup = dense us / LUT us; GB/s of the packed layer's bytes)",
+                    ["layer", "bits", "batch", "version", "us", "GB/s", "% bw", "dense us", "speedup"], rows)
     numbers["generation"] = bench_generate_cpu(gbps)
     return numbers
 
