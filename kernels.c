@@ -8,8 +8,8 @@ straight from the packed indices. A batch-1 product (decoding one token) is boun
 reading b-bit indices instead of 32-bit weights is where the speed comes from, IF the arithmetic keeps up
 (it is 8-16 weights a byte now, so it is the arithmetic that has to be made cheap).
 
-Build (kernels.py does this at first use, cached by a hash of this file and the flags):
-    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o kernels.so
+Build (kernels.py does this at first use, cached by a hash of this file, the flags and the CPU's features):
+    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o kernels.so -lm
 Every entry point takes the OpenMP thread count as its last argument (kernels.py passes torch's own,
 torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
 fast entry points fall back to the portable versions (plain C the compiler vectorizes).
@@ -37,6 +37,8 @@ batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run
     v4  batch > 1: decode a pair of rows with v3's decoder into an L1-sized buffer, then a 2 x 4 register
         tile (2 rows x 4 activation rows, 8 accumulators) of FMAs: the indices are read and decoded once.
     q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
+Then the decode step of the Llama family (llama_step, the last section): a whole token (or a whole prompt)
+in one call, v3/v4 and q8 inside, the KV cache and the weights torch's tensors.
 The measured numbers are in README.md ("CPU speed"); bench.py --cpu prints them.
 */
 

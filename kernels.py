@@ -4,6 +4,7 @@ product here when a faster path than its PyTorch reference exists:
 
   1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
   2. CPU path   - kernels.c compiled by the system C compiler at first use, called through ctypes
+  3. the decode step in C - a Llama's whole token (or prompt) in one kernels.c call, for generate()
 
 The packed format these kernels read is lcd.py section 3 (drawn there, followed exactly by kernels.cu):
 b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
