@@ -22,8 +22,10 @@ speed measurement.
     python bench.py --figures                # the README's figures from the runs' JSON (matplotlib)
     python bench.py --help                   # every key, its default and its meaning
     python bench.py --generate=out/lcd_w2.pt --prompt="ROMEO:" --teacher=out/teacher.pt   # text + tokens/s
+    python bench.py --generate=out/lcd_w2.pt --chat          # a chat model: questions typed, answers streamed
 """
 
+import codecs
 import copy
 import json as jsonlib
 import os
@@ -89,9 +91,10 @@ prompt = ""                # with --generate: the text to continue, \n for a lin
 max_new_tokens = 200       # with --generate: tokens each model writes after the prompt
 temperature = 0.8          # with --generate: sampling temperature (0: greedy)
 top_k = 40                 # with --generate: sample among the k likeliest tokens (0: all of them)
-chat = 0                   # 1, with --generate: --prompt is a user's question, answered greedily in the model's chat template
+chat = 0                   # 1, with --generate: --prompt is a user's question, answered greedily in the model's chat template; without --prompt, questions from the terminal
 cpu = 0                    # 1: the C kernels (kernels.c) vs dense fp32, tokens/s of teacher and students, per-token time
 cpu_model = "smol"         # --cpu's model: "smol" (SmolLM2-135M's shapes, random weights) or "smollm2" (the real one, through pip)
+cpu_table = 1              # with --cpu: 0 skips the table of kernels (generation speeds only)
 # -----------------------------------------------------------------------------------------------------
 DEFAULTS = configurator.config_defaults(globals())   # as written above: --help shows them, overrides take their types
 CONFIG_KEYS = list(DEFAULTS)
@@ -488,6 +491,7 @@ CPU_KERNEL_SHAPES = ((2048, 2048), (1536, 576), (576, 1536))   # N x K: the READ
 CPU_COLD_BYTES = 64 << 20      # each timing cycles through copies of the layer totalling this (2x the L3 here)
 CPU_TIMING_REPS = 15           # timed calls per measurement (the median is reported)
 CPU_GENERATE_TOKENS = 64       # tokens generated greedily per tokens/s measurement
+CPU_PROMPT_TOKENS = 64         # tokens of the prompt whose reading is timed (prompt tokens/s)
 SMOL_CONFIG = dict(block_size=2048, vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576,
                    intermediate_size=1536, rope_theta=100000.0, tie_embeddings=True)   # SmolLM2-135M's shapes
 
@@ -536,7 +540,7 @@ def bench_kernels_cpu():
           f"measured memory bandwidth (copy) {gbps:.1f} GB/s; median of {CPU_TIMING_REPS}, every call on a cold copy")
     generator = torch.Generator().manual_seed(seed)
     rows, numbers = [], {"bandwidth_gbps": gbps, "threads": threads, "kernels": []}
-    for N, K in CPU_KERNEL_SHAPES:
+    for N, K in CPU_KERNEL_SHAPES if cpu_table else ():
         copies_dense = max(2, -(-CPU_COLD_BYTES // (4 * N * K)))
         dense_W = [torch.randn(N, K, generator=generator) for _ in range(copies_dense)]
         for b in (2, 3, 4):
@@ -554,9 +558,10 @@ def bench_kernels_cpu():
                                  f"{100 * n_bytes / us / 1e3 / gbps:.0f}%", f"{dense_us:.0f}", f"{dense_us / us:.2f}x"])
                     numbers["kernels"].append(dict(shape=[N, K], bits=b, batch=batch, version=version, us=us,
                                                    gbps=n_bytes / us / 1e3, dense_us=dense_us, speedup=dense_us / us))
-    print_table("kernels.c vs dense fp32 F.linear (speedup = dense us / LUT us; GB/s of the packed layer's bytes)",
-                ["layer", "bits", "batch", "version", "us", "GB/s", "% bw", "dense us", "speedup"], rows)
-    numbers["generation"] = bench_generate_cpu()
+    if cpu_table:
+        print_table("kernels.c vs dense fp32 F.linear (speedup = dense us / LUT us; GB/s of the packed layer's bytes)",
+                    ["layer", "bits", "batch", "version", "us", "GB/s", "% bw", "dense us", "speedup"], rows)
+    numbers["generation"] = bench_generate_cpu(gbps)
     return numbers
 
 
@@ -587,6 +592,30 @@ def tokens_per_second(model, prompt, n_tokens=CPU_GENERATE_TOKENS, reps=3):
             t2 = time.perf_counter()
             rates.append((n_tokens - 1) / ((t2 - t1) - (t1 - t0)))
     return statistics.median(rates), out
+
+
+def prompt_tokens_per_second(model, prompt, reps=3):
+    """Median tokens/s of reading a prompt (1, T): generate(prompt, 1), i.e. the prompt's forward and one head."""
+    with torch.no_grad():
+        model.generate(prompt, 1, temperature=0)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model.generate(prompt, 1, temperature=0)
+            times.append(time.perf_counter() - t0)
+    return prompt.shape[1] / statistics.median(times)
+
+
+def bytes_per_token(model, position):
+    """Bytes one generated token reads at `position`: every weight but the input embedding (of which one row),
+    and the keys and values of the positions so far (fp32)."""
+    embedding = model.model.embed_tokens.weight
+    tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}   # a tied head counts once
+    n = sum(t.numel() * t.element_size() for t in tensors.values()) - embedding.numel() * embedding.element_size()
+    if any(t is embedding for t in model.lm_head.parameters()):
+        n += embedding.numel() * embedding.element_size()   # tied: the head reads all of it
+    c = model.config
+    return n + embedding[0].numel() * 4 + 2 * 4 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * position
 
 
 def token_breakdown(model, prompt, n_tokens=16):
@@ -629,40 +658,58 @@ def token_breakdown(model, prompt, n_tokens=16):
     return per_token
 
 
-def bench_generate_cpu():
-    """Tokens/s generating with the KV cache: the fp32 teacher and its packed 2-, 3-, 4-bit students (RTN:
-    speed does not depend on quality; output head in Q8_0), the greedy tokens checked against the PyTorch
-    reference path (kernels off); bits per weight; the per-token time breakdown of each."""
+def bench_generate_cpu(gbps):
+    """Tokens/s generating with the KV cache, through model.generate, each model both ways: the decode step in
+    C (lcd_kernels.attach_decode_step: one C call a token) and the Python forward (kernels.c per matrix): the fp32
+    teacher and its packed 2-, 3-, 4-bit students (RTN: speed does not depend on quality; output head in
+    Q8_0), the greedy tokens checked against the PyTorch reference path (kernels off); prompt tokens/s (a
+    CPU_PROMPT_TOKENS-token prompt read at once); bytes read per token and their share of the measured copy
+    bandwidth gbps; bits per weight; the per-token time breakdown of the Python path."""
     name, teacher, prompt = cpu_generation_models()
+    long_prompt = torch.randint(0, teacher.config.vocab_size, (1, CPU_PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
     n_params = sum(p.numel() for p in teacher.parameters())
-    results, rows, breakdowns = [], [], {}
-    rate, _ = tokens_per_second(teacher, prompt)
-    rows.append(["teacher fp32", "32", "32", f"{rate:.1f}", "1.00x", "-"])
-    results.append(dict(model="teacher", tokens_per_s=rate))
-    breakdowns["teacher fp32"] = token_breakdown(teacher, prompt)
-    for b in (2, 3, 4):
-        student = packed_model.quantize_head(lcd.quantize(copy.deepcopy(teacher), b, method="rtn"))
-        s_rate, tokens = tokens_per_second(student, prompt)
+    position = prompt.shape[1] + CPU_GENERATE_TOKENS // 2                 # the mean position of the timed tokens
+    results, rows, breakdowns, base = [], [], {}, {}
+    models = [("teacher fp32", teacher)] + [(f"{b}-bit student", b) for b in (2, 3, 4)]
+    for label, m in models:
+        if not isinstance(m, torch.nn.Module):
+            m = packed_model.quantize_head(lcd.quantize(copy.deepcopy(teacher), m, method="rtn"))
         lcd_kernels.CPU_KERNELS = False
         with torch.no_grad():
-            ref = student.generate(prompt, 32, temperature=0)
+            ref = m.generate(prompt, 32, temperature=0)                    # the PyTorch reference's tokens
         lcd_kernels.CPU_KERNELS = True
-        same = torch.equal(ref, tokens[:, :ref.shape[1]])
-        linear_bits = packed_model.footprint(student)
-        lut = [m for m in student.modules() if isinstance(m, packed_model.LUTLinear)]
-        lut_bpw = sum(m.storage_bits() for m in lut) / sum(m.in_features * m.out_features for m in lut)
-        model_bits = 8 * sum(t.numel() * t.element_size() for t in list(student.parameters()) + list(student.buffers()))
-        rows.append([f"{b}-bit student", f"{lut_bpw:.2f}", f"{model_bits / n_params:.2f}", f"{s_rate:.1f}",
-                     f"{s_rate / rate:.2f}x", "yes" if same else "NO"])
-        results.append(dict(model=f"{b}-bit", tokens_per_s=s_rate, speedup=s_rate / rate, same_tokens=same,
-                            linear_bits_per_weight=lut_bpw, model_bits_per_weight=model_bits / n_params,
-                            head_bits_per_weight=linear_bits["layers"]["lm_head"]["bits_per_weight"]))
-        breakdowns[f"{b}-bit student"] = token_breakdown(student, prompt)
+        lut = [x for x in m.modules() if isinstance(x, packed_model.LUTLinear)]
+        lut_bpw = sum(x.storage_bits() for x in lut) / sum(x.in_features * x.out_features for x in lut) if lut else 32
+        model_bits = 8 * sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+        n_bytes = bytes_per_token(m, position)
+        for path in ("C step", "Python"):
+            step = lcd_kernels.attach_decode_step(m) if path == "C step" else None
+            if path == "C step" and step is None:
+                print(f"{label}: no C step ({lcd_kernels.decode_step_refusal(m)})")
+                continue
+            if step is None:
+                m.__dict__.pop("decode_step", None)
+            rate, tokens = tokens_per_second(m, prompt)
+            prompt_rate = prompt_tokens_per_second(m, long_prompt)
+            base.setdefault(path, rate)                                    # the teacher's, on the same path
+            same = torch.equal(ref, tokens[:, :ref.shape[1]])
+            share = n_bytes * rate / 1e9 / gbps
+            rows.append([label, path, f"{lut_bpw:.2f}", f"{model_bits / n_params:.2f}", f"{rate:.1f}",
+                         f"{rate / base[path]:.2f}x", f"{prompt_rate:.0f}", f"{n_bytes / 1e6:.1f}", f"{100 * share:.0f}%",
+                         "yes" if same else "NO"])
+            results.append(dict(model=label, path=path, tokens_per_s=rate, vs_teacher=rate / base[path],
+                                prompt_tokens_per_s=prompt_rate, bytes_per_token=n_bytes, bandwidth_share=share,
+                                same_tokens=same, linear_bits_per_weight=lut_bpw, model_bits_per_weight=model_bits / n_params))
+        m.__dict__.pop("decode_step", None)
+        breakdowns[label] = token_breakdown(m, prompt)                    # the Python path, module by module
     print_table(f"Generation on this CPU, {name}: greedy, {CPU_GENERATE_TOKENS} tokens, KV cache, "
-                f"{torch.get_num_threads()} threads (students: RTN, head in Q8_0, input embedding fp32)",
-                ["model", "linear bits/w", "model bits/w", "tokens/s", "vs teacher", "tokens = reference"], rows)
+                f"{torch.get_num_threads()} threads (students: RTN, head in Q8_0, input embedding fp32); prompt: "
+                f"{CPU_PROMPT_TOKENS} tokens at once; MB read a token at position {position}, its share of the "
+                f"measured copy bandwidth ({gbps:.1f} GB/s)",
+                ["model", "path", "linear bits/w", "model bits/w", "tokens/s", "vs teacher", "prompt tokens/s",
+                 "MB/token", "% bw", "tokens = reference"], rows)
     kinds = list(next(iter(breakdowns.values())))
-    print_table("Where one generated token's time goes (ms; forward hooks, exclusive time)",
+    print_table("Where one generated token's time goes on the Python path (ms; forward hooks, exclusive time)",
                 ["model"] + kinds + ["total"],
                 [[m] + [f"{t[k]:.2f}" for k in kinds] + [f"{sum(t.values()):.2f}"] for m, t in breakdowns.items()])
     return dict(model=name, rows=results, breakdown_ms=breakdowns)
@@ -1255,18 +1302,69 @@ def bench_generate():
     if teacher:
         models[f"teacher ({teacher})"] = train_kd.load_teacher(teacher, dev)
     models[f"student ({generate})"] = student
+    for m in models.values():        # the decode step in C where it serves the model (a Llama on the CPU)
+        lcd_kernels.attach_decode_step(m)
     if chat:   # a user's question, in the chat template, answered greedily to the end of the model's turn
-        if not prompt:
-            raise SystemExit("--chat needs a question: --prompt='What is the capital of France?'")
         try:                # no template, or one this reader cannot follow: refused, saying which
             checkpoints.chat_of(train_kd.get_tokenizer(tokenizer))
         except ValueError as e:
             raise SystemExit(f"--chat: the tokenizer {tokenizer!r} of {generate}: {e}") from None
+        if not prompt:               # questions from the terminal, one a line, each answer streamed
+            return dict(tokenizer=tokenizer, chat=chat_loop(models, tokenizer, max_new_tokens))
         answers = train_kd.chat_answers(models, tokenizer, (prompt.replace("\\n", "\n"),), max_new_tokens)
         return dict(prompt=prompt, tokenizer=tokenizer, chat=answers)
     text = prompt.replace("\\n", "\n") if prompt else train_kd.sample_prompt
     samples = train_kd.sample_texts(models, tokenizer, text, max_new_tokens, temperature, top_k, seed)
     return dict(prompt=text, tokenizer=tokenizer, texts=samples)
+
+
+def chat_loop(models, tokenizer, max_new_tokens, lines=None, out=None):
+    """--generate=FILE --chat without --prompt: read questions from `lines` (the terminal), one a line, until
+    EOF or an empty line; each model answers each question on its own (no history), greedily, in the chat
+    template (checkpoints.chat_ids: the question stays text), streamed token by token to `out` as it is generated and cut at the
+    end of its turn; then its tokens and tokens/s (the prompt's reading included). Returns
+    [{question, answers: {label: dict(text, tokens, seconds, tokens_per_s)}}]."""
+    import train_kd
+    lines, out = lines or sys.stdin, out or sys.stdout
+    enc = train_kd.get_tokenizer(tokenizer)
+    chat = checkpoints.chat_of(enc)        # ValueError saying why: no template, or not ChatML
+    ends = {enc.encode_single_token(t) for t in (chat["end"], "<|endoftext|>") if t in enc.special_tokens_set}
+    out.write(f"chat with {', '.join(models)}: greedy, at most {max_new_tokens} tokens an answer; an empty line or "
+              "end of input (Ctrl-D) ends\n")
+    results = []
+    while True:
+        out.write("\nyou: ")
+        out.flush()
+        question = lines.readline()
+        if not question.strip():                         # EOF ("") or an empty line
+            out.write("\n")
+            return results
+        question = question.strip()
+        ids = checkpoints.chat_ids(enc, [{"role": "user", "content": question}])   # as train_kd.chat_answers
+        answers = {}
+        for label, model in models.items():
+            out.write(f"{label}: ")
+            out.flush()
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a character may span tokens
+            pieces = []
+
+            def on_token(token):                          # print each token as it comes; stop at the turn's end
+                t = token[0, 0].item()
+                if t in ends:
+                    return True
+                pieces.append(decoder.decode(enc.decode_single_token_bytes(t)))
+                out.write(pieces[-1])
+                out.flush()
+                return False
+            idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)   # (1, T)
+            t0 = time.perf_counter()
+            n = model.generate(idx, max_new_tokens, temperature=0, on_token=on_token).shape[1] - len(ids)
+            seconds = time.perf_counter() - t0
+            pieces.append(decoder.decode(b"", final=True))
+            out.write(f"{pieces[-1]}\n  [{n} tokens in {seconds:.2f} s: {n / seconds:.1f} tokens/s, the "
+                      f"{len(ids)}-token prompt included]\n")
+            answers[label] = dict(text="".join(pieces).strip(), tokens=n, seconds=seconds, tokens_per_s=n / seconds)
+        results.append(dict(question=question, answers=answers))
 
 
 def write_json(path, results, quiet=False):

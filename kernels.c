@@ -8,8 +8,8 @@ straight from the packed indices. A batch-1 product (decoding one token) is boun
 reading b-bit indices instead of 32-bit weights is where the speed comes from, IF the arithmetic keeps up
 (it is 8-16 weights a byte now, so it is the arithmetic that has to be made cheap).
 
-Build (lcd_kernels.py does this at first use, cached by a hash of this file and the flags):
-    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o lcd_kernels.so
+Build (lcd_kernels.py does this at first use, cached by a hash of this file, the flags and the CPU's features):
+    cc -O3 -march=native -fopenmp -shared -fPIC kernels.c -o lcd_kernels.so -lm
 Every entry point takes the OpenMP thread count as its last argument (lcd_kernels.py passes torch's own,
 torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
 fast entry points fall back to the portable versions (plain C the compiler vectorizes).
@@ -37,6 +37,8 @@ batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run
     v4  batch > 1: decode a pair of rows with v3's decoder into an L1-sized buffer, then a 2 x 4 register
         tile (2 rows x 4 activation rows, 8 accumulators) of FMAs: the indices are read and decoded once.
     q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
+Then the decode step of the Llama family (llama_step, the last section): a whole token (or a whole prompt)
+in one call, v3/v4 and q8 inside, the KV cache and the weights torch's tensors.
 The measured numbers are in README.md ("CPU speed"); bench.py --cpu prints them.
 */
 
@@ -432,30 +434,38 @@ static void v4_tile(const float *W, int rows, const float *xp, int V, int b0, in
 }
 #endif
 
+#ifdef __AVX2__
+// v4 on activations already padded: xp (B, 8 V) zero past K, 32-byte aligned rows; y (B, N)
+static void v4_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y,
+                    int N, int K, int B, int bits, int group_size, int n_threads) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *W = alloc64(sizeof(float) * 8 * V * V4_ROWS);
+        #pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += V4_ROWS) {
+            int rows = N - n0 < V4_ROWS ? N - n0 : V4_ROWS;
+            for (int r = 0; r < rows; r++) {
+                const uint32_t *row = packed + (int64_t)(n0 + r) * n_words;
+                const uint16_t *row_cb = codebook + (int64_t)(n0 + r) * G * C;
+                float *Wr = W + (size_t)r * 8 * V;
+                FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_store_ps(Wr + 8 * v, wv); });
+            }
+            v4_tile(W, rows, xp, V, 0, B, y, N, n0);
+        }
+        free(W);
+    }
+}
+#endif
+
 // batch > 1: decode V4_ROWS rows once into an L1-sized buffer, multiply by all B activation rows
 void lut_gemm_v4(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
                  int N, int K, int B, int bits, int group_size, int n_threads) {
 #ifdef __AVX2__
     if (v3_supports(K, bits, group_size)) {
-        const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
-        const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
-        float *xp = padded_activations(x, B, K, V);
-        #pragma omp parallel num_threads(n_threads)
-        {
-            float *W = alloc64(sizeof(float) * 8 * V * V4_ROWS);
-            #pragma omp for schedule(static)
-            for (int n0 = 0; n0 < N; n0 += V4_ROWS) {
-                int rows = N - n0 < V4_ROWS ? N - n0 : V4_ROWS;
-                for (int r = 0; r < rows; r++) {
-                    const uint32_t *row = packed + (int64_t)(n0 + r) * n_words;
-                    const uint16_t *row_cb = codebook + (int64_t)(n0 + r) * G * C;
-                    float *Wr = W + (size_t)r * 8 * V;
-                    FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_store_ps(Wr + 8 * v, wv); });
-                }
-                v4_tile(W, rows, xp, V, 0, B, y, N, n0);
-            }
-            free(W);
-        }
+        float *xp = padded_activations(x, B, K, (K + 7) / 8);
+        v4_rows(packed, codebook, xp, y, N, K, B, bits, group_size, n_threads);
         free(xp);
         return;
     }
@@ -546,4 +556,352 @@ void copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n_bytes, int n_threads
         int64_t stop = start + chunk < n_bytes ? start + chunk : n_bytes;
         if (stop > start) { memcpy(dst + start, src + start, stop - start); }
     }
+}
+
+// ====================================================================================================
+// The decode step of the Llama family, the whole model in one C call (after llama2.c's run.c).
+//
+// Why: Python's generate() called ~210 small matrices a token, each paying as much in Python and torch
+// dispatch as in its kernel (README, "CPU speed"). Here one call runs T new positions pos .. pos+T-1 of one
+// sequence through every block and writes the logits of the last one: T = 1 for each generated token,
+// T = the prompt's length once (the prompt in a batch: v4 decodes each weight row once for all T).
+// The data path of one position (dim = n_embd, qd = n_head * hs, kvd = n_kv_head * hs, hs = head size):
+//
+//   x (dim)        = embedding[token]                                the residual stream
+//   for each block:
+//     h (dim)      = rmsnorm(x) * attn_norm
+//     q (qd), k (kvd), v (kvd) = h Wq^T, h Wk^T, h Wv^T              ONE parallel loop over the rows of all
+//                                                                     three matrices: h is read once
+//     q, k         = rotary(q), rotary(k)                            cos/sin tables made by Python (its own)
+//     key_cache[kvh, pos] = k, value_cache[kvh, pos] = v             torch's KVCache tensors, in place
+//     a (qd)       = for each query head: softmax(q_h . keys / sqrt(hs)) . values over positions 0 .. pos
+//                    of kv head h / (n_head / n_kv_head)             grouped-query attention
+//     x           += a Wo^T
+//     h            = rmsnorm(x) * mlp_norm
+//     g, u (hidden) = h Wg^T, h Wu^T                                 one loop, as q, k, v
+//     x           += (silu(g) * u) Wd^T                              SwiGLU
+//   logits (vocab) = (rmsnorm(x) * final_norm) Whead^T               the last position only
+//
+// A matrix is one of three kinds (Matrix): packed LUT (v3's decoder, one output a dot product; at T > 1
+// v4), dense fp32 (a layer kept unquantized, the teacher, a tied head) or Q8_0 (the head). The input of
+// every matrix sits in a scratch buffer padded with zeros to a multiple of 8 floats, rows 32-byte
+// aligned, exactly as v3 and v4 read it. Weights and the KV cache are torch's tensors (pointers, no copies;
+// lcd_kernels.py builds the tables once); the scratch buffers belong to the call. OpenMP splits the rows of
+// the matrices, and the (position, head) pairs of attention, among the threads.
+
+#include <math.h>
+
+enum { MAT_LUT = 0, MAT_DENSE = 1, MAT_Q8 = 2 };   // lcd_kernels.py's MATRIX_KINDS, in this order
+
+typedef struct {
+    int kind;                  // MAT_LUT, MAT_DENSE or MAT_Q8
+    int N, K;                  // out, in features
+    int bits, group_size;      // MAT_LUT: index bits, columns per codebook (at most K)
+    const void *weight;        // LUT: packed (N, n_words) uint32; DENSE: (N, K) float; Q8: (N, ceil(K/32) * 34) bytes
+    const uint16_t *codebook;  // LUT: (N, G, 2^b) fp16 bits; others NULL
+    const float *bias;         // (N,) or NULL
+} Matrix;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;            // (dim,) RMSNorm weights
+    Matrix q, k, v, o, gate, up, down;
+} LlamaBlock;
+
+typedef struct {
+    int n_layer, dim, n_head, n_kv_head, head_dim, hidden, vocab;
+    int n_rotary;                                 // positions the rotary tables cover
+    float norm_eps;
+    const float *embedding;                       // (vocab, dim)
+    const float *rotary_cos, *rotary_sin;         // (n_rotary, head_dim / 2)
+    const float *final_norm;                      // (dim,)
+    Matrix head;                                  // (vocab, dim)
+    const LlamaBlock *blocks;                     // n_layer of them
+} LlamaModel;
+
+static inline int pad8(int n) { return (n + 7) / 8 * 8; }
+
+static float *zeros(size_t n_floats) {            // 64-byte aligned, zeroed: the padding of an input is 0
+    float *p = alloc64(sizeof(float) * (n_floats + 16));
+    memset(p, 0, sizeof(float) * (n_floats + 16));
+    return p;
+}
+
+// ---- one output of a matrix: a row of W times x (K floats, zero-padded to a multiple of 8) ----
+
+#ifdef __AVX2__
+static inline __attribute__((always_inline)) float
+v3_row_dot(const uint32_t *row, const uint16_t *row_cb, int K, int group_size, const int bits, const float *x) {
+    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    uint32_t tail3[4] = {0, 0, 0, 0};
+    int full3 = n_words / 4;
+    if (bits == 3) { memcpy(tail3, row + 4 * full3, 4 * (n_words - 4 * full3)); }
+    __m256 acc = _mm256_setzero_ps();                 // the same sums, in the same order, as v3_rows
+    for (int g = 0; g < G; g++) {
+        int vb = g == G - 1 ? V : (g + 1) * vg;
+        acc = _mm256_add_ps(acc, span_dot(row, tail3, full3, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), x));
+    }
+    return hsum8(acc);
+}
+#endif
+
+static float lut_row_dot(const Matrix *m, int n, const float *x) {   // v3 where it applies, else the formula
+    const int bits = m->bits, K = m->K, gs = m->group_size, E = entries_per_word(bits), C = 1 << bits;
+    const int n_words = (K + E - 1) / E, G = (K + gs - 1) / gs;
+    const uint32_t *row = (const uint32_t *)m->weight + (int64_t)n * n_words;
+    const uint16_t *row_cb = m->codebook + (int64_t)n * G * C;
+#ifdef __AVX2__
+    if (v3_supports(K, bits, gs)) {
+        if (bits == 2) { return v3_row_dot(row, row_cb, K, gs, 2, x); }
+        if (bits == 3) { return v3_row_dot(row, row_cb, K, gs, 3, x); }
+        return v3_row_dot(row, row_cb, K, gs, 4, x);
+    }
+#endif
+    float acc = 0.0f, centroids[MAX_CENTROIDS];
+    for (int g = 0; g < G; g++) {
+        load_codebook(row_cb + g * C, C, centroids);
+        int k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
+        for (int k = g * gs; k < k1; k++) { acc += centroids[(row[k / E] >> ((k % E) * bits)) & (C - 1)] * x[k]; }
+    }
+    return acc;
+}
+
+static float dense_row_dot(const float *w, const float *x, int K) {   // w: K floats, any alignment
+    int k = 0;
+    float acc = 0.0f;
+#ifdef __AVX2__
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; k + 32 <= K; k += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k + 8 <= K; k += 8) { a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a0); }
+    acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; k < K; k++) { acc += w[k] * x[k]; }
+    return acc;
+}
+
+static float q8_row_dot(const uint8_t *row, const float *x, int K) {  // q8_gemv's sums; a partial last block
+    float acc = 0.0f;                                                  // reads x only up to K
+    int i = 0;
+#ifdef __AVX2__
+    __m256 a = _mm256_setzero_ps();
+    for (; i < K / 32; i++) {
+        const uint8_t *blk = row + i * 34;
+        uint16_t d16;
+        memcpy(&d16, blk, 2);
+        __m256 s = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * j))));
+            s = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + 32 * i + 8 * j), s);
+        }
+        a = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(d16)), s, a);
+    }
+    acc = hsum8(a);
+#endif
+    for (; 32 * i < K; i++) {                                          // portable, and the partial block
+        const uint8_t *blk = row + i * 34;
+        uint16_t d16;
+        memcpy(&d16, blk, 2);
+        float s = 0.0f;
+        for (int k = 32 * i; k < K && k < 32 * i + 32; k++) { s += (float)(int8_t)blk[2 + k - 32 * i] * x[k]; }
+        acc += half_to_float(d16) * s;
+    }
+    return acc;
+}
+
+static float row_dot(const Matrix *m, int n, const float *x) {
+    float y;
+    if (m->kind == MAT_LUT) {
+        y = lut_row_dot(m, n, x);
+    } else if (m->kind == MAT_DENSE) {
+        y = dense_row_dot((const float *)m->weight + (int64_t)n * m->K, x, m->K);
+    } else {
+        y = q8_row_dot((const uint8_t *)m->weight + (int64_t)n * ((m->K + 31) / 32) * 34, x, m->K);
+    }
+    return m->bias ? y + m->bias[n] : y;
+}
+
+// ---- whole matrices ----
+
+// y[i] (N_i) = x W_i^T for n_mats matrices of the same K: one parallel loop over the rows of all of them,
+// so x is read into cache once and the threads share all the rows evenly (q, k, v; gate, up)
+static void matvec(const Matrix *const *m, int n_mats, const float *x, float *const *y, int n_threads) {
+    int total = 0;
+    for (int i = 0; i < n_mats; i++) { total += m[i]->N; }
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int r = 0; r < total; r++) {
+        int i = 0, n = r;
+        while (n >= m[i]->N) { n -= m[i]->N; i++; }
+        y[i][n] = row_dot(m[i], n, x);
+    }
+}
+
+// y (T, N) = x (T, pad8(K)) W^T: T = 1 is matvec; more positions decode each packed row once (v4)
+static void matmul(const Matrix *m, const float *x, int T, float *y, int n_threads) {
+    if (T == 1) {
+        matvec(&m, 1, x, &y, n_threads);
+        return;
+    }
+#ifdef __AVX2__
+    if (m->kind == MAT_LUT && v3_supports(m->K, m->bits, m->group_size)) {
+        v4_rows((const uint32_t *)m->weight, m->codebook, x, y, m->N, m->K, T, m->bits, m->group_size, n_threads);
+        if (m->bias) {
+            for (int t = 0; t < T; t++) for (int n = 0; n < m->N; n++) y[(int64_t)t * m->N + n] += m->bias[n];
+        }
+        return;
+    }
+#endif
+    const int ldx = pad8(m->K);
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < m->N; n++) {
+        for (int t = 0; t < T; t++) { y[(int64_t)t * m->N + n] = row_dot(m, n, x + (size_t)t * ldx); }
+    }
+}
+
+// ---- the other steps of a block, one position (row) at a time ----
+
+static void rmsnorm(float *out, const float *x, const float *weight, int n, float eps) {
+    double ss = 0.0;                                      // out = x / sqrt(mean(x^2) + eps) * weight
+    for (int i = 0; i < n; i++) { ss += (double)x[i] * x[i]; }
+    const float r = 1.0f / sqrtf((float)(ss / n) + eps);
+    for (int i = 0; i < n; i++) { out[i] = x[i] * r * weight[i]; }
+}
+
+// turn each head's pairs (v[i], v[i + hs/2]) of one position by that position's angles (Hugging Face's
+// half-split layout, model.apply_rotary); cos, sin: (hs / 2,) of the position
+static void rotary(float *v, int n_heads, int hs, const float *cos, const float *sin) {
+    const int half = hs / 2;
+    for (int h = 0; h < n_heads; h++) {
+        float *a = v + h * hs, *b = a + half;
+        for (int i = 0; i < half; i++) {
+            const float x1 = a[i], x2 = b[i];
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+static float dot(const float *a, const float *b, int n) {
+    int i = 0;
+    float acc = 0.0f;
+#ifdef __AVX2__
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    acc = hsum8(_mm256_add_ps(s0, s1));
+#endif
+    for (; i < n; i++) { acc += a[i] * b[i]; }
+    return acc;
+}
+
+// out[t, h hs : (h+1) hs] for each new position t (at pos + t) and query head h: causal attention over
+// the positions 0 .. pos + t of kv head h / (n_head / n_kv_head). q (T, n_head hs); keys, values: one
+// layer's cache (n_kv_head, max_len, hs), this call's positions already stored
+static void attention(const float *q, float *out, int ld_out, const float *keys, const float *values, int T,
+                      int pos, int max_len, int n_head, int n_kv_head, int hs, int n_threads) {
+    const int group = n_head / n_kv_head;
+    const float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel num_threads(n_threads)
+    {
+        float *p = (float *)malloc(sizeof(float) * (pos + T));     // one head's scores, then weights
+        #pragma omp for schedule(static)
+        for (int th = 0; th < T * n_head; th++) {
+            const int t = th / n_head, h = th % n_head, S = pos + t + 1;
+            const float *qh = q + ((size_t)t * n_head + h) * hs;
+            const float *kh = keys + (size_t)(h / group) * max_len * hs, *vh = values + (size_t)(h / group) * max_len * hs;
+            float top = -INFINITY, sum = 0.0f;
+            for (int s = 0; s < S; s++) {
+                p[s] = dot(qh, kh + (size_t)s * hs, hs) * scale;
+                top = p[s] > top ? p[s] : top;
+            }
+            for (int s = 0; s < S; s++) { p[s] = expf(p[s] - top); sum += p[s]; }   // softmax, stably
+            float *o = out + (size_t)t * ld_out + h * hs;
+            memset(o, 0, sizeof(float) * hs);
+            for (int s = 0; s < S; s++) {
+                const float w = p[s] / sum, *vs = vh + (size_t)s * hs;
+                for (int i = 0; i < hs; i++) { o[i] += w * vs[i]; }
+            }
+        }
+        free(p);
+    }
+}
+
+static void add(float *x, const float *y, size_t n) { for (size_t i = 0; i < n; i++) { x[i] += y[i]; } }
+
+// ---- the step ----
+
+// Runs positions pos .. pos+T-1 (tokens (T,) int64) through the model, stores their keys and values in
+// key_cache[l], value_cache[l] (n_layer pointers, each (n_kv_head, max_len, head_dim) float) and writes
+// the last position's logits (vocab,). Returns 0; 1 (nothing done) when a token id is outside the
+// vocabulary; 2 when pos + T passes max_len or the rotary tables.
+int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int max_len,
+               float *const *key_cache, float *const *value_cache, float *logits, int n_threads) {
+    for (int t = 0; t < T; t++) {
+        if (tokens[t] < 0 || tokens[t] >= m->vocab) { return 1; }
+    }
+    if (T < 1 || pos < 0 || pos + T > max_len || pos + T > m->n_rotary) { return 2; }
+    const int dim = m->dim, hs = m->head_dim, qd = m->n_head * hs, kvd = m->n_kv_head * hs, hidden = m->hidden;
+    const int ld_dim = pad8(dim), ld_qd = pad8(qd), ld_hidden = pad8(hidden);
+    float *x = zeros((size_t)T * dim), *h = zeros((size_t)T * ld_dim), *tmp = zeros((size_t)T * dim);
+    float *q = zeros((size_t)T * qd), *k = zeros((size_t)T * kvd), *v = zeros((size_t)T * kvd);
+    float *att = zeros((size_t)T * ld_qd), *g = zeros((size_t)T * hidden), *u = zeros((size_t)T * hidden);
+    float *hb = zeros((size_t)T * ld_hidden);
+    for (int t = 0; t < T; t++) { memcpy(x + (size_t)t * dim, m->embedding + tokens[t] * dim, sizeof(float) * dim); }
+
+    for (int l = 0; l < m->n_layer; l++) {
+        const LlamaBlock *b = m->blocks + l;
+        // attention: norm, q k v, rotary, cache, attention, o, residual
+        for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->attn_norm, dim, m->norm_eps); }
+        if (T == 1) {
+            const Matrix *qkv[3] = {&b->q, &b->k, &b->v};
+            float *out[3] = {q, k, v};
+            matvec(qkv, 3, h, out, n_threads);
+        } else {
+            matmul(&b->q, h, T, q, n_threads);
+            matmul(&b->k, h, T, k, n_threads);
+            matmul(&b->v, h, T, v, n_threads);
+        }
+        for (int t = 0; t < T; t++) {
+            const float *cos = m->rotary_cos + (size_t)(pos + t) * (hs / 2), *sin = m->rotary_sin + (size_t)(pos + t) * (hs / 2);
+            rotary(q + (size_t)t * qd, m->n_head, hs, cos, sin);
+            rotary(k + (size_t)t * kvd, m->n_kv_head, hs, cos, sin);
+            for (int j = 0; j < m->n_kv_head; j++) {
+                size_t at = ((size_t)j * max_len + pos + t) * hs;
+                memcpy(key_cache[l] + at, k + (size_t)t * kvd + j * hs, sizeof(float) * hs);
+                memcpy(value_cache[l] + at, v + (size_t)t * kvd + j * hs, sizeof(float) * hs);
+            }
+        }
+        attention(q, att, ld_qd, key_cache[l], value_cache[l], T, pos, max_len, m->n_head, m->n_kv_head, hs, n_threads);
+        matmul(&b->o, att, T, tmp, n_threads);
+        add(x, tmp, (size_t)T * dim);
+        // MLP: norm, gate and up, SwiGLU, down, residual
+        for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->mlp_norm, dim, m->norm_eps); }
+        if (T == 1) {
+            const Matrix *gate_up[2] = {&b->gate, &b->up};
+            float *out[2] = {g, u};
+            matvec(gate_up, 2, h, out, n_threads);
+        } else {
+            matmul(&b->gate, h, T, g, n_threads);
+            matmul(&b->up, h, T, u, n_threads);
+        }
+        for (int t = 0; t < T; t++) {
+            for (int i = 0; i < hidden; i++) {
+                const float gi = g[(size_t)t * hidden + i];
+                hb[(size_t)t * ld_hidden + i] = gi / (1.0f + expf(-gi)) * u[(size_t)t * hidden + i];   // silu(g) u
+            }
+        }
+        matmul(&b->down, hb, T, tmp, n_threads);
+        add(x, tmp, (size_t)T * dim);
+    }
+    rmsnorm(h, x + (size_t)(T - 1) * dim, m->final_norm, dim, m->norm_eps);   // the last position only
+    const Matrix *head = &m->head;
+    matvec(&head, 1, h, &logits, n_threads);
+    free(x); free(h); free(tmp); free(q); free(k); free(v); free(att); free(g); free(u); free(hb);
+    return 0;
 }

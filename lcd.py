@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from packed_model import (FP16_MAX, GridLinear, LUTLinear, check_bits, check_fp16, check_group_size,
-                          check_weight, dequantize, fake_quantize_per_token, find_linears, is_conv1d, set_module)
+from packed_model import (FP16_MAX, GridLinear, LUTLinear, attach_decode_step, check_bits, check_fp16,
+                          check_group_size, check_weight, dequantize, fake_quantize_per_token, find_linears,
+                          is_conv1d, set_module)
 
 LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row stops changing long before
 DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search, at 4 centroids (density_atoms)
@@ -500,7 +501,7 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
             raise ValueError(f"layer {name!r}: {e}") from e
     for name, layer in quantized.items():
         set_module(model, name, layer)
-    return model
+    return attach_decode_step(model)      # generate() in C where the kernels serve the model
 
 
 # ==== 4. distillation ===========================================================================
@@ -852,7 +853,7 @@ def freeze(model):
         except ValueError as e:                                # say which layer
             raise ValueError(f"layer {name!r}: {e}") from e
         set_module(model, name, frozen)
-    return model.eval()
+    return attach_decode_step(model.eval())   # generate() in C where the kernels serve the model
 
 
 # ---- the distillation loss ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ product here when a faster path than its PyTorch reference exists:
 
   1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
   2. CPU path   - kernels.c compiled by the system C compiler at first use, called through ctypes
+  3. the decode step in C - a Llama's whole token (or prompt) in one kernels.c call, for generate()
 
 The packed format these kernels read is lcd.py section 3 (drawn there, followed exactly by kernels.cu):
 b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
@@ -15,6 +16,7 @@ import functools
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -239,14 +241,21 @@ def lut_forward_cuda(layer, x):
 # ==== 2. CPU path ===============================================================================
 # On a CPU, LUTLinear.forward hands fp32 activations that need no gradient to lut_forward_cpu(): kernels.c,
 # built at first use by the system C compiler (no new dependency), cached under CPU_CACHE_DIR by a hash
-# of its source and flags, loaded with ctypes and called on torch's own tensors (data_ptr: no copies),
-# with torch's thread count for OpenMP. Outliers and the bias are added here, in torch, as on the GPU.
-# Without a compiler, or when compiling fails, one line on stderr says why, once, and every call returns
-# None: LUTLinear then runs its PyTorch reference (lcd.py section 4), as it does with CPU_KERNELS off.
+# of its source, the compiler, the flags and this CPU's instruction sets (cpu_features), loaded with
+# ctypes and called on torch's own tensors (data_ptr: no copies), with torch's thread count for OpenMP.
+# Outliers and the bias are added here, in torch, as on the GPU. Without a compiler, or when compiling
+# fails, one line on stderr says why, once, and every call returns None: LUTLinear then runs its PyTorch
+# reference (lcd.py section 4), as it does with CPU_KERNELS off.
+#
+# -march=native bakes this CPU's instruction sets into the library: one built on an AVX-512 machine dies
+# of SIGILL (illegal instruction) on an AVX2 machine. So the features are part of the cache key, and each
+# library has a record of the features it was built for beside it (kernels-<key>.features); a library
+# whose record is missing or names other features is never loaded: it is built again.
 KERNELS_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 CPU_KERNELS = os.environ.get("LCD_CPU_KERNELS", "1") != "0"   # False (or LCD_CPU_KERNELS=0): the torch reference
-CPU_COMPILER = os.environ.get("CC", "cc")                     # the system C compiler
+CPU_COMPILER = os.environ.get("CC", "cc")                     # the system C compiler, maybe with arguments ("ccache gcc")
 CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_LIBS = ("-lm",)                                           # after the source: expf, sqrtf of the decode step
 CPU_CACHE_DIR = os.environ.get("LCD_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lcd-kernels"))
 CPU_VERSIONS = ("v0", "v1", "v2", "v3", "v4", "sgemm")   # naive to fast (kernels.c); sgemm: v3-decoded blocks, torch.mm
 CPU_KERNEL = "v3"            # the kernel LUTLinear uses on a CPU up to CPU_GEMV_ROWS activation rows ...
@@ -259,28 +268,77 @@ _cpu_library = None      # the loaded kernels.c, or None
 _cpu_failure = None      # why it is unavailable (said once), or None
 
 
-def _build_cpu_library():
-    """Compile kernels.c into CPU_CACHE_DIR (once per source and flags) and load it; raises with the reason."""
-    compiler = shutil.which(CPU_COMPILER)
-    if compiler is None:
-        raise RuntimeError(f"no C compiler: {CPU_COMPILER!r} is not on PATH")
+def compiler_command():
+    """CPU_COMPILER as a command: a list of words, split as a shell (and make, CMake, setuptools) would,
+    so that CC="ccache gcc" or CC="gcc -pthread" work; the first word resolved on PATH. Raises
+    RuntimeError naming CC when it is empty or its program is not on PATH."""
+    try:
+        words = shlex.split(CPU_COMPILER)
+    except ValueError as e:
+        raise RuntimeError(f"CC={CPU_COMPILER!r} cannot be split into words ({e}): fix its quotes") from None
+    if not words:
+        raise RuntimeError("CC is empty: set it to a C compiler (e.g. CC=gcc) or unset it for 'cc'")
+    program = shutil.which(words[0])
+    if program is None:
+        raise RuntimeError(f"no C compiler: {words[0]!r} (from CC={CPU_COMPILER!r}) is not on PATH")
+    return [program, *words[1:]]
+
+
+def cpu_features(command):
+    """This CPU's instruction sets as the compiler sees them with -march=native: the preprocessor macros
+    -march=native adds to a plain compile ("#define __AVX2__ 1", "#define __AVX512F__ 1", "#define __F16C__
+    1", ...), sorted. These are what a library built here may use. Raises RuntimeError when the compiler
+    cannot tell."""
+    def macros(flags):
+        done = subprocess.run([*command, *flags, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise RuntimeError(f"{CPU_COMPILER} cannot list what -march=native means on this CPU: {first}")
+        return set(done.stdout.splitlines())
+    return sorted(macros(["-march=native"]) - macros([]))
+
+
+def cpu_library_path(command, features):
+    """(library path, features record path) in CPU_CACHE_DIR for this source, compiler, flags and CPU."""
     with open(KERNELS_C, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(source + repr((compiler, CPU_FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + repr((command, CPU_FLAGS, CPU_LIBS, features)).encode()).hexdigest()[:16]
     path = os.path.join(CPU_CACHE_DIR, f"kernels-{key}.so")
-    if not os.path.exists(path):
+    return path, path[:-3] + ".features"
+
+
+def _recorded_features(record):
+    try:
+        with open(record) as f:
+            return f.read().splitlines()
+    except OSError:
+        return None
+
+
+def _build_cpu_library():
+    """Compile kernels.c into CPU_CACHE_DIR (once per source, compiler, flags and CPU features) and load it;
+    raises with the reason. A cached library is loaded only when its record names this CPU's features."""
+    command = compiler_command()
+    features = cpu_features(command)
+    path, record = cpu_library_path(command, features)
+    if not (os.path.exists(path) and _recorded_features(record) == features):   # missing, or built for another CPU
         os.makedirs(CPU_CACHE_DIR, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=CPU_CACHE_DIR)
         os.close(fd)
+        fd, tmp_record = tempfile.mkstemp(suffix=".features", dir=CPU_CACHE_DIR)
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in features))
         try:
-            done = subprocess.run([compiler, *CPU_FLAGS, KERNELS_C, "-o", tmp], capture_output=True, text=True)
+            done = subprocess.run([*command, *CPU_FLAGS, KERNELS_C, "-o", tmp, *CPU_LIBS], capture_output=True, text=True)
             if done.returncode != 0:
                 first = (done.stderr.strip().splitlines() or ["no message"])[0]
                 raise RuntimeError(f"{CPU_COMPILER} failed on kernels.c: {first}")
-            os.replace(tmp, path)   # atomic: a concurrent build never loads half a file
+            os.replace(tmp_record, record)   # the record first: a library is never there without its own
+            os.replace(tmp, path)            # atomic: a concurrent build never loads half a file
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            for leftover in (tmp, tmp_record):
+                if os.path.exists(leftover):
+                    os.remove(leftover)
     lib = ctypes.CDLL(path)
     p, i = ctypes.c_void_p, ctypes.c_int
     for version in CPU_VERSIONS[:5]:
@@ -289,6 +347,8 @@ def _build_cpu_library():
     lib.lut_decode_rows.argtypes = [p, p, p] + [i] * 6
     lib.q8_gemv.argtypes = [p, p, p] + [i] * 4
     lib.copy_bytes.argtypes = [p, p, ctypes.c_int64, i]
+    lib.llama_step.argtypes = [p, p, i, i, i, p, p, p, i]
+    lib.llama_step.restype = i
     return lib
 
 
@@ -341,10 +401,13 @@ def lut_forward_cpu(layer, x, version=None):
     -> x W_hat^T + bias (..., N) float32, outliers included, from kernels.c (`version` None: CPU_KERNEL up
     to CPU_GEMV_ROWS rows, else CPU_BATCH_KERNEL). None when it cannot serve the call (CPU_KERNELS off, no
     compiler, not fp32 on the CPU, a gradient wanted): LUTLinear then runs its PyTorch reference."""
+    N, K = layer.out_features, layer.in_features
+    if x.dim() == 0 or x.shape[-1] != K:   # the reference fails too, less clearly; a reshape must not hide it
+        raise ValueError(f"a packed layer of in_features={K} got input of shape {tuple(x.shape)}: its last "
+                         f"dimension must be {K}")
     if (not CPU_KERNELS or x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled())
             or cpu_library() is None):
         return None
-    N, K = layer.out_features, layer.in_features
     x2 = x.reshape(-1, K)                                                    # (B, K)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
@@ -410,16 +473,282 @@ def q8_dequantize(blocks, K):
     return (d * b[..., 2:].contiguous().view(torch.int8).float()).reshape(blocks.shape[0], -1)[:, :K]
 
 
-def q8_forward_cpu(blocks, x, N):
+def q8_forward_cpu(blocks, x, N, K=None):
     """x (..., K) float32 -> x W^T (..., N) float32 with W the Q8_0 blocks (N, nb * 34) through kernels.c's
     q8_gemv (x zero-padded to 32 nb columns when K is not a multiple of 32); None when kernels.c cannot
-    serve the call (as lut_forward_cpu): the caller multiplies by q8_dequantize instead."""
+    serve the call (as lut_forward_cpu): the caller multiplies by q8_dequantize instead.
+    K: the layer's in_features. The blocks alone know K only to a block (32 columns): without K an input
+    whose width needs another number of blocks is refused, with K any other width is. ValueError, naming
+    the expected width, for a wrong width and for blocks that are not contiguous uint8 (N, nb * 34)."""
+    nb = blocks.shape[1] // (2 + Q8_BLOCK) if blocks.dim() == 2 else 0
+    if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[0] != N or nb < 1
+            or blocks.shape[1] != nb * (2 + Q8_BLOCK) or not blocks.is_contiguous()):
+        raise ValueError(f"Q8_0 blocks must be contiguous uint8 (N={N}, blocks * {2 + Q8_BLOCK}), got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}{'' if blocks.is_contiguous() else ' (not contiguous)'}")
+    width = x.shape[-1] if x.dim() else None
+    if K is not None and width != K:
+        raise ValueError(f"a Q8_0 layer of in_features={K} got input of shape {tuple(x.shape)}: its last dimension "
+                         f"must be {K}")
+    if width is None or -(-width // Q8_BLOCK) != nb:
+        raise ValueError(f"a Q8_0 layer of {nb} blocks a row (in_features {Q8_BLOCK * nb - Q8_BLOCK + 1} to "
+                         f"{Q8_BLOCK * nb}) got input of shape {tuple(x.shape)}: its last dimension must be the "
+                         f"layer's in_features")
     if (not CPU_KERNELS or x.dtype != torch.float32 or x.is_cuda or (x.requires_grad and torch.is_grad_enabled())
             or cpu_library() is None):
         return None
-    K_pad = blocks.shape[1] // (2 + Q8_BLOCK) * Q8_BLOCK
+    K_pad = nb * Q8_BLOCK
     x2 = F.pad(x.reshape(-1, x.shape[-1]), (0, K_pad - x.shape[-1])).contiguous()   # (B, K_pad)
     y = torch.empty(x2.shape[0], N)
     cpu_library().q8_gemv(blocks.data_ptr(), x2.data_ptr(), y.data_ptr(), N, K_pad, x2.shape[0],
                           torch.get_num_threads())
     return y.reshape(*x.shape[:-1], N)
+
+
+# ==== 3. the decode step in C ====================================================================
+# generate() of a Llama (model.py) can run each of its steps -- the prompt once, then one token at a time --
+# as ONE call of kernels.c's llama_step: every block (norms, q/k/v sharing one pass over their input,
+# rotary, grouped-query attention over torch's KVCache, SwiGLU, residuals), then the final norm and the
+# head, instead of ~210 module calls a token. attach_decode_step(model) sets model.decode_step, which
+# CausalLM.generate calls when the attribute is there (model.py imports nothing of this file). At the
+# first step of every generate() the step builds its tables of pointers to the model's own tensors
+# (ctypes structures mirroring kernels.c's Matrix, LlamaBlock, LlamaModel: no copies), so a model changed
+# between two generate() calls (quantized, loaded, moved) is seen. It serves fp32 Llamas on the CPU whose
+# matrices are packed (LUTLinear without activation quantization, input scale or outliers), dense fp32
+# nn.Linear or Q8_0 (Q8Linear); for anything else it answers None and generate() runs the Python forward,
+# which stays the reference.
+
+MATRIX_KINDS = ("lut", "dense", "q8")   # kernels.c's MAT_LUT, MAT_DENSE, MAT_Q8, in this order
+BLOCK_MATRICES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                  "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+class _Matrix(ctypes.Structure):         # kernels.c's Matrix
+    _fields_ = [("kind", ctypes.c_int), ("N", ctypes.c_int), ("K", ctypes.c_int), ("bits", ctypes.c_int),
+                ("group_size", ctypes.c_int), ("weight", ctypes.c_void_p), ("codebook", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class _LlamaBlock(ctypes.Structure):     # kernels.c's LlamaBlock
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p)] + [(k, _Matrix) for k in BLOCK_MATRICES]
+
+
+class _LlamaModel(ctypes.Structure):     # kernels.c's LlamaModel
+    _fields_ = [(name, ctypes.c_int) for name in ("n_layer", "dim", "n_head", "n_kv_head", "head_dim", "hidden",
+                                                  "vocab", "n_rotary")] + [
+               ("norm_eps", ctypes.c_float), ("embedding", ctypes.c_void_p), ("rotary_cos", ctypes.c_void_p),
+               ("rotary_sin", ctypes.c_void_p), ("final_norm", ctypes.c_void_p), ("head", _Matrix),
+               ("blocks", ctypes.POINTER(_LlamaBlock))]
+
+
+class Refused(Exception):
+    """Why the C decode step cannot serve a model (decode_step_refusal says it)."""
+
+
+def _fp32_cpu(t, what, shape):
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or t.is_cuda or tuple(t.shape) != shape \
+            or not t.is_contiguous():
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise Refused(f"{what} must be a contiguous fp32 CPU tensor {shape}, got {got}")
+    return t
+
+
+def _matrix(module, where, N, K):
+    """(kernels.c Matrix of one linear layer (N, K), the tensors it points into); Refused if not served."""
+    if getattr(module, "in_features", None) != K or getattr(module, "out_features", None) != N:
+        raise Refused(f"{where} is not a {N}x{K} linear layer: {module!r}")
+    bias = getattr(module, "bias", None)
+    tensors = [] if bias is None else [_fp32_cpu(bias, f"{where}.bias", (N,))]
+    if hasattr(module, "packed") and hasattr(module, "codebook"):             # LUTLinear (lcd.py)
+        if getattr(module, "a_bits", None):
+            raise Refused(f"{where} quantizes its activations (a_bits={module.a_bits}): the C step does not")
+        if getattr(module, "in_scale", None) is not None:
+            raise Refused(f"{where} has a smoothing input scale (in_scale): the C step does not apply it")
+        if getattr(module, "outlier_vals", None) is not None:
+            raise Refused(f"{where} keeps outliers: the C step does not add them")
+        if module.packed.is_cuda or module.codebook.is_cuda:
+            raise Refused(f"{where} is on {module.packed.device}: the C step runs on the CPU")
+        try:
+            _check_kernel_operands(module.bits, module.group_size, module.packed, module.codebook, K)
+        except ValueError as e:
+            raise Refused(f"{where}: {e}") from None
+        spec = _Matrix(0, N, K, module.bits, min(module.group_size, K), module.packed.data_ptr(),
+                       module.codebook.data_ptr(), None)
+        tensors += [module.packed, module.codebook]
+    elif hasattr(module, "blocks"):                                            # Q8Linear (lcd.py)
+        blocks = module.blocks
+        shape = (N, -(-K // Q8_BLOCK) * (2 + Q8_BLOCK))
+        if blocks.dtype != torch.uint8 or blocks.is_cuda or tuple(blocks.shape) != shape or not blocks.is_contiguous():
+            raise Refused(f"{where}: Q8_0 blocks must be contiguous uint8 {shape} on the CPU, got {blocks.dtype} "
+                          f"{tuple(blocks.shape)} on {blocks.device}")
+        spec = _Matrix(2, N, K, 0, 0, blocks.data_ptr(), None, None)
+        tensors.append(blocks)
+    elif isinstance(module, torch.nn.Linear):
+        spec = _Matrix(1, N, K, 0, 0, _fp32_cpu(module.weight, f"{where}.weight", (N, K)).data_ptr(), None, None)
+        tensors.append(module.weight)
+    else:
+        raise Refused(f"{where} is a {type(module).__name__}: the C step serves LUTLinear, Q8Linear and nn.Linear")
+    if bias is not None:
+        spec.bias = bias.data_ptr()
+    return spec, tensors
+
+
+def _rmsnorm_weight(module, where, dim, eps):
+    if getattr(module, "eps", None) != eps:
+        raise Refused(f"{where} has eps {getattr(module, 'eps', None)}, the config norm_eps {eps}")
+    return _fp32_cpu(getattr(module, "weight", None), f"{where}.weight", (dim,))
+
+
+def rotary_tables(n_positions, hs, theta):
+    """(cos, sin), each (n_positions, hs / 2) float32: model.rotary_cos_sin's angles for positions 0 .. n-1,
+    computed by the same operations (so the same numbers) for the C step."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hs, 2).float() / hs))                  # (hs/2,)
+    angles = torch.arange(n_positions).float()[:, None] * inv_freq[None, :]            # (n, hs/2)
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
+def llama_tables(model, n_positions):
+    """(LlamaModel structure, [tensors it points into]) of a Llama for kernels.c's llama_step, its rotary
+    tables covering n_positions; Refused naming what the C step does not serve."""
+    if getattr(model, "architecture", None) != "llama":
+        raise Refused(f"a {type(model).__name__} (architecture {getattr(model, 'architecture', None)!r}): the C step "
+                      "runs the Llama family only")
+    c = model.config
+    dim, n_head, n_kv_head = c.n_embd, c.n_head, c.n_kv_head
+    hs = dim // n_head
+    qd, kvd, vocab = n_head * hs, n_kv_head * hs, c.vocab_size
+    body, tensors = model.model, []
+    embedding = _fp32_cpu(body.embed_tokens.weight, "model.embed_tokens.weight", (vocab, dim))
+    cos, sin = rotary_tables(n_positions, hs, c.rope_theta)
+    tensors += [embedding, cos, sin]
+    blocks = (_LlamaBlock * c.n_layer)()
+    for i, layer in enumerate(body.layers):
+        where = f"model.layers.{i}"
+        hidden = getattr(layer.mlp.gate_proj, "out_features", None)
+        shapes = {"q": (qd, dim), "k": (kvd, dim), "v": (kvd, dim), "o": (dim, qd), "gate": (hidden, dim),
+                  "up": (hidden, dim), "down": (dim, hidden)}
+        for key, path in BLOCK_MATRICES.items():
+            spec, used = _matrix(layer.get_submodule(path), f"{where}.{path}", *shapes[key])
+            setattr(blocks[i], key, spec)
+            tensors += used
+        for key, name in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+            weight = _rmsnorm_weight(getattr(layer, name), f"{where}.{name}", dim, c.norm_eps)
+            setattr(blocks[i], key, weight.data_ptr())
+            tensors.append(weight)
+    if hidden != c.intermediate_size:
+        raise Refused(f"the MLP is {hidden} wide, the config's intermediate_size {c.intermediate_size}")
+    final_norm = _rmsnorm_weight(body.norm, "model.norm", dim, c.norm_eps)
+    head, used = _matrix(model.lm_head, "lm_head", vocab, dim)
+    tensors += [final_norm, *used, blocks]
+    table = _LlamaModel(c.n_layer, dim, n_head, n_kv_head, hs, hidden, vocab, n_positions, c.norm_eps,
+                        embedding.data_ptr(), cos.data_ptr(), sin.data_ptr(), final_norm.data_ptr(), head, blocks)
+    return table, tensors
+
+
+def _all_packed(table):
+    """Whether every block matrix is packed: then the prompt runs in C (v4); a dense one is faster in torch's
+    BLAS at T > 1 than in kernels.c's row by row products, so a model with one reads its prompt in Python."""
+    return all(getattr(table.blocks[i], k).kind == 0 for i in range(table.n_layer) for k in BLOCK_MATRICES)
+
+
+class DecodeStep:
+    """model.decode_step: generate()'s step in C (attach_decode_step).
+
+        logits = step(idx, cache)   # idx (1, T) int64: the new tokens; cache: model.KVCache
+
+    runs the T new positions cache.pos .. cache.pos+T-1 through the model in one kernels.c call, stores
+    their keys and values in `cache` (the same tensors KVCache.update would make, so the Python forward
+    can continue from them), advances cache.pos and returns the logits of the last position, (1, vocab)
+    float32. Returns None, with nothing changed, where it does not serve the call: a gradient wanted,
+    CPU_KERNELS off, a batch of several sequences, token ids outside the vocabulary, a cache too short,
+    a prompt (T > 1) of a model with dense block matrices (torch's BLAS reads it faster), or a model it
+    does not serve (see `refusal`); generate() then runs the Python forward, whose errors are the clear
+    ones, and the next steps continue from the cache it filled."""
+
+    def __init__(self, model):
+        self.model = model
+        self.refusal = None      # why the model is not served, as of the last generate(); None: served
+        self._reset()
+
+    def _reset(self):
+        self._cache = None       # weakref to the KVCache of the generate() the tables below were built for
+        self._table = self._tensors = self._keys = self._values = None
+        self._prompt_in_c = False
+
+    def __getstate__(self):      # copy.deepcopy(model), torch.save(model): ctypes pointers are not copied,
+        return {"model": self.model, "refusal": self.refusal}   # the copy builds its own tables
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def _start(self, cache):
+        """A new generate(): (re)build the tables for the model as it is now and for this cache."""
+        self._reset()
+        self._cache = weakref.ref(cache)
+        try:
+            table, tensors = llama_tables(self.model, cache.max_len)
+        except Refused as e:
+            self.refusal = str(e)
+            return
+        c = self.model.config
+        hs = c.n_embd // c.n_head
+        keys, values = [], []
+        for layer in self.model.model.layers:        # the cache's tensors, made as KVCache.update makes them
+            attn = layer.self_attn
+            if attn not in cache.kv:
+                cache.kv[attn] = (torch.zeros(1, c.n_kv_head, cache.max_len, hs), torch.zeros(1, c.n_kv_head, cache.max_len, hs))
+            for t, out in zip(cache.kv[attn], (keys, values)):
+                if t.dtype != torch.float32 or t.is_cuda or tuple(t.shape) != (1, c.n_kv_head, cache.max_len, hs) \
+                        or not t.is_contiguous():
+                    self.refusal = f"the KV cache holds {t.dtype} {tuple(t.shape)}: not one fp32 sequence"
+                    return
+                out.append(t.data_ptr())
+        self.refusal = None
+        self._table, self._tensors, self._prompt_in_c = table, tensors, _all_packed(table)
+        self._keys = (ctypes.c_void_p * len(keys))(*keys)
+        self._values = (ctypes.c_void_p * len(values))(*values)
+
+    def __call__(self, idx, cache):
+        if not CPU_KERNELS or torch.is_grad_enabled() or cpu_library() is None:
+            return None
+        if self._cache is None or self._cache() is not cache:
+            if idx.shape[0] != 1:                    # several sequences: the Python forward fills the cache
+                return None
+            self._start(cache)
+        if self._table is None or idx.dtype != torch.int64 or idx.is_cuda or idx.dim() != 2 or idx.shape[0] != 1:
+            return None
+        T, pos = idx.shape[1], cache.pos
+        if T < 1 or pos + T > cache.max_len or (T > 1 and not self._prompt_in_c):
+            return None
+        tokens = idx[0].contiguous()                                        # (T,)
+        logits = torch.empty(1, self._table.vocab)
+        status = cpu_library().llama_step(ctypes.byref(self._table), tokens.data_ptr(), T, pos, cache.max_len,
+                                          self._keys, self._values, logits.data_ptr(), torch.get_num_threads())
+        if status != 0:                              # an id outside the vocabulary: nothing was written
+            return None
+        cache.pos += T
+        return logits
+
+
+def decode_step_refusal(model):
+    """Why the C decode step cannot serve `model` (a str), or None when it can."""
+    try:
+        llama_tables(model, 1)            # the model's shape and layers first: a GPT needs no compiler
+    except Refused as e:
+        return str(e)
+    if cpu_library() is None:
+        return f"kernels.c is unavailable: {_cpu_failure}"
+    return None
+
+
+def attach_decode_step(model):
+    """Give a Llama (packed, Q8_0 head, or plain fp32; on the CPU) its decode step in C: sets and returns
+    model.decode_step, a DecodeStep that generate() then calls for every step (the prompt, then each
+    token). Returns None, and removes an earlier step, when the C step cannot serve the model (a GPT,
+    activation quantization, an input scale, outliers, not fp32, not on the CPU: decode_step_refusal(model)
+    says why) or kernels.c cannot be built: generate() then runs the Python forward as before."""
+    model.__dict__.pop("decode_step", None)
+    if decode_step_refusal(model) is not None:
+        return None
+    model.decode_step = DecodeStep(model)
+    return model.decode_step

@@ -129,7 +129,7 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, seed=None,
-                 use_cache=True):
+                 use_cache=True, on_token=None):
         """Sample max_new_tokens tokens after idx (B, T) int64; returns (B, T + max_new_tokens).
 
         temperature: > 0 divides the logits before sampling; 0 is greedy (the most likely token, argmax, no
@@ -138,21 +138,29 @@ class CausalLM(nn.Module):
         than the vocabulary keeps all of them); a negative or non-integer k is a ValueError. generator (a
         torch.Generator) or seed makes sampling reproducible. The prompt must hold at least one token: an
         empty one (T = 0) is a ValueError ("the prompt is empty"). With use_cache, the prompt runs once and
-        each new token costs one position's work (KVCache). The context is block_size tokens: once the
+        each new token costs one position's work (KVCache); a model with a `decode_step` attribute (a callable
+        (new tokens (B, T), cache) -> logits (B, vocab) of the last one, or None to decline: lcd_kernels.py's C
+        step) runs each cached step through it. on_token, if given, is called with each new token (B, 1) as
+        soon as it is chosen (to stream it); a true return stops there (e.g. at the end of a chat turn), the
+        result then ending with that token. The context is block_size tokens: once the
         sequence is longer, each step re-runs the last block_size tokens without a cache (the GPT's learned
         position table ends there), exactly as use_cache=False does, so both paths give the same tokens."""
         top_k = check_sampling(idx, max_new_tokens, temperature, top_k)
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         block_size, cache = self.config.block_size, None
+        step = getattr(self, "decode_step", None)    # a faster step, e.g. lcd_kernels.attach_decode_step's, or None
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block_size:
                 if cache is None:
                     cache = KVCache(min(block_size, idx.size(1) + max_new_tokens))
-                logits, _ = self(idx[:, cache.pos:], kv_cache=cache)   # the prompt once, then the newest token
+                new = idx[:, cache.pos:]                               # the prompt once, then the newest token
+                logits = step(new, cache) if step is not None else None   # (B, vocab), or None: not served
+                if logits is None:                                     # the Python forward, the reference
+                    logits = self(new, kv_cache=cache)[0][:, -1, :]
             else:
-                logits, _ = self(idx[:, -block_size:])                 # crop to the context the model knows
-            logits = logits[:, -1, :].float()                          # (B, vocab)
+                logits = self(idx[:, -block_size:])[0][:, -1, :]       # crop to the context the model knows
+            logits = logits.float()                                    # (B, vocab)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)         # (B, 1)
             else:
@@ -162,6 +170,8 @@ class CausalLM(nn.Module):
                     logits[logits < v[:, [-1]]] = -float("inf")
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
             idx = torch.cat((idx, idx_next), dim=1)
+            if on_token is not None and on_token(idx_next):
+                break
         return idx
 
 

@@ -486,6 +486,15 @@ def footprint(model):
             "bits_per_weight": total_bits / total_params if total_params else 0.0}
 
 
+def attach_decode_step(model):
+    """Let a packed model's own generate() run each step as one C call (lcd_kernels.attach_decode_step: every
+    block, the norms, rotary, GQA attention over the KV cache and the head in kernels.c) where that serves
+    it -- a Llama, fp32, on the CPU, kernels built; anything else keeps the Python forward, which stays the
+    reference. quantize(), freeze() and load_quantized() call it. Returns the model."""
+    lcd_kernels.attach_decode_step(model)
+    return model
+
+
 # ==== 5. save / load ==============================================================================
 def atomic_write(path, write):
     """Write `path` atomically: write(tmp) fills a temporary file beside it, flushed to disk, which is then
@@ -826,5 +835,5 @@ def load_quantized(model, path):
         for buffer in ("codebook", "outlier_vals", "in_scale"):
             if getattr(layer, buffer) is not None and not torch.isfinite(getattr(layer, buffer)).all():
                 raise ValueError(f"{path}: layer {name!r} stores non-finite {buffer} values: the file is corrupt")
-    return model
+    return attach_decode_step(model)
 

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 import bench
 import train_kd
@@ -159,3 +160,46 @@ def test_figures_never_write_over_tracked_files():
         tracked = subprocess.run(["git", "ls-files", bench.out_dir], cwd=ROOT, capture_output=True, text=True)
         ignored = subprocess.run(["git", "check-ignore", "-q", os.path.join(bench.out_dir, "ppl_vs_bits.png")], cwd=ROOT)
         assert tracked.stdout == "" and ignored.returncode == 0
+
+
+class Writes:
+    """A stream that keeps each write apart (to see an answer arrive token by token)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_the_chat_loop_streams_each_answer_and_stops_at_an_empty_line(monkeypatch):
+    import io
+
+    import checkpoints
+    import lcd_kernels
+    from test_llama import tiny_llama
+    by_byte = sorted(checkpoints.gpt2_byte_alphabet().items(), key=lambda kv: kv[1])   # the 256 single bytes
+    enc = checkpoints.bpe_tokenizer("t", [c for c, _ in by_byte] + ["<|im_start|>", "<|im_end|>"], [], {256, 257},
+                                    "gpt2")
+    enc.chat = {"form": "chatml", "system": None, "end": "<|im_end|>"}
+    monkeypatch.setattr(train_kd, "get_tokenizer", lambda name: enc)
+    model = tiny_llama(vocab_size=258, block_size=128)
+    lcd_kernels.attach_decode_step(model)                                   # the C step, where kernels.c builds
+    out = Writes()
+    results = bench.chat_loop({"student": model}, "t", 12, lines=io.StringIO("Hi there\nWhat is 1+1?\n\nunread\n"),
+                              out=out)
+    assert [r["question"] for r in results] == ["Hi there", "What is 1+1?"]   # the empty line ended the loop
+    for r in results:
+        ids = checkpoints.chat_ids(enc, [{"role": "user", "content": r["question"]}])
+        new = model.generate(torch.tensor([ids]), 12, temperature=0)[0, len(ids):].tolist()
+        new = new[:next((i for i, t in enumerate(new) if t == 257), len(new))]
+        answer = r["answers"]["student"]
+        assert answer["text"] == enc.decode(new).strip() and answer["tokens"] >= len(new) >= 1
+    text = "".join(out.writes)
+    assert text.count("tokens/s") == 2 and text.count("you: ") == 3
+    streamed = [w for w in out.writes if w and w not in ("student: ",) and "tokens/s" not in w and "you" not in w]
+    assert len(streamed) >= len(new)                                    # one write a token, not one an answer
+    assert bench.chat_loop({"student": model}, "t", 5, lines=io.StringIO(""), out=Writes()) == []   # EOF at once

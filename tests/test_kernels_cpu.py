@@ -2,11 +2,11 @@
 tiny shapes, batch 1 and more, outliers and bias, one codebook per row and groups; the fallback when the
 compiler fails; the Q8_0 head against its dequantized weight; greedy tokens of a tiny Llama, kernels vs
 reference. Skipped without a C compiler. No timing here (bench.py --cpu measures)."""
+import shlex
 import shutil
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lcd_kernels
 import lcd
@@ -14,7 +14,7 @@ import packed_model
 import model as model_lib
 from test_lut_cpu import random_layer
 
-pytestmark = pytest.mark.skipif(shutil.which(lcd_kernels.CPU_COMPILER) is None,
+pytestmark = pytest.mark.skipif(shutil.which((shlex.split(lcd_kernels.CPU_COMPILER) or [""])[0]) is None,
                                 reason=f"no C compiler ({lcd_kernels.CPU_COMPILER}): kernels.c cannot be built")
 
 
