@@ -31,11 +31,10 @@ import torch.nn.functional as F
 
 import lcd
 
-# GPTQ
-GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
-GPTQ_BLOCK = 128         # columns per lazy batch update
-GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
-GPTQ_DAMP_MAX = 1.0      # a failed Cholesky factorization is retried with 10x the damping, up to this much
+# GPTQ: its compensation loop (gptq_loop, damped_factor) lives in lcd.py section 2, which LCD's compensated
+# start (lcd.gptq_cluster) shares; the names stay here too, for the callers that know them as baselines'
+GPTQ_DAMP, GPTQ_BLOCK, GPTQ_ACT_ORDER, GPTQ_DAMP_MAX = lcd.GPTQ_DAMP, lcd.GPTQ_BLOCK, lcd.GPTQ_ACT_ORDER, lcd.GPTQ_DAMP_MAX
+damped_factor, gptq_loop = lcd.damped_factor, lcd.gptq_loop
 # CLAQ
 CLAQ_OUTLIER_RATIO = 13.0     # a weight is an outlier when |w| >= this times mean|W| of the layer
 CLAQ_HEAVY_FRACTION = 0.10    # this fraction of columns (most outliers) reserves more full-precision values
@@ -81,26 +80,6 @@ def hessian(stats, K):
     return H.float()
 
 
-def damped_factor(H, damp, factor):
-    """factor(H + lambda I) with lambda = damp * mean diag(H) (damp alone when diag(H) is all 0: no input
-    ever active). A factorization that fails (H not positive definite in floating point: collinear
-    inputs) is retried with damp 10x larger while damp <= max(GPTQ_DAMP_MAX, damp); then a ValueError."""
-    lcd.check_number("damp", damp, 0.0, open_low=True)
-    mean = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    tried = damp
-    while True:
-        try:
-            return factor(H + tried * (mean if mean > 0 else 1.0) * eye)
-        except torch.linalg.LinAlgError:
-            if tried * 10 > max(GPTQ_DAMP_MAX, damp) * (1 + 1e-9):
-                break
-            tried *= 10
-    raise ValueError(f"the layer Hessian is not positive definite even damped by {tried:g} x its mean diagonal: "
-                     "the calibration inputs of this layer are degenerate or not a Hessian (check the "
-                     "calibration data, or pass a larger damp)")
-
-
 def output_error(W, W_hat, H):
     """Layer output error tr((W - W_hat) H (W - W_hat)^T) = mean over tokens of ||x W^T - x W_hat^T||^2."""
     E = (W - W_hat).double()
@@ -135,52 +114,6 @@ def bits_of(*tensors):
 # output x W^T close (the Optimal Brain Surgeon update). Act-order visits columns with large diag(H) first;
 # damping keeps H invertible; the update of far columns is deferred to once per block of columns (lazy
 # batching: same result, fewer memory passes).
-
-
-def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP):
-    """Run GPTQ's compensation loop; the caller decides how one column is quantized.
-
-    quantize_column(k, w, current) gets the ORIGINAL index k of the column, its current (compensated)
-    values w (N,), and current(ks) -> (N, len(ks)) the current values of any not-yet-quantized original
-    columns ks (for grids fit when a group starts); it returns the quantized column (N,).
-    Returns the quantized W (N, K) in the original column order.
-    """
-    lcd.check_number("block_size", block_size, 1, integer=True)
-    W = W.clone().double()
-    H = H.clone().double()
-    N, K = W.shape
-    dead = torch.diag(H) == 0                                 # inputs never active: weights irrelevant
-    H[dead, dead] = 1.0                                       # (the GPTQ reference's fallback: an all-zero
-    W[:, dead] = 0.0                                          # Hessian becomes I and W zero, exact on X = 0)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
-    position = torch.argsort(perm)                            # position[k] = step at which column k is done
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = damped_factor(H, damp, lambda A: torch.linalg.cholesky(       # upper Cholesky factor of H^-1
-        torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True))
-    Q = torch.zeros_like(W)
-    for i1 in range(0, K, block_size):
-        i2 = min(i1 + block_size, K)
-        W1 = W[:, i1:i2].clone()                              # this block, kept up to date column by column
-        Err1 = torch.zeros_like(W1)                           # scaled errors, applied to later blocks at once
-
-        def current(ks, i):
-            p = position[torch.as_tensor(ks)]
-            vals = W[:, p].clone()
-            inside = (p >= i1) & (p < i2)
-            vals[:, inside] = W1[:, p[inside] - i1]
-            later = p >= i2                                   # pending lazy updates of this block so far
-            vals[:, later] -= Err1[:, :i] @ Hinv[i1:i1 + i][:, p[later]]
-            return vals.float()
-
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            q = quantize_column(int(perm[i1 + i]), w.float(), lambda ks: current(ks, i)).double()
-            Q[:, i1 + i] = q
-            err = (w - q) / Hinv[i1 + i, i1 + i]
-            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q[:, position].float()
 
 
 def gptq_quantize(W, H, bits, group_size=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
@@ -221,6 +154,17 @@ def gptq(W, stats, bits, group_size=None, bias=None, act_order=GPTQ_ACT_ORDER, b
     codebook, idx = gptq_quantize(W, hessian(stats, W.shape[1]), bits, group_size, act_order, block_size,
                                   damp)
     return lcd.GridLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
+
+
+def lcd_gptq(W, stats, bits, group_size=None, bias=None, rounds=lcd.COMPENSATE_ROUNDS, refit=True,
+             act_order=GPTQ_ACT_ORDER):
+    """LCD's compensated start as a post-training row ("lcd-gptq"): LCD's per-row (per-group) density
+    codebooks, assigned with GPTQ's error feedback and refit under H (lcd.gptq_cluster). The same stored
+    format and bits per weight as lcd-init: a LUTLinear of 2^b fp16 centroids a row (group) + b-bit indices."""
+    W = _check(W, bits)
+    c = lcd.gptq_cluster(W, hessian(stats, W.shape[1]), 2 ** bits, group_size, h=stats["h"], rounds=rounds,
+                         refit=refit, act_order=act_order)
+    return lcd.LUTLinear.from_clustered(c["codebook"], c["idx"], bits, group_size, bias=bias)
 
 
 # ==== 3. SqueezeLLM-like k-means ====================================================================
@@ -596,6 +540,7 @@ def quality_rows(bits):
     g = QUALITY_GROUP
     rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
             ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("lcd-gptq", "lcd-gptq", None, {}),
             ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
             ("lcq", "lcq", None, {})]
     if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
@@ -605,8 +550,8 @@ def quality_rows(bits):
     return rows
 
 
-METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
-NEEDS_HESSIAN = {"gptq", "claq", "lbllm"}
+METHODS = {"gptq": gptq, "lcd-gptq": lcd_gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
+NEEDS_HESSIAN = {"gptq", "lcd-gptq", "claq", "lbllm"}
 NEEDS_INPUTS = {"lbllm": LBLLM_ACT_SAMPLES}   # calibration input rows kept for LBLLM's activation quantizer
 for _name, _function in METHODS.items():   # what lcd.quantize reads off the function it is given
     _function.needs_hessian = _name in NEEDS_HESSIAN

@@ -497,6 +497,242 @@ def weighted_sse(W, h, codebook, idx, group_size, outliers=None):
     return _grouped(err, check_group_size(group_size, W.shape[1])).sum(1).view(W.shape[0], -1)
 
 
+# ---- the compensated start: LCD's codebooks placed with GPTQ's error feedback ----------------------------
+# cluster() fits each row's codebook to the row alone: every weight rounds to its nearest centroid and the
+# errors of a row's weights add up in the layer output, however the inputs correlate. GPTQ (Frantar,
+# Ashkboos, Hoefler, Alistarh 2022, arXiv:2210.17323) rounds the columns one at a time and pushes each
+# column's rounding error onto the columns not yet rounded, through the inverse of the input Hessian
+# H = X^T X / n, so that the layer OUTPUT x W^T stays close; CLAQ (Wang et al. 2024, arXiv:2405.17233)
+# runs k-means codebooks inside that loop. gptq_cluster does the same with LCD's own per-row (per-group)
+# codebooks, then moves the centroids to their least-squares values under H given the assignment
+# (refit_codebook), and alternates the two while that lowers the output error. The loop below is GPTQ's,
+# shared with baselines.py's GPTQ and CLAQ (lower files do not import higher ones, so it lives here).
+GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
+GPTQ_BLOCK = 128         # columns per lazy batch update
+GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
+GPTQ_DAMP_MAX = 1.0      # a failed Cholesky factorization is retried with 10x the damping, up to this much
+COMPENSATE_ROUNDS = 2    # gptq_cluster's assign + refit rounds (the 2nd re-assigns with the refit centroids)
+REFIT_RIDGE = 1e-6       # refit_codebook's pull toward the old centroid, as a fraction of the mean diagonal
+
+
+def check_hessian(H, K):
+    """H must be a finite (K, K) tensor (the layer input Hessian X^T X / n); returns it as float64."""
+    if not isinstance(H, torch.Tensor) or H.shape != (K, K):
+        raise ValueError(f"the Hessian must be a ({K}, {K}) tensor, got "
+                         f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
+    if not torch.isfinite(H).all():
+        raise ValueError("the layer Hessian holds NaN or inf: its calibration inputs overflowed or held no "
+                         "tokens; check the calibration data")
+    if (torch.diag(H) < 0).any():
+        raise ValueError("the layer Hessian has a negative diagonal entry (a mean of x_k^2 cannot be): pass "
+                         "X^T X / n of the layer's calibration inputs")
+    return H.double()
+
+
+def damped_factor(H, damp, factor):
+    """factor(H + lambda I) with lambda = damp * mean diag(H) (damp alone when diag(H) is all 0: no input
+    ever active). A factorization that fails (H not positive definite in floating point: collinear
+    inputs) is retried with damp 10x larger while damp <= max(GPTQ_DAMP_MAX, damp); then a ValueError."""
+    check_number("damp", damp, 0.0, open_low=True)
+    mean = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tried = damp
+    while True:
+        try:
+            return factor(H + tried * (mean if mean > 0 else 1.0) * eye)
+        except torch.linalg.LinAlgError:
+            if tried * 10 > max(GPTQ_DAMP_MAX, damp) * (1 + 1e-9):
+                break
+            tried *= 10
+    raise ValueError(f"the layer Hessian is not positive definite even damped by {tried:g} x its mean diagonal: "
+                     "the calibration inputs of this layer are degenerate or not a Hessian (check the "
+                     "calibration data, or pass a larger damp)")
+
+
+
+def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP):
+    """Run GPTQ's compensation loop; the caller decides how one column is quantized.
+
+    quantize_column(k, w, current) gets the ORIGINAL index k of the column, its current (compensated)
+    values w (N,), and current(ks) -> (N, len(ks)) the current values of any not-yet-quantized original
+    columns ks (for grids fit when a group starts); it returns the quantized column (N,).
+    Returns the quantized W (N, K) in the original column order.
+    """
+    check_number("block_size", block_size, 1, integer=True)
+    W = W.clone().double()
+    H = H.clone().double()
+    N, K = W.shape
+    dead = torch.diag(H) == 0                                 # inputs never active: weights irrelevant
+    H[dead, dead] = 1.0                                       # (the GPTQ reference's fallback: an all-zero
+    W[:, dead] = 0.0                                          # Hessian becomes I and W zero, exact on X = 0)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    position = torch.argsort(perm)                            # position[k] = step at which column k is done
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = damped_factor(H, damp, lambda A: torch.linalg.cholesky(       # upper Cholesky factor of H^-1
+        torch.cholesky_inverse(torch.linalg.cholesky(A)), upper=True))
+    Q = torch.zeros_like(W)
+    for i1 in range(0, K, block_size):
+        i2 = min(i1 + block_size, K)
+        W1 = W[:, i1:i2].clone()                              # this block, kept up to date column by column
+        Err1 = torch.zeros_like(W1)                           # scaled errors, applied to later blocks at once
+
+        def current(ks, i):
+            p = position[torch.as_tensor(ks)]
+            vals = W[:, p].clone()
+            inside = (p >= i1) & (p < i2)
+            vals[:, inside] = W1[:, p[inside] - i1]
+            later = p >= i2                                   # pending lazy updates of this block so far
+            vals[:, later] -= Err1[:, :i] @ Hinv[i1:i1 + i][:, p[later]]
+            return vals.float()
+
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            q = quantize_column(int(perm[i1 + i]), w.float(), lambda ks: current(ks, i)).double()
+            Q[:, i1 + i] = q
+            err = (w - q) / Hinv[i1 + i, i1 + i]
+            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q[:, position].float()
+
+
+def output_sse(W, W_hat, H):
+    """Per row n the output error (w_n - w_hat_n) H (w_n - w_hat_n)^T = mean over tokens of (x w_n - x
+    w_hat_n)^2: W, W_hat (N, K), H (K, K) -> (N,) float64. Summed over rows: tr(E H E^T), E = W - W_hat."""
+    E = (W.double() - W_hat.double())
+    return ((E @ H.double()) * E).sum(1)
+
+
+@torch.no_grad()
+def refit_codebook(W, H, codebook, idx, group_size=None, ridge=REFIT_RIDGE, chunk=64):
+    """The centroids that minimize the layer output error given the assignment: for every row n,
+        min over c_n of (w_n - c_n S_n) H (w_n - c_n S_n)^T,    S_n (G C, K) the one-hot of slot g(k) C + idx[n, k]
+    whose normal equations are the (G C) x (G C) system (S_n H S_n^T) c_n = S_n H w_n^T (C = 2^b centroids, G
+    groups a row). A centroid no weight uses (a zero row of the system) and any near-singular direction are
+    held by a small ridge toward the old value (ridge x the mean diagonal of the system). The solution is
+    rounded to fp16 (what LUTLinear stores) and kept only where it lowers the row's error: the result is
+    never worse than the given codebook, row by row, as stored in fp16.
+    W (N, K), H (K, K), codebook (N, G, C), idx (N, K) -> codebook (N, G, C) float32 (fp16-exact). Cost:
+    N K^2 G C multiply-adds (H times the one-hot), rows `chunk` at a time."""
+    N, K = W.shape
+    group_size = check_group_size(group_size, K)
+    G, C = codebook.shape[1], codebook.shape[2]
+    if codebook.shape[0] != N or G != math.ceil(K / group_size) or idx.shape != (N, K):
+        raise ValueError(f"refit_codebook: codebook {tuple(codebook.shape)} and idx {tuple(idx.shape)} do not fit "
+                         f"W {tuple(W.shape)} with group_size {group_size}")
+    H = check_hessian(H, K)
+    D = G * C
+    slot = (torch.arange(K, device=W.device) // group_size) * C + idx.long()      # (N, K) in 0..D-1
+    old = codebook.detach().reshape(N, D).double()
+    rhs_all = W.double() @ H                                                       # (N, K): (H w_n^T)^T
+    new = old.clone()
+    Hf = H.float()
+    for r in range(0, N, chunk):
+        s = slot[r:r + chunk]                                                      # (n, K)
+        n = s.shape[0]
+        onehot = F.one_hot(s, D).float()                                           # (n, K, D)
+        HS = (Hf @ onehot.transpose(0, 1).reshape(K, n * D)).view(K, n, D)         # (K, n, D): H S_n^T
+        M = torch.einsum("nkd,kne->nde", onehot, HS).double()                      # (n, D, D)
+        rhs = torch.zeros(n, D, dtype=torch.float64, device=W.device).scatter_add_(1, s, rhs_all[r:r + chunk])
+        lam = ridge * M.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # (n,)
+        eye = torch.eye(D, dtype=torch.float64, device=W.device)
+        c = torch.linalg.solve(M + lam[:, None, None] * eye, (rhs + lam[:, None] * old[r:r + chunk])[..., None])[..., 0]
+        c = c.clamp(-FP16_MAX, FP16_MAX).half().double()                           # as stored
+        # row error up to a constant: c^T M c - 2 c^T rhs; keep the new centroids only where it is lower
+        def err(x):
+            return (x[:, None, :] @ M @ x[:, :, None])[:, 0, 0] - 2 * (x * rhs).sum(1)
+        better = err(c) < err(old[r:r + chunk])
+        new[r:r + chunk] = torch.where(better[:, None], c, old[r:r + chunk])
+    return new.float().view(N, G, C)
+
+
+@torch.no_grad()
+def gptq_assign(W, H, codebook, group_size=None, h=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
+                damp=GPTQ_DAMP, fit=False, init="density"):
+    """GPTQ's loop (gptq_loop) with LCD's codebooks: column after column, every weight goes to the centroid of
+    its row (group) nearest its COMPENSATED value, and the rounding error moves on to the columns not yet
+    assigned. fit=True: the codebook of a group is fit (cluster(): `init` + weighted Lloyd, importance h) on
+    the group's compensated weights when its first column comes up, as GPTQ fits its grid; then `codebook`
+    may be the number of centroids instead. Centroids are used as stored, in fp16.
+    W (N, K), H (K, K), codebook (N, G, C) -> (codebook (N, G, C) fp16-exact float32, idx (N, K) int64,
+    compensated (N, K): every weight's value when it was assigned, from which it is its centroid's nearest)."""
+    N, K = W.shape
+    group_size = check_group_size(group_size, K)
+    G = math.ceil(K / group_size)
+    if fit:
+        C = codebook.shape[-1] if isinstance(codebook, torch.Tensor) else int(codebook)
+        codebook = torch.zeros(N, G, C)
+        h = torch.ones(K) if h is None else h.float()
+    else:
+        C = codebook.shape[-1]
+        codebook = codebook.detach().float().clone()
+    idx = torch.zeros(N, K, dtype=torch.long)
+    compensated = torch.zeros(N, K)
+    sorted_c, midpoints, order = {}, {}, {}
+
+    def quantize_column(k, w, current):
+        g = k // group_size
+        if g not in midpoints:
+            if fit:
+                cols = list(range(g * group_size, min(g * group_size + group_size, K)))
+                codebook[:, g] = cluster(current(cols), h[cols], C, init=init)["codebook"][:, 0].half().float()
+            sorted_c[g], order[g] = codebook[:, g].half().float().sort(dim=1)                      # (N, C)
+            midpoints[g] = ((sorted_c[g][:, 1:] + sorted_c[g][:, :-1]) / 2).contiguous()        # as _assign
+        j = _searchsorted(midpoints[g], w[:, None])                                             # (N, 1)
+        idx[:, k] = order[g].gather(1, j)[:, 0]
+        compensated[:, k] = w
+        return sorted_c[g].gather(1, j)[:, 0]
+
+    gptq_loop(W, H, quantize_column, act_order, block_size, damp)
+    return codebook.half().float(), idx, compensated
+
+
+@torch.no_grad()
+def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_ROUNDS, refit=True,
+                 act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, init="density"):
+    """LCD's compensated start ("lcd-gptq"): per-row (per-group) codebooks of n_centroids, the assignment made
+    with GPTQ's error feedback, the centroids refit to it under the Hessian, `rounds` times:
+      round 1: codebooks by `init` (density) + weighted Lloyd (cluster(), importance h: None takes diag(H)) on
+               each group's compensated weights as its first column comes up (gptq_assign(fit=True));
+      round r > 1: the same loop with the refit codebooks held fixed (a new assignment);
+      after each round (refit=True): refit_codebook, the least-squares centroids under H.
+    The round with the least output error tr((W - W_hat) H (W - W_hat)^T) is returned (so more rounds never
+    end worse, on the calibration Hessian). Sources: GPTQ (Frantar et al. 2022) for the loop, CLAQ (Wang et
+    al. 2024) for codebooks inside it; the refit is the weighted least squares of the centroids.
+    W (N, K) float, H (K, K) the layer input Hessian X^T X / n, n_centroids 2, 4, 8 or 16.
+    Returns dict(codebook (N, G, C) float32 fp16-exact, idx (N, K) int64, latent (N, K): a weight whose
+    nearest centroid is its assignment (the compensated value, or the centroid itself where the refit moved
+    the cell), outliers=None, errors: [output error after each round]); cluster()'s format plus latent.
+    ValueError for bad shapes, a non-finite W or H, or an H that no damping makes positive definite."""
+    N, K = W.shape
+    group_size = check_group_size(group_size, K)
+    if not (isinstance(n_centroids, int) and n_centroids >= 2 and n_centroids & (n_centroids - 1) == 0):
+        raise ValueError(f"n_centroids must be a power of two >= 2, got {n_centroids!r}")
+    check_number("rounds", rounds, 1, integer=True)
+    check_weight(W)
+    W = W.detach().float()
+    H = check_hessian(H, K)
+    h = torch.diag(H).float() if h is None else torch.as_tensor(h).detach().float()
+    if h.shape != (K,) or not torch.isfinite(h).all() or (h < 0).any():
+        raise ValueError(f"importance h must be a finite non-negative tensor of shape ({K},), got shape {tuple(h.shape)}")
+    best, errors, codebook = None, [], n_centroids
+    for r in range(rounds):
+        codebook, idx, compensated = gptq_assign(W, H, codebook, group_size, h, act_order, block_size, damp,
+                                                 fit=r == 0, init=init)
+        if refit:
+            codebook = refit_codebook(W, H, codebook, idx, group_size)
+        errors.append(float(output_sse(W, dequantize(codebook, idx, group_size), H).sum()))
+        if best is None or errors[-1] < best[0]:
+            best = (errors[-1], codebook, idx, compensated)
+    _, codebook, idx, compensated = best
+    # the latent weights of a student (LCDLinear) must have their assignment as nearest centroid: the
+    # compensated value has it for the codebook it was assigned with; where the refit moved the cells, the
+    # weight starts at its centroid instead
+    latent = torch.where(_nearest(compensated, codebook, group_size) == idx, compensated,   # section 6's
+                         dequantize(codebook, idx, group_size))
+    return dict(codebook=codebook, idx=idx, latent=latent, outliers=None, errors=errors)
+
+
 # ==== 3. packed format ==========================================================================
 # The stored layout, shared exactly by this file and kernels.cu:
 #
@@ -1428,12 +1664,17 @@ def lcd_layers(model):
 
 @torch.no_grad()
 def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0, init="density",
-                    weighted=True, smoothing=False, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None):
+                    weighted=True, smoothing=False, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None,
+                    compensate=False):
     """A trainable student: a deep copy of the teacher whose selected linear layers (lcd.find_linears) are
     LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
     (or group). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
     importance h (plain k-means). With a_bits and smoothing, each layer gets the input scale of its best
     alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights.
+    compensate=True: the compensated start (gptq_cluster, "lcd-gptq"): the codebooks assigned with GPTQ's
+    error feedback on the full input Hessian H and refit under it; the latent weights start at the
+    compensated values (each nearest its assignment). The same bits per weight; calibration then keeps
+    every layer's H (K x K floats a layer: about 0.5 GB for SmolLM2-135M).
     Errors (ValueError, before any work): bad arguments, bad calibration data (see quantize), a layer
     with weights past fp16's range (FP16_MAX: the student computes with fp16 centroids)."""
     if bits not in (2, 3, 4):
@@ -1465,7 +1706,7 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     names = list(linears)
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize (after skip)")
-    stats = collect_stats(student, calib, names)
+    stats = collect_stats(student, calib, names, full_hessian=bool(compensate))
     inputs = collect_inputs(student, calib, names) if (a_bits is not None and smoothing) else {}
     for name, linear in linears.items():
         W, h = linear.weight.detach().float(), stats[name]["h"]
@@ -1476,9 +1717,16 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
                 choice = "off" if s is None else min(errors, key=errors.get)   # the first least error
                 log(f"smoothing {name}: alpha {choice} (relative output error "
                     + ", ".join(f"{a}: {e:.4f}" for a, e in errors.items()) + ")")
+        H = stats[name]["H"]
         if s is not None:
             W, h = W * s, h / s ** 2                      # y = (x / s) (W s)^T: the same function
-        cl = cluster(W, h if weighted else torch.ones_like(h), 2 ** (bits + progressive_p), group_size, init=init)
+            H = None if H is None else H / (s[:, None] * s[None, :])   # the Hessian of the inputs x / s
+        C = 2 ** (bits + progressive_p)
+        if compensate:
+            cl = gptq_cluster(W, H, C, group_size, h=h if weighted else torch.ones_like(h), init=init)
+            W = cl["latent"]                              # compensated: each latent nearest its assignment
+        else:
+            cl = cluster(W, h if weighted else torch.ones_like(h), C, group_size, init=init)
         layer = LCDLinear(W, cl["codebook"], cl["idx"], group_size, bias=linear.bias, importance=h,
                           in_scale=s, a_bits=a_bits)
         _set_module(student, name, layer.to(linear.weight.device))
