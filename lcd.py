@@ -696,13 +696,16 @@ def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_R
                each group's compensated weights as its first column comes up (gptq_assign(fit=True));
       round r > 1: the same loop with the refit codebooks held fixed (a new assignment);
       after each round (refit=True): refit_codebook, the least-squares centroids under H.
-    The round with the least output error tr((W - W_hat) H (W - W_hat)^T) is returned (so more rounds never
-    end worse, on the calibration Hessian). Sources: GPTQ (Frantar et al. 2022) for the loop, CLAQ (Wang et
-    al. 2024) for codebooks inside it; the refit is the weighted least squares of the centroids.
+    The output error tr((W - W_hat) H (W - W_hat)^T) is a sum over rows, so every row keeps the best of its
+    candidates: the rounds, and the uncompensated clustering (cluster(), refit too). The result is never
+    worse than lcd-init's clustering on the calibration Hessian, row by row, and more rounds never hurt.
+    Sources: GPTQ (Frantar et al. 2022, arXiv:2210.17323) for the loop, CLAQ (Wang et al. 2024,
+    arXiv:2405.17233) for codebooks inside it; the refit is the least squares of the centroids under H.
     W (N, K) float, H (K, K) the layer input Hessian X^T X / n, n_centroids 2, 4, 8 or 16.
     Returns dict(codebook (N, G, C) float32 fp16-exact, idx (N, K) int64, latent (N, K): a weight whose
     nearest centroid is its assignment (the compensated value, or the centroid itself where the refit moved
-    the cell), outliers=None, errors: [output error after each round]); cluster()'s format plus latent.
+    the cell), outliers=None, errors: output error of each candidate [uncompensated, round 1, ...] and, last,
+    of the result); cluster()'s format plus latent and errors.
     ValueError for bad shapes, a non-finite W or H, or an H that no damping makes positive definite."""
     N, K = W.shape
     group_size = check_group_size(group_size, K)
@@ -715,21 +718,32 @@ def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_R
     h = torch.diag(H).float() if h is None else torch.as_tensor(h).detach().float()
     if h.shape != (K,) or not torch.isfinite(h).all() or (h < 0).any():
         raise ValueError(f"importance h must be a finite non-negative tensor of shape ({K},), got shape {tuple(h.shape)}")
-    best, errors, codebook = None, [], n_centroids
+
+    def candidate(codebook, idx, values):
+        """(codebook, idx, values each nearest its centroid, per-row output error (N,)), refit if asked."""
+        codebook = codebook.half().float()
+        if refit:
+            codebook = refit_codebook(W, H, codebook, idx, group_size)
+        return codebook, idx, values, output_sse(W, dequantize(codebook, idx, group_size), H)
+
+    plain = cluster(W, h, n_centroids, group_size, init=init)                     # lcd-init's clustering
+    best = list(candidate(plain["codebook"], plain["idx"], W))
+    errors, codebook = [float(best[3].sum())], n_centroids
     for r in range(rounds):
         codebook, idx, compensated = gptq_assign(W, H, codebook, group_size, h, act_order, block_size, damp,
                                                  fit=r == 0, init=init)
-        if refit:
-            codebook = refit_codebook(W, H, codebook, idx, group_size)
-        errors.append(float(output_sse(W, dequantize(codebook, idx, group_size), H).sum()))
-        if best is None or errors[-1] < best[0]:
-            best = (errors[-1], codebook, idx, compensated)
-    _, codebook, idx, compensated = best
+        cand = candidate(codebook, idx, compensated)
+        codebook = cand[0]
+        errors.append(float(cand[3].sum()))
+        better = cand[3] < best[3]                                                # (N,) rows this round wins
+        for i in range(4):
+            best[i] = torch.where(better.view(-1, *[1] * (best[i].dim() - 1)), cand[i], best[i])
+    codebook, idx, values, row_errors = best
+    errors.append(float(row_errors.sum()))
     # the latent weights of a student (LCDLinear) must have their assignment as nearest centroid: the
     # compensated value has it for the codebook it was assigned with; where the refit moved the cells, the
-    # weight starts at its centroid instead
-    latent = torch.where(_nearest(compensated, codebook, group_size) == idx, compensated,   # section 6's
-                         dequantize(codebook, idx, group_size))
+    # weight starts at its centroid instead (_nearest: section 6's, the student's own re-assignment)
+    latent = torch.where(_nearest(values, codebook, group_size) == idx, values, dequantize(codebook, idx, group_size))
     return dict(codebook=codebook, idx=idx, latent=latent, outliers=None, errors=errors)
 
 
