@@ -10,7 +10,8 @@ H = X^T X / n (stats["H"]) rather than only its diagonal h. This file imports lc
 comparison of all methods on train_kd's teacher is bench.py's (bench.quality_table, bench.py --quality).
 
   1. shared pieces       - nearest centroid, the Hessian, the layer output error, RTN's grid
-  2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation
+  2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation; lcd-gptq,
+                          LCD's own codebooks placed by the same loop (lcd.gptq_cluster)
   3. SqueezeLLM-like     - importance-weighted k-means per row (k-means++ seeds, weighted Lloyd)
   4. CLAQ                - per-column k-means inside the GPTQ loop, adaptive precision, outlier reservation
   5. LCQ                 - rank-r codebooks C = S V - B learned on the layer output error
