@@ -693,7 +693,8 @@ def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_R
     """LCD's compensated start ("lcd-gptq"): per-row (per-group) codebooks of n_centroids, the assignment made
     with GPTQ's error feedback, the centroids refit to it under the Hessian, `rounds` times:
       round 1: codebooks by `init` (density) + weighted Lloyd (cluster(), importance h: None takes diag(H)) on
-               each group's compensated weights as its first column comes up (gptq_assign(fit=True));
+               each group's compensated weights as its first column comes up (gptq_assign(fit=True); with
+               one codebook a row that is W itself, lcd-init's clustering);
       round r > 1: the same loop with the refit codebooks held fixed (a new assignment);
       after each round (refit=True): refit_codebook, the least-squares centroids under H.
     The output error tr((W - W_hat) H (W - W_hat)^T) is a sum over rows, so every row keeps the best of its
@@ -729,9 +730,14 @@ def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_R
     plain = cluster(W, h, n_centroids, group_size, init=init)                     # lcd-init's clustering
     best = list(candidate(plain["codebook"], plain["idx"], W))
     errors, codebook = [float(best[3].sum())], n_centroids
+    # one codebook a row: round 1 would fit it at the row's first column, before any compensation, on W
+    # itself, which is the clustering just done (up to dead inputs, zeroed by the loop): reuse it
+    fit = math.ceil(K / group_size) > 1
+    if not fit:
+        codebook = plain["codebook"]
     for r in range(rounds):
         codebook, idx, compensated = gptq_assign(W, H, codebook, group_size, h, act_order, block_size, damp,
-                                                 fit=r == 0, init=init)
+                                                 fit=fit and r == 0, init=init)
         cand = candidate(codebook, idx, compensated)
         codebook = cand[0]
         errors.append(float(cand[3].sum()))
