@@ -10,7 +10,8 @@ H = X^T X / n (stats["H"]) rather than only its diagonal h. This file imports lc
 comparison of all methods on train_kd's teacher is bench.py's (bench.quality_table, bench.py --quality).
 
   1. shared pieces       - nearest centroid, the Hessian, the layer output error, RTN's grid
-  2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation
+  2. GPTQ                - column-by-column rounding with inverse-Hessian error compensation; lcd-gptq,
+                          LCD's own codebooks placed by the same loop (gptq_cluster)
   3. SqueezeLLM-like     - importance-weighted k-means per row (k-means++ seeds, weighted Lloyd)
   4. CLAQ                - per-column k-means inside the GPTQ loop, adaptive precision, outlier reservation
   5. LCQ                 - rank-r codebooks C = S V - B learned on the layer output error
@@ -32,11 +33,6 @@ import torch.nn.functional as F
 import lcd
 import packed_model
 
-# GPTQ
-GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
-GPTQ_BLOCK = 128         # columns per lazy batch update
-GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
-GPTQ_DAMP_MAX = 1.0      # a failed Cholesky factorization is retried with 10x the damping, up to this much
 # CLAQ
 CLAQ_OUTLIER_RATIO = 13.0     # a weight is an outlier when |w| >= this times mean|W| of the layer
 CLAQ_HEAVY_FRACTION = 0.10    # this fraction of columns (most outliers) reserves more full-precision values
@@ -82,26 +78,6 @@ def hessian(stats, K):
     return H.float()
 
 
-def damped_factor(H, damp, factor):
-    """factor(H + lambda I) with lambda = damp * mean diag(H) (damp alone when diag(H) is all 0: no input
-    ever active). A factorization that fails (H not positive definite in floating point: collinear
-    inputs) is retried with damp 10x larger while damp <= max(GPTQ_DAMP_MAX, damp); then a ValueError."""
-    lcd.check_number("damp", damp, 0.0, open_low=True)
-    mean = float(torch.diag(H).mean())
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    tried = damp
-    while True:
-        try:
-            return factor(H + tried * (mean if mean > 0 else 1.0) * eye)
-        except torch.linalg.LinAlgError:
-            if tried * 10 > max(GPTQ_DAMP_MAX, damp) * (1 + 1e-9):
-                break
-            tried *= 10
-    raise ValueError(f"the layer Hessian is not positive definite even damped by {tried:g} x its mean diagonal: "
-                     "the calibration inputs of this layer are degenerate or not a Hessian (check the "
-                     "calibration data, or pass a larger damp)")
-
-
 def output_error(W, W_hat, H):
     """Layer output error tr((W - W_hat) H (W - W_hat)^T) = mean over tokens of ||x W^T - x W_hat^T||^2."""
     E = (W - W_hat).double()
@@ -136,6 +112,59 @@ def bits_of(*tensors):
 # output x W^T close (the Optimal Brain Surgeon update). Act-order visits columns with large diag(H) first;
 # damping keeps H invertible; the update of far columns is deferred to once per block of columns (lazy
 # batching: same result, fewer memory passes).
+
+
+# ---- GPTQ's loop, and LCD's codebooks placed by it (the compensated start) ---------------------------------
+# lcd.cluster() fits each row's codebook to the row alone: every weight rounds to its nearest centroid and the
+# errors of a row's weights add up in the layer output, however the inputs correlate. GPTQ (Frantar,
+# Ashkboos, Hoefler, Alistarh 2022, arXiv:2210.17323) rounds the columns one at a time and pushes each
+# column's rounding error onto the columns not yet rounded, through the inverse of the input Hessian
+# H = X^T X / n, so that the layer OUTPUT x W^T stays close; CLAQ (Wang et al. 2024, arXiv:2405.17233)
+# runs k-means codebooks inside that loop. gptq_cluster does the same with LCD's own per-row (per-group)
+# codebooks, then moves the centroids to their least-squares values under H given the assignment
+# (refit_codebook), and alternates the two while that lowers the output error. The loop below is GPTQ's,
+# shared by GPTQ and CLAQ below; lcd.prepare_student(start=gptq_cluster) starts a student from it.
+GPTQ_DAMP = 0.01         # damping added to diag(H), as a fraction of its mean (GPTQ's percdamp)
+GPTQ_BLOCK = 128         # columns per lazy batch update
+GPTQ_ACT_ORDER = True    # quantize columns in order of decreasing diag(H)
+GPTQ_DAMP_MAX = 1.0      # a failed Cholesky factorization is retried with 10x the damping, up to this much
+COMPENSATE_ROUNDS = 2    # gptq_cluster's assign + refit rounds (the 2nd re-assigns with the refit centroids)
+REFIT_RIDGE = 1e-6       # refit_codebook's pull toward the old centroid, as a fraction of the mean diagonal
+
+
+def check_hessian(H, K):
+    """H must be a finite (K, K) tensor (the layer input Hessian X^T X / n); returns it as float64."""
+    if not isinstance(H, torch.Tensor) or H.shape != (K, K):
+        raise ValueError(f"the Hessian must be a ({K}, {K}) tensor, got "
+                         f"{tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__}")
+    if not torch.isfinite(H).all():
+        raise ValueError("the layer Hessian holds NaN or inf: its calibration inputs overflowed or held no "
+                         "tokens; check the calibration data")
+    if (torch.diag(H) < 0).any():
+        raise ValueError("the layer Hessian has a negative diagonal entry (a mean of x_k^2 cannot be): pass "
+                         "X^T X / n of the layer's calibration inputs")
+    return H.double()
+
+
+def damped_factor(H, damp, factor):
+    """factor(H + lambda I) with lambda = damp * mean diag(H) (damp alone when diag(H) is all 0: no input
+    ever active). A factorization that fails (H not positive definite in floating point: collinear
+    inputs) is retried with damp 10x larger while damp <= max(GPTQ_DAMP_MAX, damp); then a ValueError."""
+    lcd.check_number("damp", damp, 0.0, open_low=True)
+    mean = float(torch.diag(H).mean())
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    tried = damp
+    while True:
+        try:
+            return factor(H + tried * (mean if mean > 0 else 1.0) * eye)
+        except torch.linalg.LinAlgError:
+            if tried * 10 > max(GPTQ_DAMP_MAX, damp) * (1 + 1e-9):
+                break
+            tried *= 10
+    raise ValueError(f"the layer Hessian is not positive definite even damped by {tried:g} x its mean diagonal: "
+                     "the calibration inputs of this layer are degenerate or not a Hessian (check the "
+                     "calibration data, or pass a larger damp)")
+
 
 
 def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP):
@@ -184,6 +213,163 @@ def gptq_loop(W, H, quantize_column, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_B
     return Q[:, position].float()
 
 
+def output_sse(W, W_hat, H):
+    """Per row n the output error (w_n - w_hat_n) H (w_n - w_hat_n)^T = mean over tokens of (x w_n - x
+    w_hat_n)^2: W, W_hat (N, K), H (K, K) -> (N,) float64. Summed over rows: tr(E H E^T), E = W - W_hat."""
+    E = (W.double() - W_hat.double())
+    return ((E @ H.double()) * E).sum(1)
+
+
+@torch.no_grad()
+def refit_codebook(W, H, codebook, idx, group_size=None, ridge=REFIT_RIDGE, chunk=64):
+    """The centroids that minimize the layer output error given the assignment: for every row n,
+        min over c_n of (w_n - c_n S_n) H (w_n - c_n S_n)^T,    S_n (G C, K) the one-hot of slot g(k) C + idx[n, k]
+    whose normal equations are the (G C) x (G C) system (S_n H S_n^T) c_n = S_n H w_n^T (C = 2^b centroids, G
+    groups a row). A centroid no weight uses (a zero row of the system) and any near-singular direction are
+    held by a small ridge toward the old value (ridge x the mean diagonal of the system). The solution is
+    rounded to fp16 (what LUTLinear stores) and kept only where it lowers the row's error: the result is
+    never worse than the given codebook, row by row, as stored in fp16.
+    W (N, K), H (K, K), codebook (N, G, C), idx (N, K) -> codebook (N, G, C) float32 (fp16-exact). Cost:
+    N K^2 G C multiply-adds (H times the one-hot), rows `chunk` at a time."""
+    N, K = W.shape
+    group_size = lcd.check_group_size(group_size, K)
+    G, C = codebook.shape[1], codebook.shape[2]
+    if codebook.shape[0] != N or G != math.ceil(K / group_size) or idx.shape != (N, K):
+        raise ValueError(f"refit_codebook: codebook {tuple(codebook.shape)} and idx {tuple(idx.shape)} do not fit "
+                         f"W {tuple(W.shape)} with group_size {group_size}")
+    H = check_hessian(H, K)
+    D = G * C
+    slot = (torch.arange(K, device=W.device) // group_size) * C + idx.long()      # (N, K) in 0..D-1
+    old = codebook.detach().reshape(N, D).double()
+    rhs_all = W.double() @ H                                                       # (N, K): (H w_n^T)^T
+    new = old.clone()
+    Hf = H.float()
+    for r in range(0, N, chunk):
+        s = slot[r:r + chunk]                                                      # (n, K)
+        n = s.shape[0]
+        onehot = F.one_hot(s, D).float()                                           # (n, K, D)
+        HS = (Hf @ onehot.transpose(0, 1).reshape(K, n * D)).view(K, n, D)         # (K, n, D): H S_n^T
+        M = torch.einsum("nkd,kne->nde", onehot, HS).double()                      # (n, D, D)
+        rhs = torch.zeros(n, D, dtype=torch.float64, device=W.device).scatter_add_(1, s, rhs_all[r:r + chunk])
+        lam = ridge * M.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)          # (n,)
+        eye = torch.eye(D, dtype=torch.float64, device=W.device)
+        c = torch.linalg.solve(M + lam[:, None, None] * eye, (rhs + lam[:, None] * old[r:r + chunk])[..., None])[..., 0]
+        c = c.clamp(-packed_model.FP16_MAX, packed_model.FP16_MAX).half().double()                           # as stored
+        # row error up to a constant: c^T M c - 2 c^T rhs; keep the new centroids only where it is lower
+        def err(x):
+            return (x[:, None, :] @ M @ x[:, :, None])[:, 0, 0] - 2 * (x * rhs).sum(1)
+        better = err(c) < err(old[r:r + chunk])
+        new[r:r + chunk] = torch.where(better[:, None], c, old[r:r + chunk])
+    return new.float().view(N, G, C)
+
+
+@torch.no_grad()
+def gptq_assign(W, H, codebook, group_size=None, h=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
+                damp=GPTQ_DAMP, fit=False, init="density"):
+    """GPTQ's loop (gptq_loop) with LCD's codebooks: column after column, every weight goes to the centroid of
+    its row (group) nearest its COMPENSATED value, and the rounding error moves on to the columns not yet
+    assigned. fit=True: the codebook of a group is fit (lcd.cluster(): `init` + weighted Lloyd, importance h) on
+    the group's compensated weights when its first column comes up, as GPTQ fits its grid; then `codebook`
+    may be the number of centroids instead. Centroids are used as stored, in fp16.
+    W (N, K), H (K, K), codebook (N, G, C) -> (codebook (N, G, C) fp16-exact float32, idx (N, K) int64,
+    compensated (N, K): every weight's value when it was assigned, from which it is its centroid's nearest)."""
+    N, K = W.shape
+    group_size = lcd.check_group_size(group_size, K)
+    G = math.ceil(K / group_size)
+    if fit:
+        C = codebook.shape[-1] if isinstance(codebook, torch.Tensor) else int(codebook)
+        codebook = torch.zeros(N, G, C)
+        h = torch.ones(K) if h is None else h.float()
+    else:
+        C = codebook.shape[-1]
+        codebook = codebook.detach().float().clone()
+    idx = torch.zeros(N, K, dtype=torch.long)
+    compensated = torch.zeros(N, K)
+    sorted_c, midpoints, order = {}, {}, {}
+
+    def quantize_column(k, w, current):
+        g = k // group_size
+        if g not in midpoints:
+            if fit:
+                cols = list(range(g * group_size, min(g * group_size + group_size, K)))
+                codebook[:, g] = lcd.cluster(current(cols), h[cols], C, init=init)["codebook"][:, 0].half().float()
+            sorted_c[g], order[g] = codebook[:, g].half().float().sort(dim=1)                      # (N, C)
+            midpoints[g] = ((sorted_c[g][:, 1:] + sorted_c[g][:, :-1]) / 2).contiguous()        # as _assign
+        j = lcd._searchsorted(midpoints[g], w[:, None])                                             # (N, 1)
+        idx[:, k] = order[g].gather(1, j)[:, 0]
+        compensated[:, k] = w
+        return sorted_c[g].gather(1, j)[:, 0]
+
+    gptq_loop(W, H, quantize_column, act_order, block_size, damp)
+    return codebook.half().float(), idx, compensated
+
+
+@torch.no_grad()
+def gptq_cluster(W, H, n_centroids, group_size=None, h=None, rounds=COMPENSATE_ROUNDS, refit=True,
+                 act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK, damp=GPTQ_DAMP, init="density"):
+    """LCD's compensated start ("lcd-gptq"): per-row (per-group) codebooks of n_centroids, the assignment made
+    with GPTQ's error feedback, the centroids refit to it under the Hessian, `rounds` times:
+      round 1: codebooks by `init` (density) + weighted Lloyd (lcd.cluster(), importance h: None takes diag(H)) on
+               each group's compensated weights as its first column comes up (gptq_assign(fit=True); with
+               one codebook a row that is W itself, lcd-init's clustering);
+      round r > 1: the same loop with the refit codebooks held fixed (a new assignment);
+      after each round (refit=True): refit_codebook, the least-squares centroids under H.
+    The output error tr((W - W_hat) H (W - W_hat)^T) is a sum over rows, so every row keeps the best of its
+    candidates: the rounds, and the uncompensated clustering (lcd.cluster(), refit too). The result is never
+    worse than lcd-init's clustering on the calibration Hessian, row by row, and more rounds never hurt.
+    Sources: GPTQ (Frantar et al. 2022, arXiv:2210.17323) for the loop, CLAQ (Wang et al. 2024,
+    arXiv:2405.17233) for codebooks inside it; the refit is the least squares of the centroids under H.
+    W (N, K) float, H (K, K) the layer input Hessian X^T X / n, n_centroids 2, 4, 8 or 16.
+    Returns dict(codebook (N, G, C) float32 fp16-exact, idx (N, K) int64, latent (N, K): a weight whose
+    nearest centroid is its assignment (the compensated value, or the centroid itself where the refit moved
+    the cell), outliers=None, errors: output error of each candidate [uncompensated, round 1, ...] and, last,
+    of the result); lcd.cluster()'s format plus latent and errors.
+    ValueError for bad shapes, a non-finite W or H, or an H that no damping makes positive definite."""
+    N, K = W.shape
+    group_size = lcd.check_group_size(group_size, K)
+    if not (isinstance(n_centroids, int) and n_centroids >= 2 and n_centroids & (n_centroids - 1) == 0):
+        raise ValueError(f"n_centroids must be a power of two >= 2, got {n_centroids!r}")
+    lcd.check_number("rounds", rounds, 1, integer=True)
+    lcd.check_weight(W)
+    W = W.detach().float()
+    H = check_hessian(H, K)
+    h = torch.diag(H).float() if h is None else torch.as_tensor(h).detach().float()
+    if h.shape != (K,) or not torch.isfinite(h).all() or (h < 0).any():
+        raise ValueError(f"importance h must be a finite non-negative tensor of shape ({K},), got shape {tuple(h.shape)}")
+
+    def candidate(codebook, idx, values):
+        """(codebook, idx, values each nearest its centroid, per-row output error (N,)), refit if asked."""
+        codebook = codebook.half().float()
+        if refit:
+            codebook = refit_codebook(W, H, codebook, idx, group_size)
+        return codebook, idx, values, output_sse(W, packed_model.dequantize(codebook, idx, group_size), H)
+
+    plain = lcd.cluster(W, h, n_centroids, group_size, init=init)                     # lcd-init's clustering
+    best = list(candidate(plain["codebook"], plain["idx"], W))
+    errors, codebook = [float(best[3].sum())], n_centroids
+    # one codebook a row: round 1 would fit it at the row's first column, before any compensation, on W
+    # itself, which is the clustering just done (up to dead inputs, zeroed by the loop): reuse it
+    fit = math.ceil(K / group_size) > 1
+    if not fit:
+        codebook = plain["codebook"]
+    for r in range(rounds):
+        codebook, idx, compensated = gptq_assign(W, H, codebook, group_size, h, act_order, block_size, damp,
+                                                 fit=fit and r == 0, init=init)
+        cand = candidate(codebook, idx, compensated)
+        codebook = cand[0]
+        errors.append(float(cand[3].sum()))
+        better = cand[3] < best[3]                                                # (N,) rows this round wins
+        for i in range(4):
+            best[i] = torch.where(better.view(-1, *[1] * (best[i].dim() - 1)), cand[i], best[i])
+    codebook, idx, values, row_errors = best
+    errors.append(float(row_errors.sum()))
+    # the latent weights of a student (LCDLinear) must have their assignment as nearest centroid: the
+    # compensated value has it for the codebook it was assigned with; where the refit moved the cells, the
+    # weight starts at its centroid instead (_nearest: section 6's, the student's own re-assignment)
+    latent = torch.where(lcd._nearest(values, codebook, group_size) == idx, values, packed_model.dequantize(codebook, idx, group_size))
+    return dict(codebook=codebook, idx=idx, latent=latent, outliers=None, errors=errors)
+
+
 def gptq_quantize(W, H, bits, group_size=None, act_order=GPTQ_ACT_ORDER, block_size=GPTQ_BLOCK,
                   damp=GPTQ_DAMP):
     """GPTQ onto RTN's uniform grid. Returns (codebook (N, G, 2^b) float32, idx (N, K)); the errors it
@@ -222,6 +408,17 @@ def gptq(W, stats, bits, group_size=None, bias=None, act_order=GPTQ_ACT_ORDER, b
     codebook, idx = gptq_quantize(W, hessian(stats, W.shape[1]), bits, group_size, act_order, block_size,
                                   damp)
     return packed_model.GridLinear.from_clustered(codebook, idx, bits, group_size, bias=bias)
+
+
+def lcd_gptq(W, stats, bits, group_size=None, bias=None, rounds=COMPENSATE_ROUNDS, refit=True,
+             act_order=GPTQ_ACT_ORDER):
+    """LCD's compensated start as a post-training row ("lcd-gptq"): LCD's per-row (per-group) density
+    codebooks, assigned with GPTQ's error feedback and refit under H (gptq_cluster). The same stored
+    format and bits per weight as lcd-init: a LUTLinear of 2^b fp16 centroids a row (group) + b-bit indices."""
+    W = _check(W, bits)
+    c = gptq_cluster(W, hessian(stats, W.shape[1]), 2 ** bits, group_size, h=stats["h"], rounds=rounds,
+                     refit=refit, act_order=act_order)
+    return packed_model.LUTLinear.from_clustered(c["codebook"], c["idx"], bits, group_size, bias=bias)
 
 
 # ==== 3. SqueezeLLM-like k-means ====================================================================
@@ -597,6 +794,7 @@ def quality_rows(bits):
     g = QUALITY_GROUP
     rows = [("rtn", "rtn", None, {}), (f"rtn-g{g}", "rtn", g, {}), ("kmeans", "kmeans", None, {}),
             ("squeezellm", "squeezellm", None, {}), ("lcd-init", "lcd", None, {}),
+            ("lcd-gptq", "lcd-gptq", None, {}),
             ("gptq", "gptq", None, {}), (f"gptq-g{g}", "gptq", g, {}), ("claq", "claq", None, {}),
             ("lcq", "lcq", None, {})]
     if bits < 4:    # CLAQ's adaptive precision: 0.1 bit more on average, spent on the outlier-heavy columns
@@ -606,8 +804,8 @@ def quality_rows(bits):
     return rows
 
 
-METHODS = {"gptq": gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
-NEEDS_HESSIAN = {"gptq", "claq", "lbllm"}
+METHODS = {"gptq": gptq, "lcd-gptq": lcd_gptq, "squeezellm": squeezellm, "claq": claq, "lcq": lcq, "lbllm": lbllm}
+NEEDS_HESSIAN = {"gptq", "lcd-gptq", "claq", "lbllm"}
 NEEDS_INPUTS = {"lbllm": LBLLM_ACT_SAMPLES}   # calibration input rows kept for LBLLM's activation quantizer
 for _name, _function in METHODS.items():   # what lcd.quantize reads off the function it is given
     _function.needs_hessian = _name in NEEDS_HESSIAN

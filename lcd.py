@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from packed_model import (FP16_MAX, GridLinear, LUTLinear, attach_decode_step, check_bits, check_fp16,
-                          check_group_size, check_weight, dequantize, fake_quantize_per_token, find_linears,
-                          is_conv1d, set_module)
+                          check_group_size, check_resume_state, check_weight, dequantize, fake_quantize_per_token,
+                          find_linears, is_conv1d, set_module)
 
 LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row stops changing long before
 DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search, at 4 centroids (density_atoms)
@@ -515,20 +515,7 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
 #   distill()        - the loop: KL(p_teacher || p_student) at temperature tau (+ lambda * CE)
 #   freeze()         - LCDLinear -> LUTLinear (packed, fp16 codebooks) for inference
 #
-# Choices made by measurement (baby teacher, b = 2, one codebook per row, excess val loss over the teacher;
-# single runs, so differences below ~0.002 nats are noise):
-# - latent-weight lr 1e-3 (1e-4: 0.029, 1e-3: 0.018, 3e-3: 0.029 at 200 steps); centroid lr 1e-3 (3e-3 worse).
-# - assignments follow the latent weights every step (reassign_every=1); re-assigning only through the
-#   speculative "reassign" candidate was worse (0.034 vs 0.029 at 200 steps).
-# - progressive (p = 1) did not pay at these budgets: the 8-centroid stage costs steps the 4-centroid stage
-#   needs (600 steps: 0.0118 with p = 1, 0.0109 without; 200 steps: 0.023 vs 0.018). Off by default.
-# - speculative: "ema" (the running average of the trajectory) wins almost every check and is what makes
-#   LCD beat plain KD; "lloyd" (refit to the latent weights) and "bold" (extrapolation) never won.
-# - adaptive smoothing did not help after distillation (600 steps, excess over the teacher: a_bits=8 0.0127
-#   with it, 0.0110 without; a_bits=4 0.097 with, 0.074 without), although each layer's alpha (or "off")
-#   is the one with the least calibration output error: off by default, kept as a switch.
-# - smoothing scales stay an input scale of the layer (LUTLinear.in_scale, 16 bits per input channel,
-#   counted in the footprint); folding them into a preceding LayerNorm is left out.
+# Why each default is what it is (measured on the baby teacher): RESULTS.md, "Choices made by measurement".
 import copy
 
 import torch.distributed as dist
@@ -787,12 +774,19 @@ def lcd_layers(model):
 
 @torch.no_grad()
 def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0, init="density",
-                    weighted=True, smoothing=False, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None):
+                    weighted=True, smoothing=False, a_bits=None, skip=None, alphas=SMOOTHING_ALPHAS, log=None,
+                    start=None):
     """A trainable student: a deep copy of the teacher whose selected linear layers (packed_model.find_linears) are
     LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
     (or group). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
     importance h (plain k-means). With a_bits and smoothing, each layer gets the input scale of its best
     alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights.
+    start: None (cluster()), or a function placing the codebooks on the full input Hessian H,
+        start(W (N, K), H (K, K), n_centroids, group_size, h=..., init=...) -> dict(codebook, idx, latent)
+    e.g. baselines.gptq_cluster, the compensated start ("lcd-gptq": the codebooks assigned with GPTQ's error
+    feedback and refit under H); the latent weights start at its `latent` values (each nearest its
+    assignment). The same bits per weight; calibration then keeps every layer's H (K x K floats a layer:
+    about 0.5 GB for SmolLM2-135M).
     Errors (ValueError, before any work): bad arguments, bad calibration data (see quantize), a layer
     with weights past fp16's range (FP16_MAX: the student computes with fp16 centroids)."""
     if bits not in (2, 3, 4):
@@ -824,7 +818,7 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     names = list(linears)
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize (after skip)")
-    stats = collect_stats(student, calib, names)
+    stats = collect_stats(student, calib, names, full_hessian=start is not None)
     inputs = collect_inputs(student, calib, names) if (a_bits is not None and smoothing) else {}
     for name, linear in linears.items():
         W, h = linear.weight.detach().float(), stats[name]["h"]
@@ -835,9 +829,16 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
                 choice = "off" if s is None else min(errors, key=errors.get)   # the first least error
                 log(f"smoothing {name}: alpha {choice} (relative output error "
                     + ", ".join(f"{a}: {e:.4f}" for a, e in errors.items()) + ")")
+        H = stats[name]["H"]
         if s is not None:
             W, h = W * s, h / s ** 2                      # y = (x / s) (W s)^T: the same function
-        cl = cluster(W, h if weighted else torch.ones_like(h), 2 ** (bits + progressive_p), group_size, init=init)
+            H = None if H is None else H / (s[:, None] * s[None, :])   # the Hessian of the inputs x / s
+        C = 2 ** (bits + progressive_p)
+        if start is not None:
+            cl = start(W, H, C, group_size, h=h if weighted else torch.ones_like(h), init=init)
+            W = cl["latent"]                              # compensated: each latent nearest its assignment
+        else:
+            cl = cluster(W, h if weighted else torch.ones_like(h), C, group_size, init=init)
         layer = LCDLinear(W, cl["codebook"], cl["idx"], group_size, bias=linear.bias, importance=h,
                           in_scale=s, a_bits=a_bits)
         set_module(student, name, layer.to(linear.weight.device))
@@ -1112,35 +1113,6 @@ def student_signature(student, method, bits=None):
     return dict(method=method, bits=bits, layers={
         n: dict(shape=[m.out_features, m.in_features], group_size=m.group_size, centroids=m.n_centroids)
         for n, m in lcd_layers(student).items()})
-
-
-def check_resume_state(state, signature, where):
-    """Refuse to resume `state` into a run of another signature (student_signature), naming what differs
-    and both values: another bits, group size, method or model shape would resume silently wrong (a
-    3-bit student returned for bits=2) or die in a raw size mismatch."""
-    stored = state.get("signature") if isinstance(state, dict) else None
-    if not isinstance(stored, dict):
-        raise ValueError(f"{where}: the resume state records no signature (bits, group size, method, model "
-                         "shape): it was written by an older lcd.py; restart this stage without it")
-    remedy = ("resume with the settings the state was written with, or start this stage afresh (state=None; "
-              "train_kd.py: delete the checkpoint or use another --out_dir)")
-    for key in ("method", "bits"):
-        if stored.get(key) != signature[key]:
-            raise ValueError(f"{where}: the resume state is of a run with {key}={stored.get(key)!r}, this run "
-                             f"asks {key}={signature[key]!r}: {remedy}")
-    theirs, ours = stored.get("layers") or {}, signature["layers"]
-    if sorted(theirs) != sorted(ours):
-        only_s, only_o = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
-        raise ValueError(f"{where}: the resume state is of another model shape (layers only in the state: "
-                         f"{only_s[:4]}; only in this student: {only_o[:4]}; {len(theirs)} vs {len(ours)} LCD "
-                         f"layers): {remedy}")
-    for name, mine in ours.items():
-        for key in ("shape", "group_size", "centroids"):
-            if theirs[name].get(key) != mine[key]:
-                what = {"shape": "model shape (out, in)", "group_size": "group_size",
-                        "centroids": "starting centroids (2^(bits + progressive_p))"}[key]
-                raise ValueError(f"{where}: layer {name!r} has {what} {theirs[name].get(key)!r} in the resume "
-                                 f"state, {mine[key]!r} in this student: {remedy}")
 
 
 def _resume_student(student, layers, state, device):

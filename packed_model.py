@@ -837,3 +837,31 @@ def load_quantized(model, path):
                 raise ValueError(f"{path}: layer {name!r} stores non-finite {buffer} values: the file is corrupt")
     return attach_decode_step(model)
 
+
+def check_resume_state(state, signature, where):
+    """Refuse to resume `state` into a run of another signature (student_signature), naming what differs
+    and both values: another bits, group size, method or model shape would resume silently wrong (a
+    3-bit student returned for bits=2) or die in a raw size mismatch."""
+    stored = state.get("signature") if isinstance(state, dict) else None
+    if not isinstance(stored, dict):
+        raise ValueError(f"{where}: the resume state records no signature (bits, group size, method, model "
+                         "shape): it was written by an older lcd.py; restart this stage without it")
+    remedy = ("resume with the settings the state was written with, or start this stage afresh (state=None; "
+              "train_kd.py: delete the checkpoint or use another --out_dir)")
+    for key in ("method", "bits"):
+        if stored.get(key) != signature[key]:
+            raise ValueError(f"{where}: the resume state is of a run with {key}={stored.get(key)!r}, this run "
+                             f"asks {key}={signature[key]!r}: {remedy}")
+    theirs, ours = stored.get("layers") or {}, signature["layers"]
+    if sorted(theirs) != sorted(ours):
+        only_s, only_o = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        raise ValueError(f"{where}: the resume state is of another model shape (layers only in the state: "
+                         f"{only_s[:4]}; only in this student: {only_o[:4]}; {len(theirs)} vs {len(ours)} LCD "
+                         f"layers): {remedy}")
+    for name, mine in ours.items():
+        for key in ("shape", "group_size", "centroids"):
+            if theirs[name].get(key) != mine[key]:
+                what = {"shape": "model shape (out, in)", "group_size": "group_size",
+                        "centroids": "starting centroids (2^(bits + progressive_p))"}[key]
+                raise ValueError(f"{where}: layer {name!r} has {what} {theirs[name].get(key)!r} in the resume "
+                                 f"state, {mine[key]!r} in this student: {remedy}")

@@ -93,6 +93,7 @@ kd_warmup = 20                 # warm-up steps (again after each progressive mer
 kd_train_norms = True          # train norms and biases along with the codebooks
 kd_ckpt_interval = 100         # distillation steps between resumable checkpoints
 lcd_init = "density"           # LCD's centroid initialization: density, kmeans++ or uniform
+compensate = 0                 # 1: LCD starts compensated (lcd-gptq: codebooks assigned with GPTQ's error feedback, refit under H)
 progressive_p = 0              # LCD starts at 2^(bits + p) centroids, halved down to 2^bits (0: off, as measured)
 final_frac = 0.75              # share of the distillation steps for the last progressive stage
 speculative_every = 25         # steps between LCD's speculative steps (0: off)
@@ -200,7 +201,7 @@ def check_config(config):
     if config.get("sample_tokens", 0) > 0 and not config.get("sample_prompt", "x"):
         raise ValueError("--sample_prompt is empty: the prompt is empty, and a sample continues a prompt: give "
                          "at least one character, or --sample_tokens=0 for no sample")
-    for key in ("ablate", "kd_baseline"):
+    for key in ("ablate", "kd_baseline", "compensate"):
         if config.get(key, 0) not in (0, 1):
             raise ValueError(f"--{key} must be 0 or 1, got {config[key]!r}")
     if config.get("distill_data") == "teacher" and config.get("teacher_text_seqs", 2) < 2:
@@ -869,16 +870,18 @@ def student_for(method, teacher, config, calib, log=None):
     c = lcd_settings(method, config)
     return lcd.prepare_student(teacher, config["bits"], config["group_size"], calib,
                                progressive_p=c["progressive_p"], init=c["init"], weighted=c["weighted"],
-                               smoothing=c["smoothing"], a_bits=config["a_bits"], log=log)
+                               smoothing=c["smoothing"], a_bits=config["a_bits"], log=log,
+                               start=baselines.gptq_cluster if c["compensate"] else None)
 
 
 def lcd_settings(method, config):
     """Which of LCD's pieces are on for a distillation run (the ablation turns one off at a time)."""
     if method == "kd":   # the same distillation (kd_mode, steps, optimizer) without LCD's own pieces
         return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False,
-                    kd_mode=config["kd_mode"])
+                    kd_mode=config["kd_mode"], compensate=False)
     c = dict(init=config["lcd_init"], weighted=True, progressive_p=config["progressive_p"],
-             speculative_every=config["speculative_every"], smoothing=config["smoothing"], kd_mode=config["kd_mode"])
+             speculative_every=config["speculative_every"], smoothing=config["smoothing"], kd_mode=config["kd_mode"],
+             compensate=bool(config["compensate"]))
     return dict(c, **ablations(config).get(method, {}))
 
 
@@ -897,6 +900,8 @@ def ablations(config):
     if config["a_bits"] is not None:   # smoothing acts only on quantized activations
         variants["lcd-no-smoothing" if config["smoothing"] else "lcd+smoothing"] = dict(
             smoothing=not config["smoothing"])
+    variants["lcd-no-compensate" if config["compensate"] else "lcd+compensate"] = dict(
+        compensate=not config["compensate"])
     if config["kd_mode"] == "blocks":  # end-to-end KD alone, as many steps as fit in LCD's wall time (quantize_and_distill)
         variants["lcd-e2e"] = dict(kd_mode="e2e")
     else:
@@ -905,7 +910,7 @@ def ablations(config):
 
 
 DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd_batch_size", "kd_lr",
-                "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init",
+                "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init", "compensate",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
                 "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
                 "teacher_text_seqs", "teacher_text_seed")

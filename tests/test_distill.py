@@ -170,7 +170,8 @@ def test_pipeline_writes_results_json(tiny_data, teacher_dir):
     assert 2 < lcd_row["bits_per_weight"] < fp["bits_per_weight"] and lcd_row["bytes"] < fp["bytes"]
     assert results["config"]["bits"] == 2 and results["config"]["kd_steps"] == 8
     assert {r["method"] for r in results["ablation"]} == {"lcd-no-density", "lcd-no-progressive",
-                                                         "lcd-no-speculative", "lcd+blocks", "lcd-no-kd"}
+                                                         "lcd-no-speculative", "lcd+blocks", "lcd+compensate",
+                                                         "lcd-no-kd"}
     assert os.path.exists(out / "lcd_w2.pt")
     assert not [f for f in os.listdir(out) if f.startswith("distill_")]   # checkpoints cleaned up
 
