@@ -1218,9 +1218,13 @@ def read_json(path):
 def figure_inputs():
     """[(figure file, the file it is drawn from, the command that writes that file)] of --figures, in out_dir."""
     path = lambda name: os.path.join(out_dir, name)
-    return [("ppl_vs_bits.png", path("quality.json"), f"python bench.py --quality --json={path('quality.json')}"),
-            ("centroids.png", path("teacher.pt"), f"python train_kd.py --out_dir={out_dir} --stop_after=teacher"),
-            ("kd_curves.png", path("results.json"), f"python train_kd.py --out_dir={out_dir}")]
+    # the cost of each command, from RESULTS.md (2 cores, 2026-11-25): a reader decides before starting it
+    return [("ppl_vs_bits.png", path("quality.json"),
+             f"python bench.py --quality --json={path('quality.json')}: about 35 min on 2 cores with the distilled "
+             f"rows; add --quality_fast=1 for the post-training rows alone, about 2 min"),
+            ("centroids.png", path("teacher.pt"),
+             f"python train_kd.py --out_dir={out_dir} --stop_after=teacher: about 3 min on 2 cores"),
+            ("kd_curves.png", path("results.json"), f"python train_kd.py --out_dir={out_dir}: about 15 min on 2 cores")]
 
 
 def check_figures():

@@ -415,7 +415,7 @@ class Q8Linear(nn.Module):
         return 8 * self.blocks.numel()
 
     def forward(self, x):                                                   # x: (..., K) -> (..., N)
-        y = lcd_kernels.q8_forward_cpu(self.blocks, x, self.out_features) if not x.is_cuda else None
+        y = lcd_kernels.q8_forward_cpu(self.blocks, x, self.out_features, self.in_features) if not x.is_cuda else None
         if y is None:
             return F.linear(x, self.weight_dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         return y if self.bias is None else y + self.bias
@@ -433,7 +433,7 @@ def quantize_head(model, name="lm_head"):
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{name} is a {type(head).__name__}, not an nn.Linear: nothing to quantize to Q8_0")
     set_module(model, name, Q8Linear.from_linear(head))
-    return model
+    return attach_decode_step(model)      # generate() in C where the kernels serve the model
 
 
 # ==== 4. a packed model: which layers, how many bytes =============================================

@@ -502,3 +502,14 @@ def test_torchrun_ranks_share_the_teacher_text_and_end_without_a_barrier(tiny_da
         for path in glob.glob(os.path.join(train_kd.DATA_ROOT, "cache", "teacher_text_*.bin*")):
             if path.split(".bin")[0] + ".bin" not in before:
                 os.remove(path)
+
+
+def test_a_q8_head_refuses_an_input_of_another_width():
+    """Q8Linear on the C path checks the input width as its reference path does (no zero-padded or cut
+    product for 48, 60, 70 or 96 columns into a 64-wide head)."""
+    layer = packed_model.Q8Linear.from_linear(nn.Linear(64, 10))
+    assert layer(torch.randn(2, 64)).shape == (2, 10)
+    expected = ValueError if lcd_kernels.cpu_library() is not None else RuntimeError
+    for width in (48, 60, 70, 96):
+        with pytest.raises(expected, match="64" if expected is ValueError else ""):
+            layer(torch.randn(2, width))

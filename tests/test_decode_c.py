@@ -6,7 +6,6 @@ when kernels.c cannot be built, the build cache keyed by CPU features, CC with a
 checks of the C entry points. No timing here (bench.py --cpu measures)."""
 import copy
 import os
-import shlex
 import shutil
 import stat
 
@@ -20,16 +19,7 @@ import model as model_lib
 from test_llama import tiny_gpt, tiny_llama
 from test_lut_cpu import random_layer
 
-pytestmark = pytest.mark.skipif(shutil.which((shlex.split(lcd_kernels.CPU_COMPILER) or [""])[0]) is None,
-                                reason=f"no C compiler ({lcd_kernels.CPU_COMPILER}): kernels.c cannot be built")
-
-
-@pytest.fixture(scope="module")
-def library():
-    lib = lcd_kernels.cpu_library()
-    if lib is None:
-        pytest.skip(f"kernels.c did not build: {lcd_kernels._cpu_failure}")
-    return lib
+from test_kernels_cpu import library, pytestmark  # noqa: F401  (the built library, or skip without a compiler)
 
 
 def packed_llama(bits, group_size=None, head="q8", seed=0, **config):
