@@ -113,7 +113,7 @@ GPU_PEAK_GBPS = [
     ("RTX 4090", 1008),          # GeForce RTX 4090, 24 GB GDDR6X
 ]
 ROOFLINE_GPUS = [("H100 SXM", 3350), ("H200", 4800), ("A100 80GB SXM", 2039), ("RTX 4090", 1008)]
-TARGET_FRACTION = 0.8   # README target: a LUT kernel at >= 80 % of the roofline at batch 1, 2-bit, one codebook per row
+TARGET_FRACTION = 0.8   # the GPU target: a LUT kernel at >= 80 % of the roofline at batch 1, 2-bit, one codebook per row
 TARGET_SHAPE = (8192, 8192)
 WARP_THREADS = 32
 
@@ -258,7 +258,7 @@ def roofline(shape_list):
                 ["layer", "bits", "eff. bits", "limit", *[f"{n} ({g / 1000:.2f} TB/s)" for n, g in ROOFLINE_GPUS]], rows)
     N, K = TARGET_SHAPE
     target = TARGET_FRACTION * roofline_limit(N, K, 2, None)
-    print(f"\nTarget (README): batch 1, 2-bit, one codebook per row: a LUT kernel at >= {TARGET_FRACTION:.0%} of the "
+    print(f"\nTarget: batch 1, 2-bit, one codebook per row: a LUT kernel at >= {TARGET_FRACTION:.0%} of the "
           f"roofline, i.e. >= {target:.2f}x over fp16 on {N}x{K} (limit {roofline_limit(N, K, 2, None):.2f}x).")
     return numbers
 

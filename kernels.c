@@ -14,14 +14,14 @@ Every entry point takes the OpenMP thread count as its last argument (lcd_kernel
 torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
 fast entry points fall back to the portable versions (plain C the compiler vectorizes).
 
-Packed layout (the same as lcd.py section 3, exact; no repacking):
+Packed layout (the same as packed_model.py section 1, exact; no repacking):
     E = entries per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero), b=4 -> 8.
     n_words = ceil(K / E). The index of weight (n, k) lives in word packed[n, k / E] at bits
     [(k % E) * b, (k % E) * b + b) (entry 0 in the lowest bits). Padding entries (k >= K) are 0.
     packed (N, n_words) uint32, codebook (N, G, 2^b) fp16 bits, G = ceil(K / group_size);
     x (B, K) float32, y (B, N) float32, all row-major and contiguous. fp32 accumulation everywhere.
 
-The versions (speeds: 2 threads of a shared 2-core AMD EPYC (Zen 4), 2-bit, one codebook per row,
+The versions (speeds: 2 threads of a shared 2-core AMD EPYC (Zen 3, AVX2), 2-bit, one codebook per row,
 batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run; 2048x2048 / 576x1536):
     v0  scalar reference: unpack, convert the centroid, multiply-add. One weight at a time.     (see below)
     v1  per-row byte table: a byte of a 2-bit row can only be one of 256 runs of 4 weights, so build the
@@ -39,7 +39,7 @@ batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run
     q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
 Then the decode step of the Llama family (llama_step, the last section): a whole token (or a whole prompt)
 in one call, v3/v4 and q8 inside, the KV cache and the weights torch's tensors.
-The measured numbers are in README.md ("CPU speed"); bench.py --cpu prints them.
+The measured numbers are in RESULTS.md ("CPU speed"); bench.py --cpu prints them.
 */
 
 #include <stdint.h>
@@ -562,7 +562,7 @@ void copy_bytes(uint8_t *dst, const uint8_t *src, int64_t n_bytes, int n_threads
 // The decode step of the Llama family, the whole model in one C call (after llama2.c's run.c).
 //
 // Why: Python's generate() called ~210 small matrices a token, each paying as much in Python and torch
-// dispatch as in its kernel (README, "CPU speed"). Here one call runs T new positions pos .. pos+T-1 of one
+// dispatch as in its kernel (RESULTS.md, "CPU speed"). Here one call runs T new positions pos .. pos+T-1 of one
 // sequence through every block and writes the logits of the last one: T = 1 for each generated token,
 // T = the prompt's length once (the prompt in a batch: v4 decodes each weight row once for all T).
 // The data path of one position (dim = n_embd, qd = n_head * hs, kvd = n_kv_head * hs, hs = head size):

@@ -1,12 +1,12 @@
 """
-lcd_kernels.py: the loaders of the LUT kernels, beside the kernels they load. lcd.py's LUTLinear hands its
+lcd_kernels.py: the loaders of the LUT kernels, beside the kernels they load. packed_model.py's LUTLinear hands its
 product here when a faster path than its PyTorch reference exists:
 
   1. CUDA path  - kernels.cu compiled by CuPy (NVRTC) at first use, launched on torch's own tensors
   2. CPU path   - kernels.c compiled by the system C compiler at first use, called through ctypes
   3. the decode step in C - a Llama's whole token (or prompt) in one kernels.c call, for generate()
 
-The packed format these kernels read is lcd.py section 3 (drawn there, followed exactly by kernels.cu):
+The packed format these kernels read is packed_model.py section 1 (drawn there, followed exactly by kernels.cu):
 b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
 in the lowest bits; fp16 codebooks (N, G, 2^b). This file imports no project file: a layer reaches it as
 any object with LUTLinear's attributes (packed, codebook, bits, group_size, a_bits, bias, outliers).
@@ -127,7 +127,7 @@ def kernel_launches(version, bits, group_size, packed, codebook, x, out, x_scale
 
 
 def quantize_activations(x, a_bits):
-    """Per-token symmetric quantization with the rule of packed_model.fake_quantize_per_token (lcd.py section 4), returning the
+    """Per-token symmetric quantization with the rule of packed_model.fake_quantize_per_token (packed_model.py section 2), returning the
     integers: x (B, K) ~ scale[:, None] * q, q int8 in [-(2^(a-1) - 1), 2^(a-1) - 1], scale (B,) float32."""
     q_max = 2 ** (a_bits - 1) - 1
     scale = x.float().abs().amax(dim=1).clamp_min(1e-8) / q_max
@@ -245,7 +245,7 @@ def lut_forward_cuda(layer, x):
 # ctypes and called on torch's own tensors (data_ptr: no copies), with torch's thread count for OpenMP.
 # Outliers and the bias are added here, in torch, as on the GPU. Without a compiler, or when compiling
 # fails, one line on stderr says why, once, and every call returns None: LUTLinear then runs its PyTorch
-# reference (lcd.py section 4), as it does with CPU_KERNELS off.
+# reference (packed_model.py section 2), as it does with CPU_KERNELS off.
 #
 # -march=native bakes this CPU's instruction sets into the library: one built on an AVX-512 machine dies
 # of SIGILL (illegal instruction) on an AVX2 machine. So the features are part of the cache key, and each

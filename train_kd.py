@@ -104,7 +104,7 @@ kd_baseline = 1                # 1: also distill plain KD (k-means init, none of
 kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
 block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
 block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
-budget = 1.0                   # multiplies block_steps and kd_steps: more distillation time (README: what 2x, 4x buy)
+budget = 1.0                   # multiplies block_steps and kd_steps: more distillation time (RESULTS.md: what 2x, 4x buy)
 ptq = "rtn,kmeans,lcd-init"    # the report's post-training rows, comma-separated names of baselines.quality_rows
 # the report's text sample: teacher and packed student continue one prompt from a held-out play
 sample_prompt = "HAMLET:\nTo be, or not to be, that is the question:\n"  # the prompt (Hamlet is never trained on)
@@ -117,12 +117,12 @@ DEFAULTS = configurator.config_defaults(globals())   # the config lines above, a
 CONFIG_KEYS = list(DEFAULTS)
 
 # A pretrained teacher (--init_from=smollm2, a .gguf file or a model directory) is two orders of magnitude larger
-# than `baby`: these are its defaults, sized by measurement for <= 30 minutes on 2 CPU cores (README, "Real LLM").
+# than `baby`: these are its defaults, sized by measurement for <= 30 minutes on 2 CPU cores (RESULTS.md, "Real LLM").
 # A key given on the command line wins. A named checkpoint also brings its tokenizer and dataset.
 PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_batches=8, kd_mode="blocks",
                            block_steps=80, block_batch_size=4, kd_steps=30, kd_batch_size=4, kd_warmup=5,
                            kd_ckpt_interval=10, speculative_every=10, ptq="rtn,lcd-init", sample_tokens=40,
-                           distill_data="mix", kd_baseline=0)   # mix: measured best across both held-out sets (README);
+                           distill_data="mix", kd_baseline=0)   # mix: measured best across both held-out sets (RESULTS.md);
 # GPTQ and the published methods (baselines.py) on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
 # plain KD doubles a run's time and is one flag away (--kd_baseline=1; --ablate=1 runs it too)
 NAMED_CHECKPOINT_DEFAULTS = {"smollm2": dict(tokenizer="smollm2", dataset="shakespeare_smollm2")}

@@ -1,4 +1,4 @@
-"""The files import downwards only (DEVELOPERS.md, README "Files"): each file may import the project files
+"""The files import downwards only (README, "The files, in reading order"): each file may import the project files
 listed for it below and no other, so a reader can take them bottom to top and a lower file never loads a
 script built on it. Two foundations: lcd.py (the method) stands on packed_model.py (the packed model at
 inference), which stands on lcd_kernels.py (the kernels' loaders) alone; model.py (the models) imports no
