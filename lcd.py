@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from packed_model import (FP16_MAX, GridLinear, LUTLinear, attach_decode_step, check_bits, check_fp16,
-                          check_group_size, check_resume_state, check_weight, dequantize, fake_quantize_per_token,
-                          find_linears, is_conv1d, set_module)
+                          check_group_size, check_resume_state, check_weight, codebook_storage_bits, dequantize,
+                          fake_quantize_per_token, find_linears, is_conv1d, set_module)
 
 LLOYD_MAX_ITERS = 100   # cap on weighted Lloyd iterations; almost every row stops changing long before
 DENSITY_ATOMS = 128     # atoms a row/group is cut into before the exact bin search, at 4 centroids (density_atoms)
@@ -151,6 +151,57 @@ def collect_stats(model, calib, names, full_hessian=False, keep_inputs=0):
     # which the clustering reads as no importance (equal weights) and GPTQ as dead inputs
     return {n: {"h": s["h"] / max(1, s["n"]), "H": s["H"] / max(1, s["n"]) if full_hessian else None,
                 "n": s["n"], "X": torch.cat(s["X"]) if keep_inputs and s["X"] else None} for n, s in sums.items()}
+
+
+def output_fisher(model, calib, names):
+    """{name: F (N,)}: for each named linear layer, F_n = mean over tokens of (dL/dy_n)^2, the diagonal of
+    the empirical Fisher information on its outputs y (N,), with L the next-token cross-entropy of each
+    calibration sequence (summed over its tokens, so every token's gradient counts as one sample).
+    With h (collect_stats) on the inputs, sum_nk F_n h_k dW_nk^2 / 2 estimates how much a change dW of the
+    layer's weight raises the loss (second order, diagonal) - allocate_bits ranks the layers by it.
+    Runs one forward and backward per batch; the parameters get no gradients (they are not trained)."""
+    calib = calibration_batches(model, calib)
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise ValueError(f"output_fisher: the model has no modules named {missing}")
+    sums, n_tokens = {}, 0
+
+    def make_hook(name):
+        def hook(module, inputs, output):
+            if not output.requires_grad:            # the first layer: nothing before it needs a gradient
+                output = output.detach().requires_grad_()
+            output.register_hook(lambda g: sums.__setitem__(
+                name, sums.get(name, 0.0) + g.detach().float().reshape(-1, g.shape[-1]).square().sum(0)))
+            return output
+        return hook
+
+    device = next(model.parameters()).device
+    was_training, needs_grad = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval().requires_grad_(False)
+    handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
+    try:
+        with torch.enable_grad():
+            for batch in calib:
+                if batch.shape[1] < 2:                 # no next token to predict
+                    continue
+                batch = batch.to(device)
+                logits = model_logits(model(batch))[:, :-1]                       # (B, T-1, V)
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1),
+                                reduction="sum").backward()
+                n_tokens += batch[:, 1:].numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, g in zip(model.parameters(), needs_grad):
+            p.requires_grad_(g)
+        model.train(was_training)
+    if n_tokens == 0:
+        raise ValueError("output_fisher needs calibration sequences of at least 2 tokens (a next token to predict)")
+    unused = [n for n in names if n not in sums]
+    if unused:
+        raise ValueError(f"no gradient of the loss reached layers {unused}: does the output depend on them?")
+    return {n: sums[n] / n_tokens for n in names}
 
 
 # ==== 2. clustering =============================================================================
@@ -504,6 +555,67 @@ def quantize(model, bits, group_size=None, calib=None, method="lcd", skip=None, 
     return attach_decode_step(model)      # generate() in C where the kernels serve the model
 
 
+# ---- bits where the error is: a budget of bits per weight, spent on the most sensitive layers ---------
+# Uniform b bits spend as much on a layer whose error the model shrugs off as on one whose error it
+# amplifies. Each layer's sensitivity at b bits is the loss increase its clustering error causes, to
+# second order with diagonal statistics (output_fisher's F on the outputs, h on the inputs):
+#     S_l(b) = 1/2 sum_nk F_n h_k (W - W_hat_b)_nk^2
+# (HAWQ's Hessian-aware precision and SqueezeLLM's Fisher weighting, at the granularity of a layer; CLAQ's
+# adaptive precision spends bits column by column instead, the seed method to compare with). A greedy
+# knapsack then gives b + 1 bits to the layer that saves the most S per extra stored bit, again and
+# again, while the packed layers stay within the budget (every stored bit counted: indices and codebooks).
+SENSITIVITY_LLOYD_ITERS = 10   # Lloyd iterations of the clusterings that rank the layers (an estimate, not the student)
+
+
+def layer_sensitivity(W, h, F_out, n_centroids, group_size=None, init="density", max_iters=SENSITIVITY_LLOYD_ITERS):
+    """S = 1/2 sum_nk F_n h_k (W - W_hat)^2 for W (N, K) clustered into n_centroids per row (or group);
+    F_out (N,) from output_fisher, h (K,) from collect_stats. A float (the estimated loss increase, nats)."""
+    cl = cluster(W, h, n_centroids, group_size, init, max_iters=max_iters)
+    sse = weighted_sse(W, h, cl["codebook"], cl["idx"], group_size).sum(1)          # (N,) sum_k h_k dW^2
+    return 0.5 * float((F_out.float() * sse).sum())
+
+
+def allocate_bits(model, calib, bits, extra, group_size=None, skip=None, init="density", log=None):
+    """Bits per layer {name: bits or bits + 1} for the layers find_linears(model, skip) quantizes, such that
+    all their stored bits (packed_model.codebook_storage_bits) / all their weights stay within `extra` bits
+    per weight above the same layers at `bits` everywhere (SmolLM2-135M at b = 2 stores 2.094 bits per
+    weight: extra = 0.15 keeps it under 2.25). Starts from `bits` everywhere and upgrades, greedily, the
+    layer with the largest drop of S (layer_sensitivity at bits and bits + 1) per extra stored bit while it
+    fits. bits: 2 or 3 (b + 1 <= 4). Returns (plan, table) with table = [(name, S at b, S at b + 1, bits)].
+    Sources: Dong et al. 2019 (HAWQ), Kim et al. 2023 (SqueezeLLM), Wang et al. 2024 (CLAQ)."""
+    if bits not in (2, 3):
+        raise ValueError(f"allocate_bits gives layers bits + 1 <= 4: bits must be 2 or 3, got {bits!r}")
+    check_number("extra (bits per weight)", extra, 0.0, 32.0)
+    linears = find_linears(model, skip)
+    if not linears:
+        raise ValueError("allocate_bits: the model has no nn.Linear layers to quantize (after skip)")
+    cost = {n: [codebook_storage_bits(m.out_features, m.in_features, b, group_size) for b in (bits, bits + 1)]
+            for n, m in linears.items()}
+    n_weights = sum(m.out_features * m.in_features for m in linears.values())
+    spent = sum(c[0] for c in cost.values())
+    allowed = spent + extra * n_weights
+    budget = allowed / n_weights
+    stats = collect_stats(model, calib, list(linears))
+    fisher = output_fisher(model, calib, list(linears))
+    table = []
+    for name, m in linears.items():
+        W, h = m.weight.detach().float(), stats[name]["h"]
+        table.append([name, *(layer_sensitivity(W, h, fisher[name], 2 ** b, group_size, init) for b in (bits, bits + 1)),
+                      bits])
+    plan = {name: bits for name in linears}
+    by_gain = sorted(table, key=lambda r: (r[1] - r[2]) / (cost[r[0]][1] - cost[r[0]][0]), reverse=True)
+    for row in by_gain:
+        extra = cost[row[0]][1] - cost[row[0]][0]
+        if row[1] > row[2] and spent + extra <= allowed:
+            plan[row[0]], row[3], spent = bits + 1, bits + 1, spent + extra
+    if log:
+        upgraded = [r[0] for r in table if r[3] > bits]
+        log(f"allocate_bits: {len(upgraded)} of {len(table)} layers get {bits + 1} bits, "
+            f"{spent / n_weights:.3f} bits per weight (budget {budget:.3f}); estimated loss increase "
+            f"{sum(r[1] for r in table):.3f} -> {sum(r[2] if r[3] > bits else r[1] for r in table):.3f} nats")
+    return plan, [tuple(r) for r in table]
+
+
 # ==== 4. distillation ===========================================================================
 # The clustered model becomes a student that learns from the full-precision teacher:
 #   LCDLinear        - a trainable codebook layer: latent FP weights decide the assignments, learnable
@@ -778,7 +890,8 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
                     start=None):
     """A trainable student: a deep copy of the teacher whose selected linear layers (packed_model.find_linears) are
     LCDLinear layers, clustered from the teacher's weights into 2^(bits + progressive_p) centroids per row
-    (or group). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
+    (or group). bits: 2, 3 or 4 for every layer, or a dict {layer name: bits} naming each of them (e.g.
+    allocate_bits' plan). init: 'density' (LCD) or 'kmeans++'/'uniform'; weighted=False clusters without the
     importance h (plain k-means). With a_bits and smoothing, each layer gets the input scale of its best
     alpha (choose_smoothing). The latent weights start at the teacher's (smoothed) weights.
     start: None (cluster()), or a function placing the codebooks on the full input Hessian H,
@@ -789,10 +902,13 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     about 0.5 GB for SmolLM2-135M).
     Errors (ValueError, before any work): bad arguments, bad calibration data (see quantize), a layer
     with weights past fp16's range (FP16_MAX: the student computes with fp16 centroids)."""
-    if bits not in (2, 3, 4):
-        raise ValueError(f"bits must be 2, 3 or 4, got {bits!r}")
-    if not (isinstance(progressive_p, int) and 0 <= progressive_p <= 8 - bits):
-        raise ValueError(f"progressive_p must be an int in [0, {8 - bits}] at {bits} bits (2^(bits + p) <= 256 "
+    layer_bits = bits if isinstance(bits, dict) else None
+    for b in (layer_bits.values() if layer_bits else [bits]):
+        if type(b) is not int or b not in (2, 3, 4):
+            raise ValueError(f"bits must be 2, 3 or 4 (or a dict of them by layer name), got {b!r}")
+    top = max(layer_bits.values(), default=2) if layer_bits else bits
+    if not (isinstance(progressive_p, int) and 0 <= progressive_p <= 8 - top):
+        raise ValueError(f"progressive_p must be an int in [0, {8 - top}] at {top} bits (2^(bits + p) <= 256 "
                          f"centroids, one byte an assignment), got {progressive_p!r}")
     if a_bits not in (None, 8, 4):
         raise ValueError(f"a_bits must be None (weight-only), 8 or 4, got {a_bits!r}")
@@ -818,13 +934,18 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
     names = list(linears)
     if not names:
         raise ValueError("the model has no nn.Linear layers to quantize (after skip)")
+    if layer_bits is not None and set(layer_bits) != set(names):
+        odd = sorted(set(layer_bits) ^ set(names))
+        raise ValueError(f"bits by layer must name exactly the layers quantized ({len(names)}); these differ: "
+                         f"{odd[:4]}{' ...' if len(odd) > 4 else ''}")
     stats = collect_stats(student, calib, names, full_hessian=start is not None)
     inputs = collect_inputs(student, calib, names) if (a_bits is not None and smoothing) else {}
     for name, linear in linears.items():
         W, h = linear.weight.detach().float(), stats[name]["h"]
+        b = layer_bits[name] if layer_bits else bits
         s = None
         if name in inputs:
-            s, errors = choose_smoothing(W, inputs[name], h, 2 ** bits, group_size, a_bits, alphas)
+            s, errors = choose_smoothing(W, inputs[name], h, 2 ** b, group_size, a_bits, alphas)
             if log:
                 choice = "off" if s is None else min(errors, key=errors.get)   # the first least error
                 log(f"smoothing {name}: alpha {choice} (relative output error "
@@ -833,7 +954,7 @@ def prepare_student(teacher, bits, group_size=None, calib=None, progressive_p=0,
         if s is not None:
             W, h = W * s, h / s ** 2                      # y = (x / s) (W s)^T: the same function
             H = None if H is None else H / (s[:, None] * s[None, :])   # the Hessian of the inputs x / s
-        C = 2 ** (bits + progressive_p)
+        C = 2 ** (b + progressive_p)
         if start is not None:
             cl = start(W, H, C, group_size, h=h if weighted else torch.ones_like(h), init=init)
             W = cl["latent"]                              # compensated: each latent nearest its assignment
@@ -1217,10 +1338,14 @@ def distill(teacher, student, batches, steps, calib_x=None, bits=None, tau=1.0, 
     batches, device, layers = iter(batches), next(student.parameters()).device, lcd_layers(student)
     if not layers:
         raise ValueError("the student has no LCDLinear layers: build it with lcd.prepare_student")
-    start_c = next(iter(layers.values())).n_centroids
+    sizes = sorted({m.n_centroids for m in layers.values()})           # several: bits by layer (allocate_bits)
+    start_c = sizes[0]
     n_stages = 1 if bits is None else int(math.log2(start_c)) - bits + 1
     if n_stages < 1:
         raise ValueError(f"the student has {start_c} centroids, fewer than 2^bits = {2 ** bits}")
+    if n_stages > 1 and len(sizes) > 1:
+        raise ValueError(f"progressive merging halves every codebook down to 2^bits, but this student's layers have "
+                         f"{sizes} centroids (bits by layer): prepare it with progressive_p=0")
     plan = stage_plan(steps, n_stages, final_frac) + [steps]        # stage s runs from plan[s] to plan[s + 1]
     signature = student_signature(student, "distill", bits)        # the student as prepared: before any merge
     if state is not None:
@@ -1335,6 +1460,7 @@ def teacher_logits_of(teacher, x):
 # so far produces (its own earlier, already quantized blocks), the target is what the teacher block
 # produces from the teacher's input, so each block also learns to undo the error of the blocks before it.
 BLOCK_CHUNK = 8   # sequences per forward when caching block inputs and targets (memory, not maths)
+BLOCK_ERROR_SEQS = 64   # sequences the error before training is measured on (for the log: a forward of them all costs)
 
 
 def find_blocks(model):
@@ -1438,7 +1564,8 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     resumes after the last finished block (the blocks before it are only run forward, to rebuild the inputs).
     on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
     Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
-    relative error before, after)]). Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
+    relative error before (on the first BLOCK_ERROR_SEQS sequences), after (on all))]).
+    Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
     if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"steps must be an int >= 0 and batch_size an int >= 1, got {steps!r}, {batch_size!r}")
     lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
@@ -1469,7 +1596,9 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
         with torch.no_grad():
             Y = _run_block(t_block, X_t, args, kwargs)        # (n, T, C) target
             scale = Y.pow(2).mean().clamp_min(1e-30)
-            before = (_run_block(s_block, X_s, args, kwargs) - Y).pow(2).mean().div(scale).item()
+            m = min(BLOCK_ERROR_SEQS, len(X_s))              # the error before, on the first m sequences
+            before = (_run_block(s_block, X_s[:m], args, kwargs) - Y[:m]).pow(2).mean().div(Y[:m].pow(2).mean()
+                                                                                          .clamp_min(1e-30)).item()
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
         try:
             _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,

@@ -105,6 +105,15 @@ def pack_indices(idx, bits):
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)  # same bits as uint32
 
 
+def codebook_storage_bits(N, K, bits, group_size=None):
+    """Bits that an (N, K) layer's indices and codebooks take in this format: the packed 32-bit words as they
+    are (b = 3 holds 10 indices in 32 bits, so 3.2 bits an index) and N * G codebooks of 2^b fp16 centroids.
+    LUTLinear.storage_bits adds outliers and the input scale; lcd.allocate_bits plans a budget with it."""
+    check_bits(bits)
+    G = math.ceil(K / check_group_size(group_size, K))
+    return 32 * N * math.ceil(K / ENTRIES_PER_WORD[bits]) + 16 * N * G * 2 ** bits
+
+
 @functools.lru_cache(maxsize=None)
 def byte_entries(bits, device="cpu"):
     """(256, 8 // bits) int32: the b-bit entries of every byte value, entry 0 in the lowest bits. At b = 2
@@ -331,7 +340,7 @@ class LUTLinear(nn.Module):
         """Every bit stored for the weight: the packed words as they are (b=3 holds 10 indices in 32 bits,
         so 3.2 bits an index), fp16 codebooks, outliers (fp16 value + two int32 positions = 80 bits each)
         and the fp16 input scale. The bias is not counted: it is kept as in the original layer."""
-        bits = 32 * self.packed.numel() + 16 * self.codebook.numel()
+        bits = codebook_storage_bits(self.out_features, self.in_features, self.bits, self.group_size)
         if self.outlier_vals is not None:
             bits += (16 + 32 + 32) * self.outlier_vals.numel()
         if self.in_scale is not None:

@@ -104,6 +104,8 @@ kd_baseline = 1                # 1: also distill plain KD (k-means init, none of
 kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
 block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
 block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
+block_seqs = 0                 # with kd_mode='blocks': distinct sequences (whole windows of the distillation data) it fits on (0: the calibration batches)
+extra_bits = 0.0               # bits per weight spent above the b-bit model on its most sensitive layers, as b+1 bits (lcd.allocate_bits; every stored bit counted; 0: b bits everywhere)
 budget = 1.0                   # multiplies block_steps and kd_steps: more distillation time (RESULTS.md: what 2x, 4x buy)
 ptq = "rtn,kmeans,lcd-init"    # the report's post-training rows, comma-separated names of baselines.quality_rows
 # the report's text sample: teacher and packed student continue one prompt from a held-out play
@@ -120,7 +122,7 @@ CONFIG_KEYS = list(DEFAULTS)
 # than `baby`: these are its defaults, sized by measurement for <= 30 minutes on 2 CPU cores (RESULTS.md, "Real LLM").
 # A key given on the command line wins. A named checkpoint also brings its tokenizer and dataset.
 PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_batches=8, kd_mode="blocks",
-                           block_steps=80, block_batch_size=4, kd_steps=30, kd_batch_size=4, kd_warmup=5,
+                           block_steps=80, block_batch_size=4, block_seqs=320, extra_bits=0.15, teacher_text_seqs=256, kd_steps=30, kd_batch_size=4, kd_warmup=5,
                            kd_ckpt_interval=10, speculative_every=10, ptq="rtn,lcd-init", sample_tokens=40,
                            distill_data="mix", kd_baseline=0)   # mix: measured best across both held-out sets (RESULTS.md);
 # GPTQ and the published methods (baselines.py) on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
@@ -168,6 +170,7 @@ AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "cal
                 "block_batch_size", "teacher_text_seqs")
 NON_NEGATIVE = ("seed", "teacher_text_seed", "min_lr", "warmup_iters", "weight_decay", "grad_clip", "log_interval", "kd_ce",
                 "kd_warmup", "progressive_p", "speculative_every", "reassign_every", "sample_tokens", "block_steps",
+                "block_seqs", "extra_bits",
                 "sample_temperature", "sample_top_k", "chat_tokens")
 FRACTIONS = (("dropout", 0.0, True, 1.0, False), ("final_frac", 0.0, False, 1.0, True))  # key, lo, lo ok, hi, hi ok
 COUNT_MAX = 2 ** 31 - 1   # the most of any count (steps, batches, sequences, tokens): sizes, loops and kernels take C ints
@@ -213,6 +216,13 @@ def check_config(config):
         raise ValueError(f"--progressive_p={config['progressive_p']} at --bits={config.get('bits', bits)}: LCD starts "
                          f"at 2^(bits + p) centroids and stores an assignment in one byte (at most 2^8): give "
                          f"--progressive_p <= {8 - config.get('bits', bits)}")
+    if config.get("extra_bits", 0) > 0 and config.get("bits", bits) == 4:
+        raise ValueError(f"--extra_bits={config['extra_bits']} at --bits=4: the sensitive layers get b + 1 bits, and "
+                         "codebooks hold at most 2^4 centroids; give --extra_bits=0 at 4 bits")
+    if config.get("extra_bits", 0) > 0 and config.get("progressive_p", 0) > 0:
+        raise ValueError(f"--extra_bits={config['extra_bits']} with --progressive_p={config['progressive_p']}: the "
+                         "progressive merges halve every codebook to 2^bits, which bits by layer do not allow; "
+                         "give one of them 0")
     if config.get("stop_after", "") not in STAGES:
         raise ValueError(f"--stop_after must be one of {STAGES}, got {config['stop_after']!r}")
     if "device" in config:
@@ -744,8 +754,8 @@ def fp_footprint(model):
 
 
 def evaluate_sets(model, sets, config):
-    """{val_loss, ppl} on the held-out split and, when `sets` has it, {general_loss, general_ppl} on the
-    general-English set: the same fixed windows for every row (held_out_sets)."""
+    """{val_loss, ppl} on the held-out split and, when `sets` has them, {general_loss, general_ppl} on the
+    general-English set and {tune_loss, tune_ppl} on the tuning split: the same fixed windows for every row."""
     scores = {}
     for name, tokens in sets.items():
         loss = evaluate(model, tokens, context_length(config, model), config["batch_size"], config["eval_batches"])
@@ -756,9 +766,10 @@ def evaluate_sets(model, sets, config):
 
 def scores_text(scores):
     """evaluate_sets' scores as a log line: 'val loss 4.1822 (ppl 65.51); general English: loss ... (ppl ...)'."""
-    loss, general = scores["val_loss"], scores.get("general_loss")
+    loss, general, tune = scores["val_loss"], scores.get("general_loss"), scores.get("tune_loss")
     return f"val loss {loss:.4f} (ppl {math.exp(loss):.2f})" + (
-        f"; general English: loss {general:.4f} (ppl {math.exp(general):.2f})" if general is not None else "")
+        f"; general English: loss {general:.4f} (ppl {math.exp(general):.2f})" if general is not None else "") + (
+        f"; tuning split: loss {tune:.4f}" if tune is not None else "")
 
 
 def result_row(method, model, config, sets, seconds):
@@ -789,7 +800,8 @@ def batch_stream(tokens, batch_size, block_size, generator, device):
 # system message and an open user turn, so the teacher writes a request and answers it. Sampled at
 # temperature 1 with the KV cache, a batch at a time; written once to data/cache/, keyed by the teacher's
 # digest and the settings, and reused by calibration, block-wise reconstruction and end-to-end KD.
-TEACHER_TEXT_BATCH = 16   # sequences the teacher writes at once (one batched generate)
+TEACHER_TEXT_BATCH = 64   # sequences the teacher writes at once (one batched generate: 1.8x the tokens/s of 16)
+TUNING_SEQS = 32          # sequences of the tuning split the teacher writes (never distilled on: settings are chosen on it)
 
 
 def teacher_text_prompts(enc, n, generator):
@@ -829,31 +841,65 @@ def write_teacher_text(teacher, enc, n_seqs, block_size, seed, log=print):
     return np.concatenate(out).reshape(-1)
 
 
-def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
-    """The tokens calibration and distillation read (--distill_data): the train split (plays), the text the
-    teacher writes (teacher; cached in data/cache/teacher_text_<key>.bin), or both in equal shares (mix:
-    the teacher's tokens, then as many of the plays' in evenly spaced block_size windows)."""
-    if config["distill_data"] == "plays":
-        return train
+def teacher_text(config, teacher, meta, n_seqs, seed, what, rank=0):
+    """n_seqs sequences of the context length that the teacher writes from `seed` (write_teacher_text), as one
+    uint16 array; cached in data/cache/teacher_text_<key>.bin, keyed by the teacher's digest and the settings,
+    and checked on every read (its length and sha256): a cut-off or altered text is written again, never used."""
     T = context_length(config, teacher)
-    key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], config["teacher_text_seqs"], T,
-                                     config["teacher_text_seed"], TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([model_digest(teacher), meta["tokenizer"], n_seqs, T, seed,
+                                     TEACHER_TEXT_BATCH]).encode()).hexdigest()[:16]
     path = os.path.join(DATA_ROOT, "cache", f"teacher_text_{key}.bin")
     log = print if rank == 0 else (lambda line: print(f"rank {rank}: {line}"))
 
     def write(tmp):    # whichever process comes first (rank 0, or one of a sweep) writes; the others wait
         t0 = time.time()
-        tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), config["teacher_text_seqs"], T,
-                                    config["teacher_text_seed"] + 3000, log=log)
+        tokens = write_teacher_text(teacher, get_tokenizer(meta["tokenizer"]), n_seqs, T, seed, log=log)
         tokens.tofile(tmp)
-        log(f"teacher text: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
-    # checked on every read (its length and sha256): a cut-off or altered text is written again, never used
-    packed_model.cached(path, write, "the teacher's text", log, expect_bytes=2 * config["teacher_text_seqs"] * T)
-    text = np.fromfile(path, dtype=np.uint16)
+        log(f"{what}: wrote {path} ({len(tokens):,} tokens in {time.time() - t0:.0f} s)")
+    packed_model.cached(path, write, what, log, expect_bytes=2 * n_seqs * T)
+    return np.fromfile(path, dtype=np.uint16)
+
+
+def plays_starts(train, n, T):
+    """Where the mix's n windows of T tokens start in the train split: evenly spaced over all of it."""
+    return np.linspace(0, len(train) - T, num=n).astype(np.int64)
+
+
+def windows(train, starts, T):
+    """The windows of T tokens at `starts`, concatenated (uint16)."""
+    return np.concatenate([np.asarray(train[s:s + T]) for s in starts])
+
+
+def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
+    """The tokens calibration and distillation read (--distill_data): the train split (plays), the text the
+    teacher writes (teacher; teacher_text_seqs sequences), or both in equal shares (mix: the teacher's
+    tokens, then as many evenly spaced block_size windows of the plays)."""
+    if config["distill_data"] == "plays":
+        return train
+    text = teacher_text(config, teacher, meta, config["teacher_text_seqs"], config["teacher_text_seed"] + 3000,
+                        "the teacher's text", rank)
     if config["distill_data"] == "teacher":
         return text
-    starts = np.linspace(0, len(train) - T, num=len(text) // T).astype(np.int64)
-    return np.concatenate([text, *(np.asarray(train[s:s + T]) for s in starts)])
+    T = context_length(config, teacher)
+    return np.concatenate([text, windows(train, plays_starts(train, len(text) // T, T), T)])
+
+
+def tuning_tokens(config, teacher, meta, train, rank=0):
+    """The tuning split (None with --distill_data=plays, whose windows cover the whole train split): text that
+    nothing distils on and no report is about, to choose settings on - TUNING_SEQS sequences the teacher
+    writes from its own seed and, with mix, as many windows of the plays halfway between the distilled ones."""
+    if config["distill_data"] == "plays":
+        return None
+    text = teacher_text(config, teacher, meta, TUNING_SEQS, config["teacher_text_seed"] + 5000,
+                        "the tuning split", rank)
+    if config["distill_data"] == "teacher":
+        return text
+    T = context_length(config, teacher)
+    starts = plays_starts(train, config["teacher_text_seqs"], T)       # the mix's windows; halfway between them:
+    between = (starts[:-1] + np.diff(starts) // 2)[::max(1, (len(starts) - 1) // TUNING_SEQS)][:TUNING_SEQS]
+    if len(between) == 0 or np.diff(starts).min() < 2 * T:            # too short a split for disjoint windows
+        return text
+    return np.concatenate([text, windows(train, between, T)])
 
 
 def calibration_data(train, config, block_size):
@@ -864,11 +910,44 @@ def calibration_data(train, config, block_size):
     return calib, get_batch(train, config["kd_batch_size"], block_size, gen)[0]
 
 
+_PLANS = {}   # bits_plan's plans of this process, by teacher and budget
+
+
+def bits_plan(teacher, config, calib, extra_bits, log=None):
+    """config["bits"] everywhere, or with extra_bits > 0 lcd.allocate_bits' bits by layer, extra_bits bits per
+    weight above the b-bit model (computed once a run: every variant with the same budget shares it)."""
+    if not extra_bits:
+        return config["bits"]
+    key = (id(teacher), config["bits"], extra_bits, config["group_size"], config["lcd_init"])
+    if key not in _PLANS:
+        _PLANS[key] = lcd.allocate_bits(teacher, calib, config["bits"], extra_bits,
+                                        config["group_size"], init=config["lcd_init"], log=log)[0]
+    return _PLANS[key]
+
+
+
+def block_calibration(train, config, T, calib):
+    """What block-wise reconstruction fits on: with block_seqs, that many distinct whole windows of the
+    distillation data (drawn without replacement, aligned to its block_size windows: the teacher's sequences
+    and the plays' windows of the mix stay whole), in batches of `batch_size`; else the calibration batches."""
+    if not config["block_seqs"]:
+        return calib
+    n = len(train) // T
+    if config["block_seqs"] > n:
+        raise ValueError(f"--block_seqs={config['block_seqs']}: the distillation data holds {n} windows of {T} tokens; "
+                         "give at most that many, or more text (--teacher_text_seqs)")
+    gen = torch.Generator().manual_seed(config["seed"] + 4000)
+    picks = torch.randperm(n, generator=gen)[:config["block_seqs"]].sort().values.tolist()
+    x = torch.from_numpy(np.stack([np.asarray(train[i * T:(i + 1) * T]) for i in picks]).astype(np.int64))
+    return list(x.split(config["batch_size"]))
+
+
 def student_for(method, teacher, config, calib, log=None):
     """The trainable student of a distillation run. 'kd': plain KD, k-means init at 2^bits, no extras;
-    'lcd': density init, progressive, smoothing (with a_bits); the ablation variants (ablations()) flip one."""
+    'lcd': density init, progressive, smoothing (with a_bits), bits where the error is (extra_bits), the
+    compensated start (compensate); the ablation variants (ablations()) flip one."""
     c = lcd_settings(method, config)
-    return lcd.prepare_student(teacher, config["bits"], config["group_size"], calib,
+    return lcd.prepare_student(teacher, bits_plan(teacher, config, calib, c["extra_bits"], log), config["group_size"], calib,
                                progressive_p=c["progressive_p"], init=c["init"], weighted=c["weighted"],
                                smoothing=c["smoothing"], a_bits=config["a_bits"], log=log,
                                start=baselines.gptq_cluster if c["compensate"] else None)
@@ -878,10 +957,10 @@ def lcd_settings(method, config):
     """Which of LCD's pieces are on for a distillation run (the ablation turns one off at a time)."""
     if method == "kd":   # the same distillation (kd_mode, steps, optimizer) without LCD's own pieces
         return dict(init="kmeans++", weighted=False, progressive_p=0, speculative_every=0, smoothing=False,
-                    kd_mode=config["kd_mode"], compensate=False)
+                    kd_mode=config["kd_mode"], compensate=False, extra_bits=0.0)
     c = dict(init=config["lcd_init"], weighted=True, progressive_p=config["progressive_p"],
              speculative_every=config["speculative_every"], smoothing=config["smoothing"], kd_mode=config["kd_mode"],
-             compensate=bool(config["compensate"]))
+             compensate=bool(config["compensate"]), extra_bits=config["extra_bits"])
     return dict(c, **ablations(config).get(method, {}))
 
 
@@ -891,8 +970,8 @@ def ablations(config):
     variants = {"lcd-no-density": dict(init="kmeans++")}
     if config["progressive_p"]:
         variants["lcd-no-progressive"] = dict(progressive_p=0)
-    else:
-        variants["lcd+progressive"] = dict(progressive_p=1)
+    else:   # progressive merges need one codebook size: with bits by layer, this variant has b bits everywhere
+        variants["lcd+progressive"] = dict(progressive_p=1, extra_bits=0.0)
     if config["speculative_every"]:
         variants["lcd-no-speculative"] = dict(speculative_every=0)
     else:
@@ -902,6 +981,10 @@ def ablations(config):
             smoothing=not config["smoothing"])
     variants["lcd-no-compensate" if config["compensate"] else "lcd+compensate"] = dict(
         compensate=not config["compensate"])
+    if config["extra_bits"]:          # the same bits everywhere (fewer bits per weight: the report says how many)
+        variants["lcd-uniform-bits"] = dict(extra_bits=0.0)
+    elif config["bits"] < 4 and not config["progressive_p"]:
+        variants["lcd+extra-bits"] = dict(extra_bits=0.15)
     if config["kd_mode"] == "blocks":  # end-to-end KD alone, as many steps as fit in LCD's wall time (quantize_and_distill)
         variants["lcd-e2e"] = dict(kd_mode="e2e")
     else:
@@ -913,7 +996,7 @@ DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init", "compensate",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
                 "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
-                "teacher_text_seqs", "teacher_text_seed")
+                "teacher_text_seqs", "teacher_text_seed", "block_seqs", "extra_bits")
 
 
 def model_digest(model):
@@ -981,7 +1064,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
                                 log_interval=config["log_interval"])
             t_blocks = time.time()
             student, blocks_history = lcd.reconstruct_blocks(
-                teacher, student, calib, config["block_steps"], batch_size=config["block_batch_size"],
+                teacher, student, block_calibration(train, config, T, calib), config["block_steps"], batch_size=config["block_batch_size"],
                 lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
                 train_norms=config["kd_train_norms"], reassign_every=config["reassign_every"], ddp=world > 1,
                 state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
@@ -1026,22 +1109,25 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
 
 def print_table(rows, title):
     """The report's table: per row the loss and perplexity on the held-out plays and, when measured, on
-    general English, each also as a multiple of the teacher's perplexity (x teacher)."""
+    general English, each also as a multiple of the teacher's perplexity (x teacher); then the loss on the
+    tuning split (tuning_tokens), where there is one."""
     print(f"\n{title}")
     delta = any("delta_vs_lcd" in r for r in rows)
     general = any("general_ppl" in r for r in rows)
+    tune = any("tune_loss" in r for r in rows)
     teacher = next((r for r in rows if r["method"] == "teacher"), None)
 
     def times(r, key):
         return f"{r[key] / teacher[key]:>9.3f}" if teacher and teacher.get(key) else f"{'':>9}"
     print(f"{'method':<20} {'bits':>4} {'bits/w':>7} {'val_loss':>9} {'ppl':>9} {'x teacher':>9}"
           + (f" {'gen_loss':>9} {'gen_ppl':>9} {'x teacher':>9}" if general else "")
-          + f" {'bytes':>11} {'seconds':>8}" + (f" {'delta':>8}" if delta else ""))
+          + (f" {'tune_loss':>9}" if tune else "") + f" {'bytes':>11} {'seconds':>8}" + (f" {'delta':>8}" if delta else ""))
     for r in rows:
         print(f"{r['method']:<20} {r['bits']:>4} {r['bits_per_weight']:>7.3f} {r['val_loss']:>9.4f} "
               f"{r['ppl']:>9.3f} {times(r, 'ppl')}"
               + (f" {r['general_loss']:>9.4f} {r['general_ppl']:>9.3f} {times(r, 'general_ppl')}"
                  if general and "general_ppl" in r else "")
+              + (f" {r['tune_loss']:>9.4f}" if tune and "tune_loss" in r else (f" {'':>9}" if tune else ""))
               + f" {r['bytes']:>11} {r['seconds']:>8.1f}"
               + (f" {r['delta_vs_lcd']:>+8.4f}" if delta and r.get("delta_vs_lcd") is not None else ""))
 
@@ -1310,7 +1396,12 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
     sets = held_out_sets(config, meta)
-    train = distillation_tokens(config, teacher, meta, load_tokens(meta["dir"], "train"), rank, world)
+    plays = load_tokens(meta["dir"], "train")
+    train = distillation_tokens(config, teacher, meta, plays, rank, world)
+    tune = tuning_tokens(config, teacher, meta, plays, rank)        # settings are chosen on it, not on `sets`
+    if tune is not None:
+        sets = dict(sets, tune=tune)
+        teacher_row = dict(teacher_row, **{k: v for k, v in evaluate_sets(teacher, {"tune": tune}, config).items()})
     calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
     rows = [teacher_row]
     if rank == 0:
@@ -1409,6 +1500,13 @@ def check_config_against_data(config, meta, block_size):
             raise ValueError(f"--block_size={block_size} with --distill_data={config['distill_data']}: the chat "
                              f"template's opening of the teacher's text takes {opening} tokens, leaving the teacher "
                              f"nothing to write: give a --block_size above {opening}, or --distill_data=plays")
+    if config["kd_mode"] == "blocks" and config["block_seqs"] and block_size is not None:
+        available = {"teacher": config["teacher_text_seqs"], "mix": 2 * config["teacher_text_seqs"]}.get(
+            config["distill_data"], len(sets.get("train", ())) // block_size)
+        if config["block_seqs"] > available:
+            raise ValueError(f"--block_seqs={config['block_seqs']}: --distill_data={config['distill_data']} holds "
+                             f"{available} whole windows of {block_size} tokens: give --block_seqs <= {available}, or "
+                             "more of the teacher's text (--teacher_text_seqs)")
 
 
 def teacher_stage(config, meta, rank, world, device):
