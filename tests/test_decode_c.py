@@ -67,6 +67,7 @@ CASES = [  # (bits, group_size, config): odd widths, GQA 3:1, MHA, groups of who
     (3, 8, dict(n_embd=36, n_head=3, n_kv_head=3, intermediate_size=50)),    # 36, 50: not multiples of 8
     (4, 6, dict(n_embd=36, n_head=3, n_kv_head=1, intermediate_size=42)),    # groups of 6: the portable decoder
     (3, None, dict(n_embd=20, n_head=2, n_kv_head=1, intermediate_size=37)),
+    (3, 24, dict(n_embd=72, n_head=6, n_kv_head=2, intermediate_size=88)),   # R3: groups end inside 32-blocks
 ]
 
 
