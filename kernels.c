@@ -887,6 +887,26 @@ static void attention(const float *q, float *out, int ld_out, const float *keys,
 
 static void add(float *x, const float *y, size_t n) { for (size_t i = 0; i < n; i++) { x[i] += y[i]; } }
 
+// ---- where the time goes: built with -DLCD_PROFILE (LCD_CFLAGS=-DLCD_PROFILE for lcd_kernels.py), llama_step
+// adds the wall time of each part to PROFILE_SECONDS and llama_profile hands the sums over (and zeroes them);
+// without it the timers are empty statements and llama_profile reports zeros ----
+
+enum { PART_QKV, PART_ATTENTION, PART_O, PART_GATE_UP, PART_DOWN, PART_HEAD, PART_REST, N_PARTS };
+static double PROFILE_SECONDS[N_PARTS];
+#if defined(LCD_PROFILE) && defined(_OPENMP)
+#define TIMER_START() double timer_ = omp_get_wtime()
+#define TIMER_LAP(part) do { double now_ = omp_get_wtime(); PROFILE_SECONDS[part] += now_ - timer_; timer_ = now_; } while (0)
+#else
+#define TIMER_START() do {} while (0)
+#define TIMER_LAP(part) do {} while (0)
+#endif
+
+// seconds (N_PARTS) = the time spent in each part since the last call: q k v, attention (rotary, cache,
+// softmax), o, gate and up, down, head (with the final norm), the rest (embedding, norms, residuals, SwiGLU)
+void llama_profile(double *seconds) {
+    for (int i = 0; i < N_PARTS; i++) { seconds[i] = PROFILE_SECONDS[i]; PROFILE_SECONDS[i] = 0.0; }
+}
+
 // ---- the step ----
 
 // Runs positions pos .. pos+T-1 (tokens (T,) int64) through the model, stores their keys and values in
@@ -899,6 +919,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
         if (tokens[t] < 0 || tokens[t] >= m->vocab) { return 1; }
     }
     if (T < 1 || pos < 0 || pos + T > max_len || pos + T > m->n_rotary) { return 2; }
+    TIMER_START();
     const int dim = m->dim, hs = m->head_dim, qd = m->n_head * hs, kvd = m->n_kv_head * hs, hidden = m->hidden;
     const int ld_dim = pad8(dim), ld_qd = pad8(qd), ld_hidden = pad8(hidden);
     float *x = zeros((size_t)T * dim), *h = zeros((size_t)T * ld_dim), *tmp = zeros((size_t)T * dim);
@@ -911,6 +932,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
         const LlamaBlock *b = m->blocks + l;
         // attention: norm, q k v, rotary, cache, attention, o, residual
         for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->attn_norm, dim, m->norm_eps); }
+        TIMER_LAP(PART_REST);
         if (T == 1) {
             const Matrix *qkv[3] = {&b->q, &b->k, &b->v};
             float *out[3] = {q, k, v};
@@ -920,6 +942,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             matmul(&b->k, h, T, k, n_threads);
             matmul(&b->v, h, T, v, n_threads);
         }
+        TIMER_LAP(PART_QKV);
         for (int t = 0; t < T; t++) {
             const float *cos = m->rotary_cos + (size_t)(pos + t) * (hs / 2), *sin = m->rotary_sin + (size_t)(pos + t) * (hs / 2);
             rotary(q + (size_t)t * qd, m->n_head, hs, cos, sin);
@@ -931,10 +954,13 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             }
         }
         attention(q, att, ld_qd, key_cache[l], value_cache[l], T, pos, max_len, m->n_head, m->n_kv_head, hs, n_threads);
+        TIMER_LAP(PART_ATTENTION);
         matmul(&b->o, att, T, tmp, n_threads);
+        TIMER_LAP(PART_O);
         add(x, tmp, (size_t)T * dim);
         // MLP: norm, gate and up, SwiGLU, down, residual
         for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->mlp_norm, dim, m->norm_eps); }
+        TIMER_LAP(PART_REST);
         if (T == 1) {
             const Matrix *gate_up[2] = {&b->gate, &b->up};
             float *out[2] = {g, u};
@@ -943,18 +969,23 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             matmul(&b->gate, h, T, g, n_threads);
             matmul(&b->up, h, T, u, n_threads);
         }
+        TIMER_LAP(PART_GATE_UP);
         for (int t = 0; t < T; t++) {
             for (int i = 0; i < hidden; i++) {
                 const float gi = g[(size_t)t * hidden + i];
                 hb[(size_t)t * ld_hidden + i] = gi / (1.0f + expf(-gi)) * u[(size_t)t * hidden + i];   // silu(g) u
             }
         }
+        TIMER_LAP(PART_REST);
         matmul(&b->down, hb, T, tmp, n_threads);
+        TIMER_LAP(PART_DOWN);
         add(x, tmp, (size_t)T * dim);
     }
+    TIMER_LAP(PART_REST);
     rmsnorm(h, x + (size_t)(T - 1) * dim, m->final_norm, dim, m->norm_eps);   // the last position only
     const Matrix *head = &m->head;
     matvec(&head, 1, h, &logits, n_threads);
+    TIMER_LAP(PART_HEAD);
     free(x); free(h); free(tmp); free(q); free(k); free(v); free(att); free(g); free(u); free(hb);
     return 0;
 }

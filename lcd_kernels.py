@@ -255,7 +255,8 @@ def lut_forward_cuda(layer, x):
 KERNELS_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 CPU_KERNELS = os.environ.get("LCD_CPU_KERNELS", "1") != "0"   # False (or LCD_CPU_KERNELS=0): the torch reference
 CPU_COMPILER = os.environ.get("CC", "cc")                     # the system C compiler, maybe with arguments ("ccache gcc")
-CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC") + tuple(shlex.split(os.environ.get("LCD_CFLAGS", "")))
+# LCD_CFLAGS: more flags (in the cache key), e.g. -DLCD_PROFILE for llama_step's timers (decode_step_profile)
 CPU_LIBS = ("-lm",)                                           # after the source: expf, sqrtf of the decode step
 CPU_CACHE_DIR = os.environ.get("LCD_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lcd-kernels"))
 CPU_VERSIONS = ("v0", "v1", "v2", "v3", "v4", "sgemm")   # naive to fast (kernels.c); sgemm: v3-decoded blocks, torch.mm
@@ -351,6 +352,7 @@ def _build_cpu_library():
     lib.copy_bytes.argtypes = [p, p, ctypes.c_int64, i]
     lib.llama_step.argtypes = [p, p, i, i, i, p, p, p, i]
     lib.llama_step.restype = i
+    lib.llama_profile.argtypes = [p]
     return lib
 
 
@@ -768,6 +770,20 @@ class DecodeStep:
             return None
         cache.pos += T
         return logits
+
+
+PROFILE_PARTS = ("q k v", "attention", "o", "gate up", "down", "head", "rest")   # kernels.c's PART_*, in order
+
+
+def decode_step_profile():
+    """{part: seconds} llama_step spent in each of PROFILE_PARTS since the last call (then zeroed); all 0
+    unless kernels.c was built with -DLCD_PROFILE (LCD_CFLAGS=-DLCD_PROFILE). None without kernels.c."""
+    lib = cpu_library()
+    if lib is None:
+        return None
+    seconds = (ctypes.c_double * len(PROFILE_PARTS))()
+    lib.llama_profile(seconds)
+    return dict(zip(PROFILE_PARTS, seconds))
 
 
 def decode_step_refusal(model):
