@@ -299,8 +299,9 @@ void lut_gemv_v2(const uint32_t *packed, const uint16_t *codebook, const float *
 //   b = 2: shift the broadcast word so lane L holds entry L in its low bits; the low 3 bits are then
 //          i_L + 4 * (lowest bit of i_{L+1}), so the 4 centroids repeated twice make the table.
 //   b = 3: R3 (above): vector j < 3 of a block is b = 2's decoder with shifts of 3; vector 3 gathers its
-//          field from the words' top bytes first (scalar). (The file's 10-a-word layout took a vpermd
-//          and two table loads per 8 weights and ran ~1.4x slower.)
+//          field from the words' top bytes first (3 byte loads, 2 shifts, 2 ORs: integer work beside the
+//          vector pipes). The file's 10-a-word layout took a vpermd and two table loads per 8 weights: the
+//          C decode step at 3 bits ran ~1.6x slower with it (1 thread, A/B on a busy machine).)
 //   b = 4: 16 centroids = two registers: look up both, `vblendvps` picks by bit 3 (shifted to the sign).
 // A vector of 8 entries uses one codebook, so groups must be a multiple of 8 entries (else v2 runs).
 // x is copied once into a zero-padded buffer, so the last vector of a row reads zeros past K.
@@ -411,7 +412,9 @@ span_dot(const uint32_t *row, int va, int vb, const int bits, codebook8 cb, cons
         for (; v < vb && (v & 3); v++) { a4 = _mm256_fmadd_ps(decode8(row, v, 3, cb), _mm256_load_ps(xb + 8 * v), a4); }
         for (; v + 4 <= vb; v += 4) {                                   // an R3 block: 3 words, 32 weights
             const uint32_t *w = row + 3 * (v >> 2);
-            const uint32_t w3 = (w[0] >> 24) | (w[1] >> 24 << 8) | (w[2] >> 24 << 16);   // vector 3's field
+            const uint8_t *top = (const uint8_t *)w + 3;                // the words' top bytes (little-endian),
+            const uint32_t w3 = top[0] | (uint32_t)top[4] << 8 | (uint32_t)top[8] << 16;   // read as bytes so
+            // that words 0-2 stay broadcast straight from memory (vpbroadcastd m32: no move through a register)
             a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[0]), s3)), _mm256_load_ps(xb + 8 * v), a0);
             a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[1]), s3)), _mm256_load_ps(xb + 8 * v + 8), a1);
             a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[2]), s3)), _mm256_load_ps(xb + 8 * v + 16), a2);
