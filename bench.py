@@ -608,12 +608,17 @@ def prompt_tokens_per_second(model, prompt, reps=3):
 
 def bytes_per_token(model, position):
     """Bytes one generated token reads at `position`: every weight but the input embedding (of which one row),
-    and the keys and values of the positions so far (fp32)."""
+    and the keys and values of the positions so far (fp32). A head tied to the embedding (the fp32 teacher)
+    reads all of it: the table is counted once, whole, as the head's. Packed 3-bit layers count as the C
+    kernels read them, repacked (R3: 3 words per 32 weights, lcd_kernels.cpu_packed), not as stored (10 a word)."""
     embedding = model.model.embed_tokens.weight
     tensors = {t.data_ptr(): t for t in list(model.parameters()) + list(model.buffers())}   # a tied head counts once
     n = sum(t.numel() * t.element_size() for t in tensors.values()) - embedding.numel() * embedding.element_size()
     if any(t is embedding for t in model.lm_head.parameters()):
         n += embedding.numel() * embedding.element_size()   # tied: the head reads all of it
+    for m in model.modules():
+        if isinstance(m, packed_model.LUTLinear) and m.bits == 3:
+            n += 4 * m.out_features * 3 * -(-m.in_features // 32) - m.packed.numel() * m.packed.element_size()
     c = model.config
     return n + embedding[0].numel() * 4 + 2 * 4 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * position
 
@@ -664,7 +669,9 @@ def bench_generate_cpu(gbps):
     teacher and its packed 2-, 3-, 4-bit students (RTN: speed does not depend on quality; output head in
     Q8_0), the greedy tokens checked against the PyTorch reference path (kernels off); prompt tokens/s (a
     CPU_PROMPT_TOKENS-token prompt read at once); bytes read per token and their share of the measured copy
-    bandwidth gbps; bits per weight; the per-token time breakdown of the Python path."""
+    bandwidth gbps (a copy's reads and writes: a stream of reads alone can go faster, so the fp32 teacher,
+    whose tied head reads the whole 113 MB table each token, can show more than 100 %); bits per weight; the
+    per-token time breakdown of the Python path."""
     name, teacher, prompt = cpu_generation_models()
     long_prompt = torch.randint(0, teacher.config.vocab_size, (1, CPU_PROMPT_TOKENS), generator=torch.Generator().manual_seed(seed))
     n_params = sum(p.numel() for p in teacher.parameters())

@@ -14,12 +14,14 @@ Every entry point takes the OpenMP thread count as its last argument (lcd_kernel
 torch.get_num_threads(), so that both agree). Intrinsics are guarded by #ifdef __AVX2__: without them the
 fast entry points fall back to the portable versions (plain C the compiler vectorizes).
 
-Packed layout (the same as packed_model.py section 1, exact; no repacking):
+Packed layout (the same as packed_model.py section 1, exact; no repacking) except b = 3 for the fast kernels:
     E = entries per 32-bit word: b=2 -> 16, b=3 -> 10 (top 2 bits unused, zero), b=4 -> 8.
     n_words = ceil(K / E). The index of weight (n, k) lives in word packed[n, k / E] at bits
     [(k % E) * b, (k % E) * b + b) (entry 0 in the lowest bits). Padding entries (k >= K) are 0.
     packed (N, n_words) uint32, codebook (N, G, 2^b) fp16 bits, G = ceil(K / group_size);
     x (B, K) float32, y (B, N) float32, all row-major and contiguous. fp32 accumulation everywhere.
+    b = 3: v3, v4, lut_decode_rows and llama_step read R3 instead, the CPU layout that lut_repack3 makes
+    from the file's once at load (N, 3 * ceil(K / 32)) (see "R3" below); v0, v1, v2 read the file's.
 
 The versions (speeds: 2 threads of a shared 2-core AMD EPYC (Zen 3, AVX2), 2-bit, one codebook per row,
 batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run; 2048x2048 / 576x1536):
@@ -58,6 +60,55 @@ The measured numbers are in RESULTS.md ("CPU speed"); bench.py --cpu prints them
 
 static int entries_per_word(int bits) { return 32 / bits; }   // 16, 10, 8
 
+// ----------------------------------------------------------------------------------------------------
+// R3, the CPU layout of b = 3. The file's 10 entries a word put a vector of 8 entries across two words at
+// 5 different offsets, so an 8-lane decoder must first move words between lanes (vpermd) and keep track
+// of a 40-entry period. R3 repacks a row, once at load, into blocks of 32 entries in 3 words (96 bits, no
+// spare bits: 3.0 bits a weight read instead of 3.2):
+//     word j of a block (j = 0, 1, 2), bits 0..23:  vector j's 24-bit field (entry 8j + L at bits 3L..3L+2)
+//     word j, bits 24..31:                          byte j of vector 3's 24-bit field
+// Vectors 0-2 then decode as b = 2's do (broadcast the word, shift lane L right by 3L: vpermps reads the
+// low 3 bits of a lane and ignores the rest), vector 3 after two scalar shifts and ORs gather its field.
+// A row has 3 * ceil(K / 32) words; padding entries (k >= K) are 0.
+
+static int row_words(int bits, int K) {          // words a row of K entries takes in the CPU layout
+    return bits == 3 ? 3 * ((K + 31) / 32) : (K + 32 / bits - 1) / (32 / bits);
+}
+
+static inline uint32_t r3_field(const uint32_t *row, int v) {   // vector v's 24-bit field (8 entries) of an R3 row
+    const uint32_t *w = row + 3 * (v >> 2);
+    return (v & 3) < 3 ? w[v & 3] : (w[0] >> 24) | (w[1] >> 24 << 8) | (w[2] >> 24 << 16);
+}
+
+static inline uint32_t cpu_index(const uint32_t *row, int k, int bits) {   // entry k of a CPU-layout row
+    if (bits == 3) { return (r3_field(row, k >> 3) >> (3 * (k & 7))) & 7u; }
+    const int E = entries_per_word(bits);
+    return (row[k / E] >> ((k % E) * bits)) & ((1u << bits) - 1u);
+}
+
+// packed (N, ceil(K / 10)) in the file's 3-bit layout -> out (N, 3 * ceil(K / 32)) in R3
+void lut_repack3(const uint32_t *packed, uint32_t *out, int N, int K, int n_threads) {
+    const int n_words = (K + 9) / 10, n_blocks = (K + 31) / 32;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        uint32_t *dst = out + (int64_t)n * 3 * n_blocks;
+        for (int blk = 0; blk < n_blocks; blk++) {
+            uint32_t field[4] = {0, 0, 0, 0};
+            for (int e = 0; e < 32; e++) {
+                const int k = 32 * blk + e;
+                const uint32_t idx = k < K ? (row[k / 10] >> (3 * (k % 10))) & 7u : 0u;
+                field[e >> 3] |= idx << (3 * (e & 7));
+            }
+            for (int j = 0; j < 3; j++) { dst[3 * blk + j] = field[j] | ((field[3] >> (8 * j)) & 0xffu) << 24; }
+        }
+    }
+}
+
+// v0's formula on rows in the CPU layout: what v3, v4 and lut_decode_rows fall back to at b = 3 (R3)
+static void cpu_rows_portable(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                              int N, int K, int B, int bits, int group_size, int n_threads);
+
 // fp16 bits -> float (IEEE half: 1 sign, 5 exponent, 10 mantissa bits), subnormals and inf/nan included
 static float half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff, bits;
@@ -75,6 +126,14 @@ static float half_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
+}
+
+static inline float half_to_float_fast(uint16_t h) {   // the same value: one instruction with F16C (vcvtph2ps)
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    return half_to_float(h);
+#endif
 }
 
 static inline float *alloc64(size_t bytes) {   // 64-byte aligned (aligned_alloc wants a multiple of 64)
@@ -103,6 +162,23 @@ void lut_gemv_v0(const uint32_t *packed, const uint16_t *codebook, const float *
             for (int k = 0; k < K; k++) {
                 uint32_t j = (row[k / E] >> ((k % E) * bits)) & mask;
                 acc += half_to_float(row_cb[(k / group_size) * C + j]) * xb[k];
+            }
+            y[(int64_t)b * N + n] = acc;
+        }
+    }
+}
+
+static void cpu_rows_portable(const uint32_t *packed, const uint16_t *codebook, const float *x, float *y,
+                              int N, int K, int B, int bits, int group_size, int n_threads) {
+    const int C = 1 << bits, n_words = row_words(bits, K), G = (K + group_size - 1) / group_size;
+    #pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint32_t *row = packed + (int64_t)n * n_words;
+        const uint16_t *row_cb = codebook + (int64_t)n * G * C;
+        for (int b = 0; b < B; b++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) {
+                acc += half_to_float(row_cb[(k / group_size) * C + cpu_index(row, k, bits)]) * x[(int64_t)b * K + k];
             }
             y[(int64_t)b * N + n] = acc;
         }
@@ -222,8 +298,10 @@ void lut_gemv_v2(const uint32_t *packed, const uint16_t *codebook, const float *
 // of 2^b <= 8 floats is decoded 8 weights an instruction, with no memory access at all:
 //   b = 2: shift the broadcast word so lane L holds entry L in its low bits; the low 3 bits are then
 //          i_L + 4 * (lowest bit of i_{L+1}), so the 4 centroids repeated twice make the table.
-//   b = 3: 10 entries a word, so 4 words make 5 vectors of 8 (40 entries); `vpermd` first brings each
-//          lane the word its entry lives in (WORD3[t], SHIFT3[t] for vector t of the 5).
+//   b = 3: R3 (above): vector j < 3 of a block is b = 2's decoder with shifts of 3; vector 3 gathers its
+//          field from the words' top bytes first (3 byte loads, 2 shifts, 2 ORs: integer work beside the
+//          vector pipes). The file's 10-a-word layout took a vpermd and two table loads per 8 weights: the
+//          C decode step at 3 bits ran ~1.6x slower with it (1 thread, A/B on a busy machine).)
 //   b = 4: 16 centroids = two registers: look up both, `vblendvps` picks by bit 3 (shifted to the sign).
 // A vector of 8 entries uses one codebook, so groups must be a multiple of 8 entries (else v2 runs).
 // x is copied once into a zero-padded buffer, so the last vector of a row reads zeros past K.
@@ -234,11 +312,6 @@ static inline int v3_supports(int K, int bits, int group_size) {
 }
 
 #ifdef __AVX2__
-
-static const int32_t WORD3[5][8] = {{0,0,0,0,0,0,0,0}, {0,0,1,1,1,1,1,1}, {1,1,1,1,2,2,2,2},
-                                    {2,2,2,2,2,2,3,3}, {3,3,3,3,3,3,3,3}};
-static const int32_t SHIFT3[5][8] = {{0,3,6,9,12,15,18,21}, {24,27,0,3,6,9,12,15}, {18,21,24,27,0,3,6,9},
-                                     {12,15,18,21,24,27,0,3}, {6,9,12,15,18,21,24,27}};
 
 typedef struct { __m256 lo, hi; } codebook8;                          // centroids 0-7 and 8-15
 
@@ -261,8 +334,8 @@ static inline __attribute__((always_inline)) codebook8 load_codebook8(const uint
     return r;
 }
 
-// the 8 weights of vector v (entries 8v .. 8v+7) of a row; words3: the row's 4 words of v's 40-entry period
-static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row, const uint32_t *words3, int v, int bits, codebook8 cb) {
+// the 8 weights of vector v (entries 8v .. 8v+7) of a row in the CPU layout (b = 3: R3)
+static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row, int v, int bits, codebook8 cb) {
     if (bits == 2) {
         const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
         __m256i w = _mm256_set1_epi32((int)(row[v >> 1] >> ((v & 1) * 16)));
@@ -274,10 +347,8 @@ static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row,
         __m256 lo = _mm256_permutevar8x32_ps(cb.lo, s), hi = _mm256_permutevar8x32_ps(cb.hi, s);
         return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(s, 28)));   // bit 3 -> sign
     }
-    int t = v % 5;
-    __m256i w = _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)words3));
-    w = _mm256_permutevar8x32_epi32(w, _mm256_loadu_si256((const __m256i *)WORD3[t]));
-    return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w, _mm256_loadu_si256((const __m256i *)SHIFT3[t])));
+    const __m256i shifts = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+    return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)r3_field(row, v)), shifts));
 }
 
 static inline float hsum8(__m256 v) {
@@ -286,19 +357,15 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Calls f(v, weights) for every vector of row n, group by group (the codebook register changes).
-// The 3-bit decoder reads 4 words a period: the row's last period comes from a zero-padded copy.
-#define FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, BODY)                                   \
+// Runs BODY with v and wv (the 8 weights of vector v) for every vector of a row, group by group (the
+// codebook register changes).
+#define FOR_EACH_VECTOR(row, row_cb, V, vg, G, C, bits, BODY)                                            \
     do {                                                                                                 \
-        uint32_t tail3[4] = {0, 0, 0, 0};                                                                \
-        int full3 = (n_words) / 4;                                                                       \
-        if ((bits) == 3) { memcpy(tail3, (row) + 4 * full3, 4 * ((n_words) - 4 * full3)); }               \
         for (int g = 0; g < (G); g++) {                                                                  \
             codebook8 cb = load_codebook8((row_cb) + g * (C), bits);                                     \
             int v1 = g == (G) - 1 ? (V) : (g + 1) * (vg);                                                \
             for (int v = g * (vg); v < v1; v++) {                                                        \
-                const uint32_t *w3 = v / 5 < full3 ? (row) + 4 * (v / 5) : tail3;                        \
-                __m256 wv = decode8((row), w3, v, bits, cb);                                             \
+                __m256 wv = decode8((row), v, bits, cb);                                                 \
                 BODY                                                                                     \
             }                                                                                            \
         }                                                                                                \
@@ -317,16 +384,15 @@ static float *padded_activations(const float *x, int B, int K, int V) {   // (B,
 
 #ifdef __AVX2__
 // sum over the vectors va <= v < vb of row's weights times xb (one codebook): the bulk in whole words
-// (b = 2, 4) or whole 40-entry periods (b = 3) with 4-5 independent accumulators, the ends one vector at
+// (b = 2, 4) or whole 32-entry R3 blocks (b = 3) with 4 independent accumulators, the ends one vector at
 // a time. `bits` is a constant at each call site, so the compiler makes three loops of this one.
 static inline __attribute__((always_inline)) __m256
-span_dot(const uint32_t *row, const uint32_t *tail3, int full3, int va, int vb, const int bits, codebook8 cb,
-         const float *xb) {
+span_dot(const uint32_t *row, int va, int vb, const int bits, codebook8 cb, const float *xb) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0;
     int v = va;
     if (bits == 2) {
         const __m256i s_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), s_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
-        if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, NULL, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
+        if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
         for (; v + 4 <= vb; v += 4) {                                   // 2 words, 32 weights
             __m256i w0 = _mm256_set1_epi32((int)row[v >> 1]), w1 = _mm256_set1_epi32((int)row[(v >> 1) + 1]);
             a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
@@ -336,50 +402,44 @@ span_dot(const uint32_t *row, const uint32_t *tail3, int full3, int va, int vb, 
         }
     } else if (bits == 4) {
         for (; v + 4 <= vb; v += 4) {                                   // 4 words, 32 weights
-            a0 = _mm256_fmadd_ps(decode8(row, NULL, v, 4, cb), _mm256_load_ps(xb + 8 * v), a0);
-            a1 = _mm256_fmadd_ps(decode8(row, NULL, v + 1, 4, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
-            a2 = _mm256_fmadd_ps(decode8(row, NULL, v + 2, 4, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
-            a3 = _mm256_fmadd_ps(decode8(row, NULL, v + 3, 4, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
+            a0 = _mm256_fmadd_ps(decode8(row, v, 4, cb), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(decode8(row, v + 1, 4, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(decode8(row, v + 2, 4, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(decode8(row, v + 3, 4, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
         }
     } else {
-        for (; v < vb && v % 5; v++) {
-            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
-            a4 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a4);
-        }
-        for (; v + 5 <= vb; v += 5) {                                   // 4 words, 40 weights
-            const uint32_t *w3 = v / 5 < full3 ? row + 4 * (v / 5) : tail3;
-            a0 = _mm256_fmadd_ps(decode8(row, w3, v, 3, cb), _mm256_load_ps(xb + 8 * v), a0);
-            a1 = _mm256_fmadd_ps(decode8(row, w3, v + 1, 3, cb), _mm256_load_ps(xb + 8 * v + 8), a1);
-            a2 = _mm256_fmadd_ps(decode8(row, w3, v + 2, 3, cb), _mm256_load_ps(xb + 8 * v + 16), a2);
-            a3 = _mm256_fmadd_ps(decode8(row, w3, v + 3, 3, cb), _mm256_load_ps(xb + 8 * v + 24), a3);
-            a4 = _mm256_fmadd_ps(decode8(row, w3, v + 4, 3, cb), _mm256_load_ps(xb + 8 * v + 32), a4);
+        const __m256i s3 = _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21);
+        for (; v < vb && (v & 3); v++) { a4 = _mm256_fmadd_ps(decode8(row, v, 3, cb), _mm256_load_ps(xb + 8 * v), a4); }
+        for (; v + 4 <= vb; v += 4) {                                   // an R3 block: 3 words, 32 weights
+            const uint32_t *w = row + 3 * (v >> 2);
+            const uint8_t *top = (const uint8_t *)w + 3;                // the words' top bytes (little-endian),
+            const uint32_t w3 = top[0] | (uint32_t)top[4] << 8 | (uint32_t)top[8] << 16;   // read as bytes so
+            // that words 0-2 stay broadcast straight from memory (vpbroadcastd m32: no move through a register)
+            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[0]), s3)), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[1]), s3)), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w[2]), s3)), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)w3), s3)), _mm256_load_ps(xb + 8 * v + 24), a3);
         }
     }
-    for (; v < vb; v++) {
-        const uint32_t *w3 = bits == 3 && v / 5 >= full3 ? tail3 : row + 4 * (v / 5);
-        a4 = _mm256_fmadd_ps(decode8(row, w3, v, bits, cb), _mm256_load_ps(xb + 8 * v), a4);
-    }
+    for (; v < vb; v++) { a4 = _mm256_fmadd_ps(decode8(row, v, bits, cb), _mm256_load_ps(xb + 8 * v), a4); }
     return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), a4);
 }
 
 static inline __attribute__((always_inline)) void
 v3_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y, int N, int K, int B,
         const int bits, int group_size, int n_threads) {
-    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int C = 1 << bits, n_words = row_words(bits, K);
     const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = 0; n < N; n++) {
         const uint32_t *row = packed + (int64_t)n * n_words;
         const uint16_t *row_cb = codebook + (int64_t)n * G * C;
-        uint32_t tail3[4] = {0, 0, 0, 0};
-        int full3 = n_words / 4;
-        if (bits == 3) { memcpy(tail3, row + 4 * full3, 4 * (n_words - 4 * full3)); }
         for (int b = 0; b < B; b++) {
             const float *xb = xp + (size_t)b * 8 * V;
             __m256 acc = _mm256_setzero_ps();
             for (int g = 0; g < G; g++) {
                 int vb = g == G - 1 ? V : (g + 1) * vg;
-                acc = _mm256_add_ps(acc, span_dot(row, tail3, full3, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), xb));
+                acc = _mm256_add_ps(acc, span_dot(row, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), xb));
             }
             y[(int64_t)b * N + n] = hsum8(acc);
         }
@@ -400,7 +460,11 @@ void lut_gemv_v3(const uint32_t *packed, const uint16_t *codebook, const float *
         return;
     }
 #endif
-    lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+    if (bits == 3) {                                                  // R3 rows: the formula (portable)
+        cpu_rows_portable(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);
+    } else {
+        lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+    }
 }
 
 #ifdef __AVX2__
@@ -438,7 +502,7 @@ static void v4_tile(const float *W, int rows, const float *xp, int V, int b0, in
 // v4 on activations already padded: xp (B, 8 V) zero past K, 32-byte aligned rows; y (B, N)
 static void v4_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y,
                     int N, int K, int B, int bits, int group_size, int n_threads) {
-    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int C = 1 << bits, n_words = row_words(bits, K);
     const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
     #pragma omp parallel num_threads(n_threads)
     {
@@ -450,7 +514,7 @@ static void v4_rows(const uint32_t *packed, const uint16_t *codebook, const floa
                 const uint32_t *row = packed + (int64_t)(n0 + r) * n_words;
                 const uint16_t *row_cb = codebook + (int64_t)(n0 + r) * G * C;
                 float *Wr = W + (size_t)r * 8 * V;
-                FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_store_ps(Wr + 8 * v, wv); });
+                FOR_EACH_VECTOR(row, row_cb, V, vg, G, C, bits, { _mm256_store_ps(Wr + 8 * v, wv); });
             }
             v4_tile(W, rows, xp, V, 0, B, y, N, n0);
         }
@@ -470,14 +534,19 @@ void lut_gemm_v4(const uint32_t *packed, const uint16_t *codebook, const float *
         return;
     }
 #endif
-    lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+    if (bits == 3) {                                                  // R3 rows: the formula (portable)
+        cpu_rows_portable(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);
+    } else {
+        lut_gemv_v2(packed, codebook, x, y, N, K, B, bits, group_size, n_threads);   // portable
+    }
 }
 
 // W (n1 - n0, 8 V) float32 = rows n0..n1-1 of the dequantized weight (v3's decoder; zeros past K):
 // for a caller that multiplies the rows itself (a BLAS sgemm). Without AVX2: the scalar formula.
+// packed in the CPU layout (b = 3: R3).
 void lut_decode_rows(const uint32_t *packed, const uint16_t *codebook, float *W, int n0, int n1, int K,
                      int bits, int group_size, int n_threads) {
-    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
+    const int C = 1 << bits, n_words = row_words(bits, K);
     const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8;
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int n = n0; n < n1; n++) {
@@ -487,14 +556,13 @@ void lut_decode_rows(const uint32_t *packed, const uint16_t *codebook, float *W,
 #ifdef __AVX2__
         if (v3_supports(K, bits, group_size)) {
             int vg = group_size / 8;
-            FOR_EACH_VECTOR(row, row_cb, n_words, V, vg, G, C, bits, { _mm256_storeu_ps(Wr + 8 * v, wv); });
+            FOR_EACH_VECTOR(row, row_cb, V, vg, G, C, bits, { _mm256_storeu_ps(Wr + 8 * v, wv); });
             for (int k = K; k < 8 * V; k++) { Wr[k] = 0.0f; }
             continue;
         }
 #endif
         for (int k = 0; k < 8 * V; k++) {
-            Wr[k] = k < K ? half_to_float(row_cb[(k / group_size) * C + ((row[k / E] >> ((k % E) * bits)) & (C - 1))])
-                          : 0.0f;
+            Wr[k] = k < K ? half_to_float(row_cb[(k / group_size) * C + cpu_index(row, k, bits)]) : 0.0f;
         }
     }
 }
@@ -524,7 +592,7 @@ void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int 
                     __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
                     s = _mm256_fmadd_ps(q, _mm256_loadu_ps(xb + 32 * i + 8 * j), s);
                 }
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(d16)), s, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float_fast(d16)), s, acc);
             }
             y[(int64_t)b * N + n] = hsum8(acc);
 #else
@@ -597,7 +665,7 @@ typedef struct {
     int kind;                  // MAT_LUT, MAT_DENSE or MAT_Q8
     int N, K;                  // out, in features
     int bits, group_size;      // MAT_LUT: index bits, columns per codebook (at most K)
-    const void *weight;        // LUT: packed (N, n_words) uint32; DENSE: (N, K) float; Q8: (N, ceil(K/32) * 34) bytes
+    const void *weight;        // LUT: packed (N, row_words) uint32, CPU layout (b = 3: R3); DENSE: (N, K) float; Q8: (N, ceil(K/32) * 34) bytes
     const uint16_t *codebook;  // LUT: (N, G, 2^b) fp16 bits; others NULL
     const float *bias;         // (N,) or NULL
 } Matrix;
@@ -631,24 +699,20 @@ static float *zeros(size_t n_floats) {            // 64-byte aligned, zeroed: th
 #ifdef __AVX2__
 static inline __attribute__((always_inline)) float
 v3_row_dot(const uint32_t *row, const uint16_t *row_cb, int K, int group_size, const int bits, const float *x) {
-    const int E = entries_per_word(bits), C = 1 << bits, n_words = (K + E - 1) / E;
-    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
-    uint32_t tail3[4] = {0, 0, 0, 0};
-    int full3 = n_words / 4;
-    if (bits == 3) { memcpy(tail3, row + 4 * full3, 4 * (n_words - 4 * full3)); }
+    const int C = 1 << bits, G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
     __m256 acc = _mm256_setzero_ps();                 // the same sums, in the same order, as v3_rows
     for (int g = 0; g < G; g++) {
         int vb = g == G - 1 ? V : (g + 1) * vg;
-        acc = _mm256_add_ps(acc, span_dot(row, tail3, full3, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), x));
+        acc = _mm256_add_ps(acc, span_dot(row, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), x));
     }
     return hsum8(acc);
 }
 #endif
 
 static float lut_row_dot(const Matrix *m, int n, const float *x) {   // v3 where it applies, else the formula
-    const int bits = m->bits, K = m->K, gs = m->group_size, E = entries_per_word(bits), C = 1 << bits;
-    const int n_words = (K + E - 1) / E, G = (K + gs - 1) / gs;
-    const uint32_t *row = (const uint32_t *)m->weight + (int64_t)n * n_words;
+    const int bits = m->bits, K = m->K, gs = m->group_size, C = 1 << bits;
+    const int G = (K + gs - 1) / gs;
+    const uint32_t *row = (const uint32_t *)m->weight + (int64_t)n * row_words(bits, K);
     const uint16_t *row_cb = m->codebook + (int64_t)n * G * C;
 #ifdef __AVX2__
     if (v3_supports(K, bits, gs)) {
@@ -661,7 +725,7 @@ static float lut_row_dot(const Matrix *m, int n, const float *x) {   // v3 where
     for (int g = 0; g < G; g++) {
         load_codebook(row_cb + g * C, C, centroids);
         int k1 = (g + 1) * gs < K ? (g + 1) * gs : K;
-        for (int k = g * gs; k < k1; k++) { acc += centroids[(row[k / E] >> ((k % E) * bits)) & (C - 1)] * x[k]; }
+        for (int k = g * gs; k < k1; k++) { acc += centroids[cpu_index(row, k, bits)] * x[k]; }
     }
     return acc;
 }
@@ -698,7 +762,7 @@ static float q8_row_dot(const uint8_t *row, const float *x, int K) {  // q8_gemv
             __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 + 8 * j))));
             s = _mm256_fmadd_ps(q, _mm256_loadu_ps(x + 32 * i + 8 * j), s);
         }
-        a = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float(d16)), s, a);
+        a = _mm256_fmadd_ps(_mm256_set1_ps(half_to_float_fast(d16)), s, a);
     }
     acc = hsum8(a);
 #endif
@@ -834,6 +898,26 @@ static void attention(const float *q, float *out, int ld_out, const float *keys,
 
 static void add(float *x, const float *y, size_t n) { for (size_t i = 0; i < n; i++) { x[i] += y[i]; } }
 
+// ---- where the time goes: built with -DLCD_PROFILE (LCD_CFLAGS=-DLCD_PROFILE for lcd_kernels.py), llama_step
+// adds the wall time of each part to PROFILE_SECONDS and llama_profile hands the sums over (and zeroes them);
+// without it the timers are empty statements and llama_profile reports zeros ----
+
+enum { PART_QKV, PART_ATTENTION, PART_O, PART_GATE_UP, PART_DOWN, PART_HEAD, PART_REST, N_PARTS };
+static double PROFILE_SECONDS[N_PARTS];
+#if defined(LCD_PROFILE) && defined(_OPENMP)
+#define TIMER_START() double timer_ = omp_get_wtime()
+#define TIMER_LAP(part) do { double now_ = omp_get_wtime(); PROFILE_SECONDS[part] += now_ - timer_; timer_ = now_; } while (0)
+#else
+#define TIMER_START() do {} while (0)
+#define TIMER_LAP(part) do {} while (0)
+#endif
+
+// seconds (N_PARTS) = the time spent in each part since the last call: q k v, attention (rotary, cache,
+// softmax), o, gate and up, down, head (with the final norm), the rest (embedding, norms, residuals, SwiGLU)
+void llama_profile(double *seconds) {
+    for (int i = 0; i < N_PARTS; i++) { seconds[i] = PROFILE_SECONDS[i]; PROFILE_SECONDS[i] = 0.0; }
+}
+
 // ---- the step ----
 
 // Runs positions pos .. pos+T-1 (tokens (T,) int64) through the model, stores their keys and values in
@@ -846,6 +930,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
         if (tokens[t] < 0 || tokens[t] >= m->vocab) { return 1; }
     }
     if (T < 1 || pos < 0 || pos + T > max_len || pos + T > m->n_rotary) { return 2; }
+    TIMER_START();
     const int dim = m->dim, hs = m->head_dim, qd = m->n_head * hs, kvd = m->n_kv_head * hs, hidden = m->hidden;
     const int ld_dim = pad8(dim), ld_qd = pad8(qd), ld_hidden = pad8(hidden);
     float *x = zeros((size_t)T * dim), *h = zeros((size_t)T * ld_dim), *tmp = zeros((size_t)T * dim);
@@ -858,6 +943,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
         const LlamaBlock *b = m->blocks + l;
         // attention: norm, q k v, rotary, cache, attention, o, residual
         for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->attn_norm, dim, m->norm_eps); }
+        TIMER_LAP(PART_REST);
         if (T == 1) {
             const Matrix *qkv[3] = {&b->q, &b->k, &b->v};
             float *out[3] = {q, k, v};
@@ -867,6 +953,7 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             matmul(&b->k, h, T, k, n_threads);
             matmul(&b->v, h, T, v, n_threads);
         }
+        TIMER_LAP(PART_QKV);
         for (int t = 0; t < T; t++) {
             const float *cos = m->rotary_cos + (size_t)(pos + t) * (hs / 2), *sin = m->rotary_sin + (size_t)(pos + t) * (hs / 2);
             rotary(q + (size_t)t * qd, m->n_head, hs, cos, sin);
@@ -878,10 +965,13 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             }
         }
         attention(q, att, ld_qd, key_cache[l], value_cache[l], T, pos, max_len, m->n_head, m->n_kv_head, hs, n_threads);
+        TIMER_LAP(PART_ATTENTION);
         matmul(&b->o, att, T, tmp, n_threads);
+        TIMER_LAP(PART_O);
         add(x, tmp, (size_t)T * dim);
         // MLP: norm, gate and up, SwiGLU, down, residual
         for (int t = 0; t < T; t++) { rmsnorm(h + (size_t)t * ld_dim, x + (size_t)t * dim, b->mlp_norm, dim, m->norm_eps); }
+        TIMER_LAP(PART_REST);
         if (T == 1) {
             const Matrix *gate_up[2] = {&b->gate, &b->up};
             float *out[2] = {g, u};
@@ -890,18 +980,23 @@ int llama_step(const LlamaModel *m, const int64_t *tokens, int T, int pos, int m
             matmul(&b->gate, h, T, g, n_threads);
             matmul(&b->up, h, T, u, n_threads);
         }
+        TIMER_LAP(PART_GATE_UP);
         for (int t = 0; t < T; t++) {
             for (int i = 0; i < hidden; i++) {
                 const float gi = g[(size_t)t * hidden + i];
                 hb[(size_t)t * ld_hidden + i] = gi / (1.0f + expf(-gi)) * u[(size_t)t * hidden + i];   // silu(g) u
             }
         }
+        TIMER_LAP(PART_REST);
         matmul(&b->down, hb, T, tmp, n_threads);
+        TIMER_LAP(PART_DOWN);
         add(x, tmp, (size_t)T * dim);
     }
+    TIMER_LAP(PART_REST);
     rmsnorm(h, x + (size_t)(T - 1) * dim, m->final_norm, dim, m->norm_eps);   // the last position only
     const Matrix *head = &m->head;
     matvec(&head, 1, h, &logits, n_threads);
+    TIMER_LAP(PART_HEAD);
     free(x); free(h); free(tmp); free(q); free(k); free(v); free(att); free(g); free(u); free(hb);
     return 0;
 }

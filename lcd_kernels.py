@@ -8,7 +8,8 @@ product here when a faster path than its PyTorch reference exists:
 
 The packed format these kernels read is packed_model.py section 1 (drawn there, followed exactly by kernels.cu):
 b-bit indices packed along K into int32 words, 32 // b entries a word (3-bit: 10, 2 bits spare), entry 0
-in the lowest bits; fp16 codebooks (N, G, 2^b). This file imports no project file: a layer reaches it as
+in the lowest bits; fp16 codebooks (N, G, 2^b). kernels.c's fast CPU kernels read 3-bit rows repacked at load
+(R3, cpu_packed: 32 entries in 3 words, no cross-lane permute to decode). This file imports no project file: a layer reaches it as
 any object with LUTLinear's attributes (packed, codebook, bits, group_size, a_bits, bias, outliers).
 """
 import ctypes
@@ -254,7 +255,8 @@ def lut_forward_cuda(layer, x):
 KERNELS_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 CPU_KERNELS = os.environ.get("LCD_CPU_KERNELS", "1") != "0"   # False (or LCD_CPU_KERNELS=0): the torch reference
 CPU_COMPILER = os.environ.get("CC", "cc")                     # the system C compiler, maybe with arguments ("ccache gcc")
-CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+CPU_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC") + tuple(shlex.split(os.environ.get("LCD_CFLAGS", "")))
+# LCD_CFLAGS: more flags (in the cache key), e.g. -DLCD_PROFILE for llama_step's timers (decode_step_profile)
 CPU_LIBS = ("-lm",)                                           # after the source: expf, sqrtf of the decode step
 CPU_CACHE_DIR = os.environ.get("LCD_KERNEL_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lcd-kernels"))
 CPU_VERSIONS = ("v0", "v1", "v2", "v3", "v4", "sgemm")   # naive to fast (kernels.c); sgemm: v3-decoded blocks, torch.mm
@@ -345,10 +347,12 @@ def _build_cpu_library():
         name = "lut_gemm_v4" if version == "v4" else f"lut_gemv_{version}"
         getattr(lib, name).argtypes = [p, p, p, p] + [i] * 6
     lib.lut_decode_rows.argtypes = [p, p, p] + [i] * 6
+    lib.lut_repack3.argtypes = [p, p] + [i] * 3
     lib.q8_gemv.argtypes = [p, p, p] + [i] * 4
     lib.copy_bytes.argtypes = [p, p, ctypes.c_int64, i]
     lib.llama_step.argtypes = [p, p, i, i, i, p, p, p, i]
     lib.llama_step.restype = i
+    lib.llama_profile.argtypes = [p]
     return lib
 
 
@@ -364,10 +368,40 @@ def cpu_library():
     return _cpu_library
 
 
+# kernels.c's fast kernels (v3, v4, lut_decode_rows, llama_step) read b = 3 rows in R3, not in the file's
+# 10-a-word layout: 32 entries in 3 words, so that 8 lanes decode with a broadcast and a shift, no
+# cross-lane permute (kernels.c, "R3"). The repacked copy (3.0 bits a weight) is made once per packed
+# tensor and kept while that tensor lives and is not changed in place (its data pointer and version).
+CPU_LAYOUT_VERSIONS = ("v3", "v4", "sgemm")   # the versions that read the CPU layout (b = 2, 4: the file's)
+_repacked = {}   # id(packed) -> (weakref to packed, data_ptr, _version, R3 tensor)
+
+
+def cpu_packed(packed, bits, K):
+    """packed (N, ceil(K / E)) int32 in the file's layout -> the same indices in kernels.c's CPU layout:
+    itself at b = 2, 4; at b = 3 R3, (N, 3 * ceil(K / 32)) int32, made by kernels.c's lut_repack3 at the first
+    call and cached. Raises RuntimeError when kernels.c is unavailable."""
+    if bits != 3:
+        return packed
+    key = id(packed)
+    hit = _repacked.get(key)
+    if hit is not None and hit[0]() is packed and hit[1:3] == (packed.data_ptr(), packed._version):
+        return hit[3]
+    lib = cpu_library()
+    if lib is None:
+        raise RuntimeError(f"kernels.c is unavailable: {_cpu_failure}")
+    src = packed.contiguous()
+    out = torch.empty(packed.shape[0], 3 * -(-K // 32), dtype=torch.int32)
+    lib.lut_repack3(src.data_ptr(), out.data_ptr(), packed.shape[0], K, torch.get_num_threads())
+    _repacked[key] = (weakref.ref(packed, lambda _, key=key: _repacked.pop(key, None)), packed.data_ptr(),
+                      packed._version, out)
+    return out
+
+
 def lut_matmul_cpu(version, bits, group_size, packed, codebook, x, threads=None):
     """y (B, N) float32 = x (B, K) float32 @ W^T through one kernels.c version (CPU_VERSIONS), W[n, k] =
-    codebook[n, k // group_size, index of (n, k) in packed]; fp32 arithmetic throughout. threads: OpenMP
-    threads (None: torch.get_num_threads()). Raises RuntimeError when kernels.c is unavailable."""
+    codebook[n, k // group_size, index of (n, k) in packed] (packed in the file's layout; v3, v4, sgemm at
+    b = 3 read its cached R3 copy, cpu_packed); fp32 arithmetic throughout. threads: OpenMP threads (None:
+    torch.get_num_threads()). Raises RuntimeError when kernels.c is unavailable."""
     lib = cpu_library()
     if lib is None:
         raise RuntimeError(f"kernels.c is unavailable: {_cpu_failure}")
@@ -379,6 +413,8 @@ def lut_matmul_cpu(version, bits, group_size, packed, codebook, x, threads=None)
         raise ValueError("the CPU kernels take x as a contiguous (B, K) float32 CPU tensor")
     threads = threads or torch.get_num_threads()
     (N, _), B = packed.shape, x.shape[0]
+    if version in CPU_LAYOUT_VERSIONS:
+        packed = cpu_packed(packed, bits, K)
     if version == "sgemm":   # decode CPU_DECODE_BYTES of rows, multiply them at once (BLAS), next block
         width = -(-K // 8) * 8                                            # kernels.c pads rows to 8 floats
         step = max(1, min(N, CPU_DECODE_BYTES // (4 * width)))
@@ -428,8 +464,9 @@ def lut_forward_cpu(layer, x, version=None):
 
 # A generated token calls 210 small matrices, where Python's own time per call (checking the operands,
 # reading pointers) was as long as the kernel's: so a layer's operands are checked once and its kernel kept
-# with their pointers, until the layer's buffers are other tensors (model.to(), a new packed tensor).
-_prepared = weakref.WeakKeyDictionary()   # layer -> {version: (packed, codebook (weak), their pointers, call)}
+# with their pointers, until the layer's buffers are other tensors (model.to(), a new packed tensor) or, at
+# b = 3, packed is changed in place (its R3 copy is then made again).
+_prepared = weakref.WeakKeyDictionary()   # layer -> {version: (packed, codebook (weak), (pointers, version), call)}
 
 
 def _prepared_call(layer, version):
@@ -439,18 +476,20 @@ def _prepared_call(layer, version):
     packed, codebook = layer.packed, layer.codebook
     cached = _prepared.setdefault(layer, {}).get(version)
     if (cached is not None and cached[0]() is packed and cached[1]() is codebook
-            and cached[2] == packed.data_ptr() and cached[3] == codebook.data_ptr()):
-        return cached[4]
+            and cached[2] == (packed.data_ptr(), codebook.data_ptr(), packed._version if layer.bits == 3 else 0)):
+        return cached[3]
     if version not in CPU_VERSIONS[:5]:
         raise ValueError(f"unknown CPU kernel version {version!r}; choose one of {CPU_VERSIONS}")
     N, K, bits = layer.out_features, layer.in_features, layer.bits
     _check_kernel_operands(bits, layer.group_size, packed, codebook, K)
     fn = cpu_library().lut_gemm_v4 if version == "v4" else getattr(cpu_library(), f"lut_gemv_{version}")
-    packed_ptr, codebook_ptr, group = packed.data_ptr(), codebook.data_ptr(), min(layer.group_size, K)
+    rows = cpu_packed(packed, bits, K) if version in CPU_LAYOUT_VERSIONS else packed   # b = 3: R3, kept alive here
+    rows_ptr, codebook_ptr, group = rows.data_ptr(), codebook.data_ptr(), min(layer.group_size, K)
 
-    def call(x_ptr, y_ptr, B):
-        fn(packed_ptr, codebook_ptr, x_ptr, y_ptr, N, K, B, bits, group, torch.get_num_threads())
-    _prepared[layer][version] = (weakref.ref(packed), weakref.ref(codebook), packed_ptr, codebook_ptr, call)
+    def call(x_ptr, y_ptr, B, rows=rows):
+        fn(rows_ptr, codebook_ptr, x_ptr, y_ptr, N, K, B, bits, group, torch.get_num_threads())
+    key = (packed.data_ptr(), codebook.data_ptr(), packed._version if bits == 3 else 0)   # b = 3: a copy to renew
+    _prepared[layer][version] = (weakref.ref(packed), weakref.ref(codebook), key, call)
     return call
 
 
@@ -571,9 +610,12 @@ def _matrix(module, where, N, K):
             _check_kernel_operands(module.bits, module.group_size, module.packed, module.codebook, K)
         except ValueError as e:
             raise Refused(f"{where}: {e}") from None
-        spec = _Matrix(0, N, K, module.bits, min(module.group_size, K), module.packed.data_ptr(),
+        if module.bits == 3 and cpu_library() is None:
+            raise Refused(f"kernels.c is unavailable: {_cpu_failure}")
+        rows = cpu_packed(module.packed, module.bits, K)                    # b = 3: R3 (kernels.c's CPU layout)
+        spec = _Matrix(0, N, K, module.bits, min(module.group_size, K), rows.data_ptr(),
                        module.codebook.data_ptr(), None)
-        tensors += [module.packed, module.codebook]
+        tensors += [rows, module.codebook]
     elif hasattr(module, "blocks"):                                            # Q8Linear (lcd.py)
         blocks = module.blocks
         shape = (N, -(-K // Q8_BLOCK) * (2 + Q8_BLOCK))
@@ -728,6 +770,20 @@ class DecodeStep:
             return None
         cache.pos += T
         return logits
+
+
+PROFILE_PARTS = ("q k v", "attention", "o", "gate up", "down", "head", "rest")   # kernels.c's PART_*, in order
+
+
+def decode_step_profile():
+    """{part: seconds} llama_step spent in each of PROFILE_PARTS since the last call (then zeroed); all 0
+    unless kernels.c was built with -DLCD_PROFILE (LCD_CFLAGS=-DLCD_PROFILE). None without kernels.c."""
+    lib = cpu_library()
+    if lib is None:
+        return None
+    seconds = (ctypes.c_double * len(PROFILE_PARTS))()
+    lib.llama_profile(seconds)
+    return dict(zip(PROFILE_PARTS, seconds))
 
 
 def decode_step_refusal(model):

@@ -203,3 +203,28 @@ def test_the_chat_loop_streams_each_answer_and_stops_at_an_empty_line(monkeypatc
     streamed = [w for w in out.writes if w and w not in ("student: ",) and "tokens/s" not in w and "you" not in w]
     assert len(streamed) >= len(new)                                    # one write a token, not one an answer
     assert bench.chat_loop({"student": model}, "t", 5, lines=io.StringIO(""), out=Writes()) == []   # EOF at once
+
+
+def test_bytes_per_token_counts_what_a_token_reads():
+    """One row of the input embedding; a tied head's whole table once; the Q8_0 head whole; 3-bit layers as
+    the C kernels read them (R3, 3 words per 32 weights); the KV cache up to the position."""
+    import lcd
+    import packed_model
+    from test_llama import tiny_llama
+    teacher = tiny_llama(tie_embeddings=True)
+    c = teacher.config
+    kv = 2 * 4 * c.n_layer * c.n_kv_head * (c.n_embd // c.n_head) * 10
+    row = 4 * c.n_embd
+    weights = sum(p.numel() * 4 for p in teacher.parameters())          # parameters() lists a tied table once
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
+    assert bench.bytes_per_token(teacher, 10) == weights + row + kv
+    for bits in (2, 3):
+        student = packed_model.quantize_head(lcd.quantize(tiny_llama(tie_embeddings=True), bits, method="rtn"))
+        table = student.model.embed_tokens.weight
+        stored = {t.data_ptr(): t for t in list(student.parameters()) + list(student.buffers())}
+        expect = sum(t.numel() * t.element_size() for t in stored.values()) - table.numel() * 4 + row + kv
+        for m in student.modules():
+            if isinstance(m, packed_model.LUTLinear) and bits == 3:     # 10 a word stored, 32 per 3 words read
+                expect += 4 * m.out_features * (3 * -(-m.in_features // 32) - -(-m.in_features // 10))
+        assert isinstance(student.lm_head, packed_model.Q8Linear)
+        assert bench.bytes_per_token(student, 10) == expect

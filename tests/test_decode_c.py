@@ -67,6 +67,7 @@ CASES = [  # (bits, group_size, config): odd widths, GQA 3:1, MHA, groups of who
     (3, 8, dict(n_embd=36, n_head=3, n_kv_head=3, intermediate_size=50)),    # 36, 50: not multiples of 8
     (4, 6, dict(n_embd=36, n_head=3, n_kv_head=1, intermediate_size=42)),    # groups of 6: the portable decoder
     (3, None, dict(n_embd=20, n_head=2, n_kv_head=1, intermediate_size=37)),
+    (3, 24, dict(n_embd=72, n_head=6, n_kv_head=2, intermediate_size=88)),   # R3: groups end inside 32-blocks
 ]
 
 
@@ -287,3 +288,20 @@ def test_a_packed_layer_refuses_inputs_of_the_wrong_width(library):
             layer(x)
     with torch.no_grad():
         assert layer(torch.randn(3, 40)).shape == (3, 6)
+
+
+def test_the_step_profile_counts_time_only_when_built_for_it(library, monkeypatch, tmp_path):
+    m = packed_llama(2)
+    lcd_kernels.attach_decode_step(m)
+    with torch.no_grad():
+        m.generate(torch.tensor([[1, 2, 3]]), 4, temperature=0)
+    plain = lcd_kernels.decode_step_profile()
+    assert list(plain) == list(lcd_kernels.PROFILE_PARTS) and not any(plain.values())   # no -DLCD_PROFILE: zeros
+    fresh_build(monkeypatch, tmp_path)
+    monkeypatch.setattr(lcd_kernels, "CPU_FLAGS", lcd_kernels.CPU_FLAGS + ("-DLCD_PROFILE",))
+    lcd_kernels.attach_decode_step(m)
+    with torch.no_grad():
+        m.generate(torch.tensor([[1, 2, 3]]), 4, temperature=0)
+    timed = lcd_kernels.decode_step_profile()
+    assert all(t >= 0 for t in timed.values()) and timed["q k v"] > 0 and timed["head"] > 0
+    assert not any(lcd_kernels.decode_step_profile().values())          # handed over, then zeroed

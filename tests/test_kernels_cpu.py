@@ -58,6 +58,58 @@ def test_every_version_equals_the_reference(library, bits, N, K, group_size, mon
             assert y.shape == (batch, N) and close(y, ref), (version, batch)
 
 
+def r3_reference(idx):
+    """kernels.c's R3 layout of 3-bit indices (N, K), written from its description: per block of 32
+    entries 3 words; word j's bits 0..23 = vector j's 8 entries at 3 bits each (entry 0 lowest), its
+    bits 24..31 = byte j of vector 3's 24 bits; entries past K are 0."""
+    N, K = idx.shape
+    n_blocks = -(-K // 32)
+    e = torch.nn.functional.pad(idx.long(), (0, 32 * n_blocks - K)).view(N, n_blocks, 4, 8)
+    field = (e << (3 * torch.arange(8))).sum(-1)                            # (N, n_blocks, 4) 24-bit fields
+    words = field[..., :3] | (((field[..., 3:] >> (8 * torch.arange(3))) & 0xFF) << 24)
+    words = words.reshape(N, 3 * n_blocks)
+    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+
+
+@pytest.mark.parametrize("K", [1, 8, 10, 31, 32, 33, 72, 100, 403])
+def test_r3_repacking_follows_its_description(library, K):
+    idx = torch.randint(0, 8, (5, K), generator=torch.Generator().manual_seed(K))
+    packed = packed_model.pack_indices(idx, 3)
+    r3 = lcd_kernels.cpu_packed(packed, 3, K)
+    assert r3.shape == (5, 3 * -(-K // 32)) and torch.equal(r3, r3_reference(idx))
+    assert lcd_kernels.cpu_packed(packed, 3, K) is r3                   # cached while packed lives unchanged
+    assert lcd_kernels.cpu_packed(packed, 2, K) is packed               # b = 2, 4: the file's layout itself
+
+
+@pytest.mark.parametrize("N, K, group_size", [(5, 72, 24), (6, 40, 8), (3, 96, 16), (4, 136, None), (2, 24, 8),
+                                              (7, 65, None), (9, 88, 40)])
+def test_three_bits_in_r3_across_blocks_and_groups(library, N, K, group_size, monkeypatch):
+    """b = 3 through the CPU layout R3: groups that end inside a 32-entry block (24, 40), partial last
+    blocks, batch 1 and more (v3, v4, the sgemm path and LUTLinear itself)."""
+    layer = random_layer(N, K, 3, group_size, bias=True, seed=N + K)
+    for batch in (1, 3, 6):
+        x = torch.randn(batch, K, generator=torch.Generator().manual_seed(batch))
+        ref = reference(layer, x, monkeypatch)
+        with torch.no_grad():
+            assert close(layer(x), ref), batch
+        for version in lcd_kernels.CPU_LAYOUT_VERSIONS:
+            y = lcd_kernels.lut_matmul_cpu(version, 3, layer.group_size, layer.packed, layer.codebook, x) + layer.bias
+            assert close(y, ref), (version, batch)
+
+
+def test_three_bit_weights_changed_in_place_are_repacked(library, monkeypatch):
+    """The R3 copy is kept per packed tensor: an in-place change of layer.packed must make a new one."""
+    a, b = random_layer(9, 50, 3, None, bias=False, seed=1), random_layer(9, 50, 3, None, bias=False, seed=2)
+    x = torch.randn(1, 50)
+    x4 = torch.randn(4, 50)
+    with torch.no_grad():
+        before, before4 = a(x), a(x4)                                   # v3 and v4: both keep the R3 copy
+        assert close(before, reference(a, x, monkeypatch)) and close(before4, reference(a, x4, monkeypatch))
+        a.packed.copy_(b.packed)                                        # same tensor, same pointer, new values
+        assert close(a(x), reference(a, x, monkeypatch)) and not close(a(x), before)
+        assert close(a(x4), reference(a, x4, monkeypatch)) and not close(a(x4), before4)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_forward_with_outliers_bias_scale_and_batches(library, bits, monkeypatch):
     layer = random_layer(37, 75, bits, None, n_outliers=9, in_scale=True, bias=True, seed=bits)
