@@ -575,6 +575,17 @@ def layer_sensitivity(W, h, F_out, n_centroids, group_size=None, init="density",
     return 0.5 * float((F_out.float() * sse).sum())
 
 
+def _by_kind(names):
+    """{"mlp.down_proj": ["0", "1", "29"], ...} from layer names like "model.layers.29.mlp.down_proj"."""
+    kinds = {}
+    for name in names:
+        parts = name.split(".")
+        i = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        kind, block = (".".join(parts[i + 1:]), parts[i]) if i is not None else (name, "-")
+        kinds.setdefault(kind, []).append(block)
+    return kinds
+
+
 def allocate_bits(model, calib, bits, extra, group_size=None, skip=None, init="density", log=None):
     """Bits per layer {name: bits or bits + 1} for the layers find_linears(model, skip) quantizes, such that
     all their stored bits (packed_model.codebook_storage_bits) / all their weights stay within `extra` bits
@@ -605,14 +616,16 @@ def allocate_bits(model, calib, bits, extra, group_size=None, skip=None, init="d
     plan = {name: bits for name in linears}
     by_gain = sorted(table, key=lambda r: (r[1] - r[2]) / (cost[r[0]][1] - cost[r[0]][0]), reverse=True)
     for row in by_gain:
-        extra = cost[row[0]][1] - cost[row[0]][0]
-        if row[1] > row[2] and spent + extra <= allowed:
-            plan[row[0]], row[3], spent = bits + 1, bits + 1, spent + extra
+        upgrade = cost[row[0]][1] - cost[row[0]][0]                  # the stored bits one more bit costs
+        if row[1] > row[2] and spent + upgrade <= allowed:
+            plan[row[0]], row[3], spent = bits + 1, bits + 1, spent + upgrade
     if log:
         upgraded = [r[0] for r in table if r[3] > bits]
         log(f"allocate_bits: {len(upgraded)} of {len(table)} layers get {bits + 1} bits, "
             f"{spent / n_weights:.3f} bits per weight (budget {budget:.3f}); estimated loss increase "
             f"{sum(r[1] for r in table):.3f} -> {sum(r[2] if r[3] > bits else r[1] for r in table):.3f} nats")
+        for kind, blocks in _by_kind(upgraded).items():
+            log(f"allocate_bits: {bits + 1} bits for {kind} in blocks {', '.join(blocks)}")
     return plan, [tuple(r) for r in table]
 
 
