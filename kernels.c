@@ -34,8 +34,9 @@ batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run
         A row then adds one 4-float table entry per pair and does 2^b multiply-adds per group at the end.
         (b = 3, 4: one activation per "pattern", i.e. bucket sums: acc[idx] += x.)
     v3  codebook in a register (AVX2): 2^b <= 16 fp32 centroids fit in one or two 8-lane registers, so
-        `vpermps` (_mm256_permutevar8x32_ps) decodes 8 weights from 8 indices in one instruction, fed by
-        one variable shift of the broadcast word; then one FMA. ~5 instructions per 8 weights, exact fp32.
+        `vpermps` (_mm256_permutevar8x32_ps; b = 2: the in-lane vpermilps) decodes 8 weights from 8
+        indices in one instruction, fed by one variable shift of the broadcast word; then one FMA.
+        ~5 instructions per 8 weights, exact fp32.
     v4  batch > 1: decode a pair of rows with v3's decoder into an L1-sized buffer, then a 2 x 4 register
         tile (2 rows x 4 activation rows, 8 accumulators) of FMAs: the indices are read and decoded once.
     q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
@@ -296,9 +297,11 @@ void lut_gemv_v2(const uint32_t *packed, const uint16_t *codebook, const float *
 // v3 and v4: the codebook in a register (AVX2).
 // Idea: `vpermps` looks 8 lanes up in an 8-float register by the low 3 bits of each lane, so a codebook
 // of 2^b <= 8 floats is decoded 8 weights an instruction, with no memory access at all:
-//   b = 2: shift the broadcast word so lane L holds entry L in its low bits; the low 3 bits are then
-//          i_L + 4 * (lowest bit of i_{L+1}), so the 4 centroids repeated twice make the table.
-//   b = 3: R3 (above): vector j < 3 of a block is b = 2's decoder with shifts of 3; vector 3 gathers its
+//   b = 2: shift the broadcast word so lane L holds entry L in its low bits; 4 centroids fit one 128-bit
+//          half, so the in-lane `vpermilps` (_mm256_permutevar_ps: low 2 bits, the 4 centroids in each half)
+//          does the look-up: 1 uop of latency 1 on Zen 3, where the cross-lane vpermps costs more (2-bit
+//          v3 ~1.25x faster, 1 thread; vpermps read the low 3 bits, so its table was the 4 centroids twice).
+//   b = 3: R3 (above): vector j < 3 of a block is the broadcast word shifted by 3s, then vpermps; vector 3 gathers its
 //          field from the words' top bytes first (3 byte loads, 2 shifts, 2 ORs: integer work beside the
 //          vector pipes). The file's 10-a-word layout took a vpermd and two table loads per 8 weights: the
 //          C decode step at 3 bits ran ~1.6x slower with it (1 thread, A/B on a busy machine).)
@@ -339,7 +342,7 @@ static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row,
     if (bits == 2) {
         const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
         __m256i w = _mm256_set1_epi32((int)(row[v >> 1] >> ((v & 1) * 16)));
-        return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w, shifts));
+        return _mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, shifts));
     }
     if (bits == 4) {
         const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
@@ -395,10 +398,10 @@ span_dot(const uint32_t *row, int va, int vb, const int bits, codebook8 cb, cons
         if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
         for (; v + 4 <= vb; v += 4) {                                   // 2 words, 32 weights
             __m256i w0 = _mm256_set1_epi32((int)row[v >> 1]), w1 = _mm256_set1_epi32((int)row[(v >> 1) + 1]);
-            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
-            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
+            a0 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
         }
     } else if (bits == 4) {
         for (; v + 4 <= vb; v += 4) {                                   // 4 words, 32 weights
