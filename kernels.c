@@ -643,6 +643,10 @@ void lut_decode_rows(const uint32_t *packed, const uint16_t *codebook, float *W,
 // 34 bytes, an fp16 scale d then 32 int8 q, the weight d * q. Idea: 8.5 bits a weight instead of 32;
 // convert 8 int8 to 8 floats (vpmovsxbd + vcvtdq2ps), FMA with x, scale once per block.
 // blocks (N, K / 32 * 34) bytes, x (B, K), y (B, N) float32.
+// Each block asks for the bytes Q8_PREFETCH ahead (~7 rows of 576): a 49152 x 576 head (30 MB) ran ~1.2x
+// slower than the same rows in cache without it (1 thread, busy machine); prefetching a few rows past the
+// end of the matrix is harmless (a hint: it never faults).
+#define Q8_PREFETCH 4096
 
 void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int B, int n_threads) {
     const int nb = K / 32;
@@ -655,6 +659,7 @@ void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int 
             __m256 acc = _mm256_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *blk = row + i * 34;
+                _mm_prefetch((const char *)blk + Q8_PREFETCH, _MM_HINT_T0);
                 uint16_t d16;
                 memcpy(&d16, blk, 2);
                 __m256 s = _mm256_setzero_ps();
@@ -826,6 +831,7 @@ static float q8_row_dot(const uint8_t *row, const float *x, int K) {  // q8_gemv
     __m256 a = _mm256_setzero_ps();
     for (; i < K / 32; i++) {
         const uint8_t *blk = row + i * 34;
+        _mm_prefetch((const char *)blk + Q8_PREFETCH, _MM_HINT_T0);
         uint16_t d16;
         memcpy(&d16, blk, 2);
         __m256 s = _mm256_setzero_ps();
