@@ -34,8 +34,10 @@ batch 1, median of bench.py --cpu; dense fp32 F.linear beside it in the same run
         A row then adds one 4-float table entry per pair and does 2^b multiply-adds per group at the end.
         (b = 3, 4: one activation per "pattern", i.e. bucket sums: acc[idx] += x.)
     v3  codebook in a register (AVX2): 2^b <= 16 fp32 centroids fit in one or two 8-lane registers, so
-        `vpermps` (_mm256_permutevar8x32_ps) decodes 8 weights from 8 indices in one instruction, fed by
-        one variable shift of the broadcast word; then one FMA. ~5 instructions per 8 weights, exact fp32.
+        `vpermps` (_mm256_permutevar8x32_ps; b = 2: the in-lane vpermilps) decodes 8 weights from 8
+        indices in one instruction, fed by one variable shift of the broadcast word; then one FMA.
+        ~5 instructions per 8 weights, exact fp32. b = 2: two rows at a time (span_dot2_b2: a row's fixed
+        costs, a fifth of a 576-wide row, halved; x loaded once for both).
     v4  batch > 1: decode a pair of rows with v3's decoder into an L1-sized buffer, then a 2 x 4 register
         tile (2 rows x 4 activation rows, 8 accumulators) of FMAs: the indices are read and decoded once.
     q8  the output head in GGUF's Q8_0: blocks of 32 int8 weights with one fp16 scale (34 bytes).
@@ -296,9 +298,11 @@ void lut_gemv_v2(const uint32_t *packed, const uint16_t *codebook, const float *
 // v3 and v4: the codebook in a register (AVX2).
 // Idea: `vpermps` looks 8 lanes up in an 8-float register by the low 3 bits of each lane, so a codebook
 // of 2^b <= 8 floats is decoded 8 weights an instruction, with no memory access at all:
-//   b = 2: shift the broadcast word so lane L holds entry L in its low bits; the low 3 bits are then
-//          i_L + 4 * (lowest bit of i_{L+1}), so the 4 centroids repeated twice make the table.
-//   b = 3: R3 (above): vector j < 3 of a block is b = 2's decoder with shifts of 3; vector 3 gathers its
+//   b = 2: shift the broadcast word so lane L holds entry L in its low bits; 4 centroids fit one 128-bit
+//          half, so the in-lane `vpermilps` (_mm256_permutevar_ps: low 2 bits, the 4 centroids in each half)
+//          does the look-up: 1 uop of latency 1 on Zen 3, where the cross-lane vpermps costs more (2-bit
+//          v3 ~1.25x faster, 1 thread; vpermps read the low 3 bits, so its table was the 4 centroids twice).
+//   b = 3: R3 (above): vector j < 3 of a block is the broadcast word shifted by 3s, then vpermps; vector 3 gathers its
 //          field from the words' top bytes first (3 byte loads, 2 shifts, 2 ORs: integer work beside the
 //          vector pipes). The file's 10-a-word layout took a vpermd and two table loads per 8 weights: the
 //          C decode step at 3 bits ran ~1.6x slower with it (1 thread, A/B on a busy machine).)
@@ -339,7 +343,7 @@ static inline __attribute__((always_inline)) __m256 decode8(const uint32_t *row,
     if (bits == 2) {
         const __m256i shifts = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
         __m256i w = _mm256_set1_epi32((int)(row[v >> 1] >> ((v & 1) * 16)));
-        return _mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w, shifts));
+        return _mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, shifts));
     }
     if (bits == 4) {
         const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
@@ -395,10 +399,10 @@ span_dot(const uint32_t *row, int va, int vb, const int bits, codebook8 cb, cons
         if ((v & 1) && v < vb) { a4 = _mm256_fmadd_ps(decode8(row, v, 2, cb), _mm256_load_ps(xb + 8 * v), a4); v++; }
         for (; v + 4 <= vb; v += 4) {                                   // 2 words, 32 weights
             __m256i w0 = _mm256_set1_epi32((int)row[v >> 1]), w1 = _mm256_set1_epi32((int)row[(v >> 1) + 1]);
-            a0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
-            a1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
-            a2 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
-            a3 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
+            a0 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w0, s_lo)), _mm256_load_ps(xb + 8 * v), a0);
+            a1 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w0, s_hi)), _mm256_load_ps(xb + 8 * v + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w1, s_lo)), _mm256_load_ps(xb + 8 * v + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w1, s_hi)), _mm256_load_ps(xb + 8 * v + 24), a3);
         }
     } else if (bits == 4) {
         for (; v + 4 <= vb; v += 4) {                                   // 4 words, 32 weights
@@ -425,13 +429,80 @@ span_dot(const uint32_t *row, int va, int vb, const int bits, codebook8 cb, cons
     return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), a4);
 }
 
+// v3 on two rows at once, b = 2 (rows n, n + 1 of one matrix: the same K and groups). Idea: the per-row
+// work (loop set-up, the odd first vector, the tails, a horizontal sum) is ~20 cycles, a fifth of a
+// 576-wide row, so halve it; each x vector is loaded once for both rows. 4 accumulators a row, as span_dot.
+static inline __attribute__((always_inline)) void
+span_dot2_b2(const uint32_t *ra, const uint32_t *rb, int va, int vb, codebook8 ca, codebook8 cb,
+             const float *xb, __m256 *sa, __m256 *sb) {
+    const __m256i s_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14), s_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int v = va;
+    if ((v & 1) && v < vb) {
+        const __m256 x = _mm256_load_ps(xb + 8 * v);
+        a0 = _mm256_mul_ps(decode8(ra, v, 2, ca), x); b0 = _mm256_mul_ps(decode8(rb, v, 2, cb), x); v++;
+    }
+    for (; v + 4 <= vb; v += 4) {                                       // 2 words of each row, 64 weights
+        const uint32_t *wa = ra + (v >> 1), *wb = rb + (v >> 1);
+        __m256 x = _mm256_load_ps(xb + 8 * v);
+        __m256i w = _mm256_set1_epi32((int)wa[0]);
+        a0 = _mm256_fmadd_ps(_mm256_permutevar_ps(ca.lo, _mm256_srlv_epi32(w, s_lo)), x, a0);
+        w = _mm256_set1_epi32((int)wb[0]);
+        b0 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, s_lo)), x, b0);
+        x = _mm256_load_ps(xb + 8 * v + 8);
+        a1 = _mm256_fmadd_ps(_mm256_permutevar_ps(ca.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)wa[0]), s_hi)), x, a1);
+        b1 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, s_hi)), x, b1);
+        x = _mm256_load_ps(xb + 8 * v + 16);
+        w = _mm256_set1_epi32((int)wa[1]);
+        a2 = _mm256_fmadd_ps(_mm256_permutevar_ps(ca.lo, _mm256_srlv_epi32(w, s_lo)), x, a2);
+        w = _mm256_set1_epi32((int)wb[1]);
+        b2 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, s_lo)), x, b2);
+        x = _mm256_load_ps(xb + 8 * v + 24);
+        a3 = _mm256_fmadd_ps(_mm256_permutevar_ps(ca.lo, _mm256_srlv_epi32(_mm256_set1_epi32((int)wa[1]), s_hi)), x, a3);
+        b3 = _mm256_fmadd_ps(_mm256_permutevar_ps(cb.lo, _mm256_srlv_epi32(w, s_hi)), x, b3);
+    }
+    for (; v < vb; v++) {
+        const __m256 x = _mm256_load_ps(xb + 8 * v);
+        a1 = _mm256_fmadd_ps(decode8(ra, v, 2, ca), x, a1); b1 = _mm256_fmadd_ps(decode8(rb, v, 2, cb), x, b1);
+    }
+    *sa = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    *sb = _mm256_add_ps(_mm256_add_ps(b0, b1), _mm256_add_ps(b2, b3));
+}
+
+// rows ra, rb (b = 2, codebooks ca_, cb_ (G, 4) each) times x: *ya, *yb
+static inline __attribute__((always_inline)) void
+v3_pair_b2(const uint32_t *ra, const uint32_t *rb, const uint16_t *ca_, const uint16_t *cb_, int K, int group_size,
+           const float *x, float *ya, float *yb) {
+    const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    __m256 acc_a = _mm256_setzero_ps(), acc_b = acc_a;
+    for (int g = 0; g < G; g++) {
+        __m256 sa, sb;
+        span_dot2_b2(ra, rb, g * vg, g == G - 1 ? V : (g + 1) * vg, load_codebook8(ca_ + g * 4, 2),
+                     load_codebook8(cb_ + g * 4, 2), x, &sa, &sb);
+        acc_a = _mm256_add_ps(acc_a, sa); acc_b = _mm256_add_ps(acc_b, sb);
+    }
+    *ya = hsum8(acc_a); *yb = hsum8(acc_b);
+}
+
 static inline __attribute__((always_inline)) void
 v3_rows(const uint32_t *packed, const uint16_t *codebook, const float *xp, float *y, int N, int K, int B,
         const int bits, int group_size, int n_threads) {
     const int C = 1 << bits, n_words = row_words(bits, K);
     const int G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
+    const int pairs = bits == 2 ? N / 2 : 0;                          // b = 2: rows 2p, 2p + 1 together
+    if (pairs) {
+        #pragma omp parallel for num_threads(n_threads) schedule(static)
+        for (int p = 0; p < pairs; p++) {
+            const int64_t n = 2 * (int64_t)p;
+            for (int b = 0; b < B; b++) {
+                v3_pair_b2(packed + n * n_words, packed + (n + 1) * n_words, codebook + n * G * C,
+                           codebook + (n + 1) * G * C, K, group_size, xp + (size_t)b * 8 * V,
+                           y + (int64_t)b * N + n, y + (int64_t)b * N + n + 1);
+            }
+        }
+    }
     #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int n = 0; n < N; n++) {
+    for (int n = 2 * pairs; n < N; n++) {
         const uint32_t *row = packed + (int64_t)n * n_words;
         const uint16_t *row_cb = codebook + (int64_t)n * G * C;
         for (int b = 0; b < B; b++) {
@@ -572,6 +643,10 @@ void lut_decode_rows(const uint32_t *packed, const uint16_t *codebook, float *W,
 // 34 bytes, an fp16 scale d then 32 int8 q, the weight d * q. Idea: 8.5 bits a weight instead of 32;
 // convert 8 int8 to 8 floats (vpmovsxbd + vcvtdq2ps), FMA with x, scale once per block.
 // blocks (N, K / 32 * 34) bytes, x (B, K), y (B, N) float32.
+// Each block asks for the bytes Q8_PREFETCH ahead (~7 rows of 576): a 49152 x 576 head (30 MB) ran ~1.2x
+// slower than the same rows in cache without it (1 thread, busy machine); prefetching a few rows past the
+// end of the matrix is harmless (a hint: it never faults).
+#define Q8_PREFETCH 4096
 
 void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int B, int n_threads) {
     const int nb = K / 32;
@@ -584,6 +659,7 @@ void q8_gemv(const uint8_t *blocks, const float *x, float *y, int N, int K, int 
             __m256 acc = _mm256_setzero_ps();
             for (int i = 0; i < nb; i++) {
                 const uint8_t *blk = row + i * 34;
+                _mm_prefetch((const char *)blk + Q8_PREFETCH, _MM_HINT_T0);
                 uint16_t d16;
                 memcpy(&d16, blk, 2);
                 __m256 s = _mm256_setzero_ps();
@@ -700,7 +776,7 @@ static float *zeros(size_t n_floats) {            // 64-byte aligned, zeroed: th
 static inline __attribute__((always_inline)) float
 v3_row_dot(const uint32_t *row, const uint16_t *row_cb, int K, int group_size, const int bits, const float *x) {
     const int C = 1 << bits, G = (K + group_size - 1) / group_size, V = (K + 7) / 8, vg = group_size / 8;
-    __m256 acc = _mm256_setzero_ps();                 // the same sums, in the same order, as v3_rows
+    __m256 acc = _mm256_setzero_ps();                 // the same sums, in the same order, as v3_rows (b = 2: its odd last row)
     for (int g = 0; g < G; g++) {
         int vb = g == G - 1 ? V : (g + 1) * vg;
         acc = _mm256_add_ps(acc, span_dot(row, g * vg, vb, bits, load_codebook8(row_cb + g * C, bits), x));
@@ -755,6 +831,7 @@ static float q8_row_dot(const uint8_t *row, const float *x, int K) {  // q8_gemv
     __m256 a = _mm256_setzero_ps();
     for (; i < K / 32; i++) {
         const uint8_t *blk = row + i * 34;
+        _mm_prefetch((const char *)blk + Q8_PREFETCH, _MM_HINT_T0);
         uint16_t d16;
         memcpy(&d16, blk, 2);
         __m256 s = _mm256_setzero_ps();
@@ -793,13 +870,37 @@ static float row_dot(const Matrix *m, int n, const float *x) {
 
 // y[i] (N_i) = x W_i^T for n_mats matrices of the same K: one parallel loop over the rows of all of them,
 // so x is read into cache once and the threads share all the rows evenly (q, k, v; gate, up)
+// A 2-bit packed matrix goes by pairs of rows (2p, 2p + 1: v3_pair_b2, as v3_rows pairs them; an odd last
+// row alone), every other matrix by rows: the loop runs over these units.
+static inline int paired(const Matrix *m) {
+#ifdef __AVX2__
+    return m->kind == MAT_LUT && m->bits == 2 && v3_supports(m->K, 2, m->group_size);
+#else
+    (void)m;
+    return 0;
+#endif
+}
+
 static void matvec(const Matrix *const *m, int n_mats, const float *x, float *const *y, int n_threads) {
-    int total = 0;
-    for (int i = 0; i < n_mats; i++) { total += m[i]->N; }
+    int units[3], total = 0;                          // n_mats <= 3 (q, k, v)
+    for (int i = 0; i < n_mats; i++) { units[i] = paired(m[i]) ? (m[i]->N + 1) / 2 : m[i]->N; total += units[i]; }
     #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int r = 0; r < total; r++) {
         int i = 0, n = r;
-        while (n >= m[i]->N) { n -= m[i]->N; i++; }
+        while (n >= units[i]) { n -= units[i]; i++; }
+#ifdef __AVX2__
+        if (paired(m[i]) && 2 * n + 1 < m[i]->N) {
+            const Matrix *a = m[i];
+            const int G = (a->K + a->group_size - 1) / a->group_size, n_words = row_words(2, a->K);
+            const uint32_t *row = (const uint32_t *)a->weight + (int64_t)2 * n * n_words;
+            const uint16_t *cb = a->codebook + (int64_t)2 * n * G * 4;
+            float *out = y[i] + 2 * n;
+            v3_pair_b2(row, row + n_words, cb, cb + G * 4, a->K, a->group_size, x, out, out + 1);
+            if (a->bias) { out[0] += a->bias[2 * n]; out[1] += a->bias[2 * n + 1]; }
+            continue;
+        }
+#endif
+        if (paired(m[i])) { n *= 2; }
         y[i][n] = row_dot(m[i], n, x);
     }
 }
