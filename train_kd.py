@@ -860,16 +860,6 @@ def teacher_text(config, teacher, meta, n_seqs, seed, what, rank=0):
     return np.fromfile(path, dtype=np.uint16)
 
 
-def plays_starts(train, n, T):
-    """Where the mix's n windows of T tokens start in the train split: evenly spaced over all of it."""
-    return np.linspace(0, len(train) - T, num=n).astype(np.int64)
-
-
-def windows(train, starts, T):
-    """The windows of T tokens at `starts`, concatenated (uint16)."""
-    return np.concatenate([np.asarray(train[s:s + T]) for s in starts])
-
-
 def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
     """The tokens calibration and distillation read (--distill_data): the train split (plays), the text the
     teacher writes (teacher; teacher_text_seqs sequences), or both in equal shares (mix: the teacher's
@@ -881,25 +871,16 @@ def distillation_tokens(config, teacher, meta, train, rank=0, world=1):
     if config["distill_data"] == "teacher":
         return text
     T = context_length(config, teacher)
-    return np.concatenate([text, windows(train, plays_starts(train, len(text) // T, T), T)])
+    starts = np.linspace(0, len(train) - T, num=len(text) // T).astype(np.int64)
+    return np.concatenate([text, *(np.asarray(train[s:s + T]) for s in starts)])
 
 
-def tuning_tokens(config, teacher, meta, train, rank=0):
-    """The tuning split (None with --distill_data=plays, whose windows cover the whole train split): text that
-    nothing distils on and no report is about, to choose settings on - TUNING_SEQS sequences the teacher
-    writes from its own seed and, with mix, as many windows of the plays halfway between the distilled ones."""
-    if config["distill_data"] == "plays":
-        return None
-    text = teacher_text(config, teacher, meta, TUNING_SEQS, config["teacher_text_seed"] + 5000,
-                        "the tuning split", rank)
-    if config["distill_data"] == "teacher":
-        return text
-    T = context_length(config, teacher)
-    starts = plays_starts(train, config["teacher_text_seqs"], T)       # the mix's windows; halfway between them:
-    between = (starts[:-1] + np.diff(starts) // 2)[::max(1, (len(starts) - 1) // TUNING_SEQS)][:TUNING_SEQS]
-    if len(between) == 0 or np.diff(starts).min() < 2 * T:            # too short a split for disjoint windows
-        return text
-    return np.concatenate([text, windows(train, between, T)])
+def tuning_tokens(config, teacher, meta, rank=0):
+    """The tuning split: TUNING_SEQS sequences the teacher writes from a seed of its own - text nothing distils
+    on and no report is about, the same for every distillation setting, to choose settings on (the held-out
+    plays and general English are only reported)."""
+    return teacher_text(config, teacher, meta, TUNING_SEQS, config["teacher_text_seed"] + 5000, "the tuning split",
+                        rank)
 
 
 def calibration_data(train, config, block_size):
@@ -1396,12 +1377,11 @@ def quantize_and_distill(config, teacher, meta, teacher_row, rank=0, world=1, de
     """Stages 3-7. Writes out_dir/lcd_<tag>.pt (packed student), out_dir/results_<tag>.json and its copy
     out_dir/results.json, the latest run (rank 0); tag: run_tag()."""
     sets = held_out_sets(config, meta)
-    plays = load_tokens(meta["dir"], "train")
-    train = distillation_tokens(config, teacher, meta, plays, rank, world)
-    tune = tuning_tokens(config, teacher, meta, plays, rank)        # settings are chosen on it, not on `sets`
-    if tune is not None:
+    train = distillation_tokens(config, teacher, meta, load_tokens(meta["dir"], "train"), rank, world)
+    if config["init_from"] != "scratch" or config["distill_data"] != "plays":   # a pretrained or text-writing teacher
+        tune = tuning_tokens(config, teacher, meta, rank)          # settings are chosen on it, not on `sets`
         sets = dict(sets, tune=tune)
-        teacher_row = dict(teacher_row, **{k: v for k, v in evaluate_sets(teacher, {"tune": tune}, config).items()})
+        teacher_row = dict(teacher_row, **evaluate_sets(teacher, {"tune": tune}, config))
     calib, calib_x = calibration_data(train, config, context_length(config, teacher))          # stage 3
     rows = [teacher_row]
     if rank == 0:

@@ -73,8 +73,7 @@ def test_allocate_bits_spends_the_budget_on_the_most_sensitive_layers():
     gain = {name: (s2 - s3) / (cost[name][1] - cost[name][0]) for name, s2, s3, _ in table}
     left = [n for n in plan if plan[n] == 2 and spent + cost[n][1] - cost[n][0] <= budget * n_weights]
     assert not left or max(gain[n] for n in left) <= 0
-    assert min(gain[n] for n in plan if plan[n] == 3) >= max((gain[n] for n in plan if plan[n] == 2), default=-1) \
-        or spent + min(cost[n][1] - cost[n][0] for n in plan if plan[n] == 2) > budget * n_weights
+    assert plan[max(gain, key=gain.get)] == 3                        # the best gain per bit goes first
     assert "layers get 3 bits" in lines[0]
     # exactly the uniform budget: nothing to spend
     plan0, _ = lcd.allocate_bits(model, calib(), 2, 0.0)
@@ -133,14 +132,13 @@ def test_the_tuning_split_is_disjoint_from_what_is_distilled(tmp_path, monkeypat
     config = dict(train_kd.DEFAULTS, preset="tiny", distill_data="mix", teacher_text_seqs=64, block_size=T)
     plays = np.random.default_rng(0).integers(0, 256, 64 * 200).astype(np.uint16)    # no two windows alike
     mix = train_kd.distillation_tokens(config, teacher, meta, plays)
-    tune = train_kd.tuning_tokens(config, teacher, meta, plays)
-    assert len(tune) == 2 * train_kd.TUNING_SEQS * T
+    tune = train_kd.tuning_tokens(config, teacher, meta)
+    assert len(tune) == train_kd.TUNING_SEQS * T
     distilled = {mix[i:i + T].tobytes() for i in range(0, len(mix), T)}
-    tuned = [tune[i:i + T].tobytes() for i in range(0, len(tune), T)]
-    assert not distilled & set(tuned)                                # no whole window in both
-    teacher_part = mix[:64 * T]
-    assert not np.array_equal(teacher_part[:train_kd.TUNING_SEQS * T], tune[:train_kd.TUNING_SEQS * T])
-    assert train_kd.tuning_tokens(dict(config, distill_data="plays"), teacher, meta, plays) is None
+    assert not distilled & {tune[i:i + T].tobytes() for i in range(0, len(tune), T)}   # no sequence in both
+    # the same split for every distillation setting (settings are compared on it)
+    assert np.array_equal(train_kd.tuning_tokens(dict(config, teacher_text_seqs=8, distill_data="teacher"),
+                                                 teacher, meta), tune)
     # block-wise reconstruction: distinct whole windows, in batches; too many is a clear error
     batches = train_kd.block_calibration(mix, dict(config, block_seqs=40, batch_size=8), T, calib=None)
     rows = torch.cat(batches)
