@@ -1473,7 +1473,7 @@ def teacher_logits_of(teacher, x):
 # so far produces (its own earlier, already quantized blocks), the target is what the teacher block
 # produces from the teacher's input, so each block also learns to undo the error of the blocks before it.
 BLOCK_CHUNK = 8   # sequences per forward when caching block inputs and targets (memory, not maths)
-BLOCK_ERROR_SEQS = 64   # sequences the error before training is measured on (for the log: a forward of them all costs)
+BLOCK_ERROR_SEQS = 64   # sequences the log's errors before and after a block are measured on (a forward of them all costs)
 
 
 def find_blocks(model):
@@ -1523,6 +1523,11 @@ def block_inputs(model, calib):
     if not xs:
         raise ValueError("calibration data is empty: pass at least one (B, T) batch of token ids")
     return torch.cat(xs), extra["args"], extra["kwargs"]
+
+
+def _relative_error(out, target):
+    """Mean squared error of a block's output relative to the target's mean square (a float)."""
+    return (out - target).pow(2).mean().div(target.pow(2).mean().clamp_min(1e-30)).item()
 
 
 def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
@@ -1577,7 +1582,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     resumes after the last finished block (the blocks before it are only run forward, to rebuild the inputs).
     on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
     Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
-    relative error before (on the first BLOCK_ERROR_SEQS sequences), after (on all))]).
+    relative error before, after)]), both on the same BLOCK_ERROR_SEQS sequences spread over the n.
     Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
     if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"steps must be an int >= 0 and batch_size an int >= 1, got {steps!r}, {batch_size!r}")
@@ -1609,9 +1614,9 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
         with torch.no_grad():
             Y = _run_block(t_block, X_t, args, kwargs)        # (n, T, C) target
             scale = Y.pow(2).mean().clamp_min(1e-30)
-            m = min(BLOCK_ERROR_SEQS, len(X_s))              # the error before, on the first m sequences
-            before = (_run_block(s_block, X_s[:m], args, kwargs) - Y[:m]).pow(2).mean().div(Y[:m].pow(2).mean()
-                                                                                          .clamp_min(1e-30)).item()
+            # the error before and after, on the same m sequences spread over all (a forward of them all costs)
+            some = torch.linspace(0, len(X_s) - 1, min(BLOCK_ERROR_SEQS, len(X_s))).long()
+            before = _relative_error(_run_block(s_block, X_s[some], args, kwargs), Y[some])
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
         try:
             _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
@@ -1623,7 +1628,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             if reassign_every:
                 _reassign_all(layers)
             X_s = _run_block(s_block, X_s, args, kwargs)      # the next block's student input
-            after = (X_s - Y).pow(2).mean().div(scale).item()
+            after = _relative_error(X_s[some], Y[some])
         history["blocks"].append((f"{s_name}.{i}", before, after))
         if log:
             log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")
