@@ -611,8 +611,8 @@ def allocate_bits(model, calib, bits, extra, group_size=None, skip=None, init="d
     table = []
     for name, m in linears.items():
         W, h = m.weight.detach().float(), stats[name]["h"]
-        table.append([name, *(layer_sensitivity(W, h, fisher[name], 2 ** b, group_size, init) for b in (bits, bits + 1)),
-                      bits])
+        s_b, s_up = (layer_sensitivity(W, h, fisher[name], 2 ** b, group_size, init) for b in (bits, bits + 1))
+        table.append([name, s_b, s_up, bits])
     plan = {name: bits for name in linears}
     by_gain = sorted(table, key=lambda r: (r[1] - r[2]) / (cost[r[0]][1] - cost[r[0]][0]), reverse=True)
     for row in by_gain:
@@ -1473,7 +1473,7 @@ def teacher_logits_of(teacher, x):
 # so far produces (its own earlier, already quantized blocks), the target is what the teacher block
 # produces from the teacher's input, so each block also learns to undo the error of the blocks before it.
 BLOCK_CHUNK = 8   # sequences per forward when caching block inputs and targets (memory, not maths)
-BLOCK_ERROR_SEQS = 64   # sequences the log's errors before and after a block are measured on (a forward of them all costs)
+BLOCK_ERROR_SEQS = 64   # sequences the log's errors before and after a block are measured on (a forward costs)
 
 
 def find_blocks(model):

@@ -910,7 +910,6 @@ def bits_plan(teacher, config, calib, extra_bits, log=None):
     return _PLANS[key]
 
 
-
 def block_calibration(train, config, T, calib):
     """What block-wise reconstruction fits on: with block_seqs, that many distinct whole windows of the
     distillation data (drawn without replacement, aligned to its block_size windows: the teacher's sequences
@@ -932,7 +931,8 @@ def student_for(method, teacher, config, calib, log=None):
     'lcd': density init, progressive, smoothing (with a_bits), bits where the error is (extra_bits), the
     compensated start (compensate); the ablation variants (ablations()) flip one."""
     c = lcd_settings(method, config)
-    return lcd.prepare_student(teacher, bits_plan(teacher, config, calib, c["extra_bits"], log), config["group_size"], calib,
+    bits = bits_plan(teacher, config, calib, c["extra_bits"], log)        # an int, or a dict of them by layer
+    return lcd.prepare_student(teacher, bits, config["group_size"], calib,
                                progressive_p=c["progressive_p"], init=c["init"], weighted=c["weighted"],
                                smoothing=c["smoothing"], a_bits=config["a_bits"], log=log,
                                start=baselines.gptq_cluster if c["compensate"] else None)
@@ -1049,7 +1049,8 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
                                 log_interval=config["log_interval"])
             t_blocks = time.time()
             student, blocks_history = lcd.reconstruct_blocks(
-                teacher, student, block_calibration(train, config, T, calib), config["block_steps"], batch_size=config["block_batch_size"],
+                teacher, student, block_calibration(train, config, T, calib), config["block_steps"],
+                batch_size=config["block_batch_size"],
                 lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
                 train_norms=config["kd_train_norms"], reassign_every=config["reassign_every"], ddp=world > 1,
                 state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
