@@ -127,8 +127,8 @@ PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_b
                            distill_data="mix", kd_baseline=0,   # mix: measured best across both held-out sets (RESULTS.md)
                            compensate=1, extra_bits=0.15, block_seqs=320, teacher_text_seqs=256)
 # the last line at b = 2 (RESULTS.md, "Bits where the error is"): plays x1.54 -> x1.32, general English x2.97 -> x2.09,
-# at 2.243 bits per weight (<= 2.25, llama.cpp Q2_0's budget). It costs time: about 50 minutes on 2 cores for a first
-# run, 43 with the teacher's text cached (the sum of its stages' idle times), against 29.5 (25.3 cached) before.
+# at 2.243 bits per weight (<= 2.25, llama.cpp Q2_0's budget). It costs time: about 37 minutes on 2 idle cores with
+# the teacher's text cached (about 8 more to write it on a first run), against 25.3 (29.5) before.
 # GPTQ and the published methods (baselines.py) on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
 # plain KD doubles a run's time and is one flag away (--kd_baseline=1; --ablate=1 runs it too)
 NAMED_CHECKPOINT_DEFAULTS = {"smollm2": dict(tokenizer="smollm2", dataset="shakespeare_smollm2")}
