@@ -1525,9 +1525,22 @@ def block_inputs(model, calib):
     return torch.cat(xs), extra["args"], extra["kwargs"]
 
 
-def _relative_error(out, target):
-    """Mean squared error of a block's output relative to the target's mean square (a float)."""
-    return (out - target).pow(2).mean().div(target.pow(2).mean().clamp_min(1e-30)).item()
+BLOCK_LOSSES = ("batch", "token")   # what a block's squared error is relative to (block_loss)
+
+
+def block_loss(out, target, per="batch", scale=None):
+    """The block-wise loss: the squared error of a block's output out (..., C) against the teacher's target
+    (..., C), relative to the target's mean square - over the whole batch (per='batch', the default; or
+    relative to `scale`, the mean square of all the block's targets, when given), or each token's error over
+    that token's own mean square, averaged over tokens (per='token'). A 0-dim tensor.
+    Why both: in a pretrained model's residual stream one token can hold almost all of the mean square (in
+    SmolLM2-135M from block 11 on, the first token - the attention sink - holds 99 %, in three channels), so
+    'batch' mostly fits that token. 'token' weighs every token alike, as RMSNorm does: it fits each block
+    better alone, and the whole model was no better (RESULTS.md, "The block-wise loss per token")."""
+    err = (out - target).pow(2)
+    if per == "token":
+        return (err.mean(-1) / target.pow(2).mean(-1).clamp_min(1e-30)).mean()
+    return err.mean() / (target.pow(2).mean().clamp_min(1e-30) if scale is None else scale)
 
 
 def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
@@ -1539,11 +1552,13 @@ def _run_block(block, X, args, kwargs, chunk=BLOCK_CHUNK):
     return torch.cat(outs)
 
 
-def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+def _train_block(block, layers, X, Y, per, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
                  reassign_every, ddp, gen, history, on_step, index):
     """`steps` AdamW steps of student block number `index` on random minibatches of its cached inputs
-    X (n, T, C): the loss is the output's squared error to the teacher's Y, relative to Y's mean square
-    `scale`. on_step(step counted over all blocks, loss, info) after every step, when given."""
+    X (n, T, C): the loss is block_loss(output, the teacher's Y, per), with per='batch' relative to the mean
+    square of all of Y (the same scale every step). on_step(step counted over all blocks, loss, info) after
+    every step, when given."""
+    scale = Y.pow(2).mean().clamp_min(1e-30) if per == "batch" else None
     optimizer = make_optimizer(block, lrs, train_norms)
     trained_block = _wrap_ddp(block, ddp)
     for step in range(steps):
@@ -1553,7 +1568,7 @@ def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lr
         j = torch.randint(X.shape[0], (batch_size,), generator=gen)
         out = trained_block(X[j], *args, **kwargs)
         out = out[0] if isinstance(out, (tuple, list)) else out
-        loss = (out - Y[j]).pow(2).mean() / scale
+        loss = block_loss(out, Y[j], per, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         where = f"reconstruct_blocks: block {index}"
@@ -1567,11 +1582,12 @@ def _train_block(block, layers, X, Y, scale, args, kwargs, steps, batch_size, lr
 
 def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, latent_lr=1e-3, other_lr=1e-4,
                        warmup=5, train_norms=True, reassign_every=1, ddp=False, state=None, checkpoint=None,
-                       log=None, on_step=None):
+                       log=None, on_step=None, loss="batch"):
     """Train each LCD block of `student` (from prepare_student) to reproduce the teacher's block output,
     one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
-    calibration sequences. Loss: mean squared error of the block output relative to the target's mean
-    square (so every block reports on the same scale). Trainable: centroids (lr), latent weights
+    calibration sequences. Loss: block_loss(output, target, per=loss), the squared error relative to the
+    target's mean square over the batch ('batch') or token by token ('token'), so every block reports on
+    the same scale. Trainable: centroids (lr), latent weights
     (latent_lr) and with train_norms the block's norms and biases (other_lr); warm-up then cosine to 10 %.
 
     calib: (B, T) token-id batches; every sequence is cached as the first block's input (n, T, C) fp32,
@@ -1581,11 +1597,13 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     state / checkpoint: checkpoint(state) is called after every block; reconstruct_blocks(..., state=state)
     resumes after the last finished block (the blocks before it are only run forward, to rebuild the inputs).
     on_step(step, loss, info) is called after every step, counted over all blocks (len(blocks) * steps).
-    Returns (student, history) with history = dict(loss=[relative error per step], blocks=[(name,
-    relative error before, after)]), both on the same BLOCK_ERROR_SEQS sequences spread over the n.
+    Returns (student, history) with history = dict(loss=[the loss of every step], blocks=[(name, the loss
+    before, after)]), the latter two on the same BLOCK_ERROR_SEQS sequences spread over the n.
     Sources: EfficientQAT (Chen et al. 2024) Block-AP; LBLLM stage 2."""
     if not (isinstance(steps, int) and steps >= 0 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"steps must be an int >= 0 and batch_size an int >= 1, got {steps!r}, {batch_size!r}")
+    if loss not in BLOCK_LOSSES:
+        raise ValueError(f"loss must be one of {BLOCK_LOSSES} (what a block's error is relative to), got {loss!r}")
     lrs = {"codebook": lr, "latent": latent_lr, "other": other_lr}
     _, t_blocks = find_blocks(teacher)
     s_name, s_blocks = find_blocks(student)
@@ -1613,13 +1631,12 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             continue
         with torch.no_grad():
             Y = _run_block(t_block, X_t, args, kwargs)        # (n, T, C) target
-            scale = Y.pow(2).mean().clamp_min(1e-30)
             # the error before and after, on the same m sequences spread over all (a forward of them all costs)
             some = torch.linspace(0, len(X_s) - 1, min(BLOCK_ERROR_SEQS, len(X_s))).long()
-            before = _relative_error(_run_block(s_block, X_s[some], args, kwargs), Y[some])
+            before = block_loss(_run_block(s_block, X_s[some], args, kwargs), Y[some], loss).item()
         layers = {n: m for n, m in s_block.named_modules() if isinstance(m, LCDLinear)}
         try:
-            _train_block(s_block, layers, X_s, Y, scale, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
+            _train_block(s_block, layers, X_s, Y, loss, args, kwargs, steps, batch_size, lrs, warmup, train_norms,
                          reassign_every, ddp, gen, history, on_step, i)
         except Diverged as e:
             raise _diverged_advice(e, lrs, f" (blocks 0..{i - 1} done)" if checkpoint and i else "") from None
@@ -1628,7 +1645,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
             if reassign_every:
                 _reassign_all(layers)
             X_s = _run_block(s_block, X_s, args, kwargs)      # the next block's student input
-            after = _relative_error(X_s[some], Y[some])
+            after = block_loss(X_s[some], Y[some], loss).item()
         history["blocks"].append((f"{s_name}.{i}", before, after))
         if log:
             log(f"block {s_name}.{i}: relative output error {before:.4f} -> {after:.4f}")

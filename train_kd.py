@@ -104,6 +104,7 @@ kd_baseline = 1                # 1: also distill plain KD (k-means init, none of
 kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
 block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
 block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
+block_loss = "batch"           # with kd_mode='blocks': a block's squared error relative to the batch's mean square, or 'token': to each token's own (lcd.block_loss; measured no better)
 block_seqs = 0                 # with kd_mode='blocks': distinct sequences (whole windows of the distillation data) it fits on (0: the calibration batches)
 extra_bits = 0.0               # bits per weight spent above the b-bit model on its most sensitive layers, as b+1 bits (lcd.allocate_bits; every stored bit counted; 0: b bits everywhere)
 budget = 1.0                   # multiplies block_steps and kd_steps: more distillation time (RESULTS.md: what 2x, 4x buy)
@@ -157,7 +158,7 @@ def parse_config(argv, defaults=None):
         raise ValueError(f"unknown preset {config.get('preset')!r}; choose one of {', '.join(SIZES)}")
     choices = (("bits", tuple(packed_model.ENTRIES_PER_WORD)), ("a_bits", (None, 8, 4)),
                ("lcd_init", ("density", "kmeans++", "uniform")), ("tokenizer", ("bytes", "gpt2", "smollm2")),
-               ("kd_mode", ("e2e", "blocks")), ("general_eval", ("auto", "yes", "no")),
+               ("kd_mode", ("e2e", "blocks")), ("block_loss", lcd.BLOCK_LOSSES), ("general_eval", ("auto", "yes", "no")),
                ("distill_data", ("plays", "teacher", "mix")))
     for key, allowed in choices:                      # found now, not after the teacher has trained
         if key in config and config[key] not in allowed:
@@ -981,7 +982,7 @@ DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init", "compensate",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
                 "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
-                "teacher_text_seqs", "teacher_text_seed", "block_seqs", "extra_bits")
+                "teacher_text_seqs", "teacher_text_seed", "block_seqs", "extra_bits", "block_loss")
 
 
 def model_digest(model):
@@ -1054,7 +1055,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
                 lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
                 train_norms=config["kd_train_norms"], reassign_every=config["reassign_every"], ddp=world > 1,
                 state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
-                on_step=progress.update)
+                on_step=progress.update, loss=config["block_loss"])
             blocks_seconds = time.time() - t_blocks
         progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
                             start=state["step"] if state else 0, log_interval=config["log_interval"])

@@ -29,7 +29,7 @@ def test_config_overrides_are_type_checked():
         train_kd.parse_config(["--preset=huge"])
     with pytest.raises(ValueError, match="--key=value"):
         train_kd.parse_config(["max_iters=7"])
-    for bad in ("--bits=5", "--a_bits=16", "--lcd_init=random"):   # refused before any training starts
+    for bad in ("--bits=5", "--a_bits=16", "--lcd_init=random", "--block_loss=mse"):   # refused before any training
         with pytest.raises(ValueError, match="must be one of"):
             train_kd.parse_config([bad])
 
