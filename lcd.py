@@ -1534,9 +1534,9 @@ def block_loss(out, target, per="batch", scale=None):
     relative to `scale`, the mean square of all the block's targets, when given), or each token's error over
     that token's own mean square, averaged over tokens (per='token'). A 0-dim tensor.
     Why both: in a pretrained model's residual stream one token can hold almost all of the mean square (in
-    SmolLM2-135M from block 11 on, the first token - the attention sink - holds 99 %, in three channels), so
-    'batch' mostly fits that token. 'token' weighs every token alike, as RMSNorm does: it fits each block
-    better alone, and the whole model was no better (RESULTS.md, "The block-wise loss per token")."""
+    SmolLM2-135M's blocks 11-22 the first token - the attention sink - holds 95-99 %), so 'batch' mostly
+    fits that token. 'token' weighs every token alike, as RMSNorm does: it fitted one block better alone,
+    and the whole model was no better (RESULTS.md, "The block-wise loss per token")."""
     err = (out - target).pow(2)
     if per == "token":
         return (err.mean(-1) / target.pow(2).mean(-1).clamp_min(1e-30)).mean()
@@ -1587,8 +1587,7 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
     calibration sequences. Loss: block_loss(output, target, per=loss), the squared error relative to the
     target's mean square over the batch ('batch') or token by token ('token'), so every block reports on
-    the same scale. Trainable: centroids (lr), latent weights
-    (latent_lr) and with train_norms the block's norms and biases (other_lr); warm-up then cosine to 10 %.
+    the same scale. Trainable: centroids (lr), latent weights (latent_lr) and with train_norms the block's norms and biases (other_lr); warm-up then cosine to 10 %.
 
     calib: (B, T) token-id batches; every sequence is cached as the first block's input (n, T, C) fp32,
     plus the student's running input and the target: 3 n T C floats in memory.
