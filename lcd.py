@@ -1587,7 +1587,8 @@ def reconstruct_blocks(teacher, student, calib, steps, batch_size=4, lr=1e-3, la
     one block after the other, for `steps` AdamW steps each on minibatches of `batch_size` cached
     calibration sequences. Loss: block_loss(output, target, per=loss), the squared error relative to the
     target's mean square over the batch ('batch') or token by token ('token'), so every block reports on
-    the same scale. Trainable: centroids (lr), latent weights (latent_lr) and with train_norms the block's norms and biases (other_lr); warm-up then cosine to 10 %.
+    the same scale. Trainable: centroids (lr), latent weights (latent_lr) and with train_norms the block's
+    norms and biases (other_lr); warm-up then cosine to 10 %.
 
     calib: (B, T) token-id batches; every sequence is cached as the first block's input (n, T, C) fp32,
     plus the student's running input and the target: 3 n T C floats in memory.
