@@ -84,7 +84,7 @@ teacher_text_seqs = 128        # with distill_data teacher or mix: sequences the
 teacher_text_seed = 1337       # the seed of the teacher's text: its own, so that runs over several --seed share one cached text
 kd_steps = 1500                # distillation steps, the same for plain KD and LCD (about 4 min each on 2 cores)
 kd_batch_size = 16             # sequences per distillation step and process
-kd_lr = 1e-3                   # peak learning rate of the centroids
+kd_lr = 1e-3                   # peak learning rate of the centroids (end-to-end distillation)
 kd_latent_lr = 1e-3            # peak learning rate of the latent weights (they decide the assignments)
 kd_other_lr = 1e-4             # peak learning rate of norms and biases (with kd_train_norms)
 kd_tau = 1.0                   # distillation temperature
@@ -104,6 +104,8 @@ kd_baseline = 1                # 1: also distill plain KD (k-means init, none of
 kd_mode = "e2e"                # 'e2e': logit KD of the whole model; 'blocks': block-wise reconstruction, then kd_steps of it
 block_steps = 50               # with kd_mode='blocks': AdamW steps per transformer block (output error vs the teacher's)
 block_batch_size = 4           # with kd_mode='blocks': cached calibration sequences per block-wise step
+block_lr = 1e-3                # with kd_mode='blocks': the centroids' peak learning rate in block-wise reconstruction
+block_latent_lr = 1e-3         # with kd_mode='blocks': the latent weights' peak learning rate there
 block_loss = "batch"           # with kd_mode='blocks': a block's squared error relative to the batch's mean square, or 'token': to each token's own (lcd.block_loss; measured no better)
 block_seqs = 0                 # with kd_mode='blocks': distinct sequences (whole windows of the distillation data) it fits on (0: the calibration batches)
 extra_bits = 0.0               # bits per weight spent above the b-bit model on its most sensitive layers, as b+1 bits (lcd.allocate_bits; every stored bit counted; 0: b bits everywhere)
@@ -126,7 +128,8 @@ PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_b
                            block_steps=80, block_batch_size=4, kd_steps=30, kd_batch_size=4, kd_warmup=5,
                            kd_ckpt_interval=10, speculative_every=10, ptq="rtn,lcd-init", sample_tokens=40,
                            distill_data="mix", kd_baseline=0,   # mix: measured best across both held-out sets (RESULTS.md)
-                           compensate=1, extra_bits=0.15, block_seqs=320, teacher_text_seqs=256)
+                           compensate=1, extra_bits=0.15, block_seqs=320, teacher_text_seqs=256,
+                           kd_lr=3e-4, kd_latent_lr=3e-4)   # end-to-end rates after the block-wise stage (RESULTS.md)
 # the last line at b = 2 (RESULTS.md, "Bits where the error is"): plays x1.54 -> x1.32, general English x2.97 -> x2.09,
 # at 2.243 bits per weight (<= 2.25, llama.cpp Q2_0's budget). It costs time: about 37 minutes on 2 idle cores with
 # the teacher's text cached (about 8 more to write it on a first run), against 25.3 (29.5) before.
@@ -169,7 +172,7 @@ def parse_config(argv, defaults=None):
 
 # The range of every numeric key, checked before any work starts (a bad value found after the teacher has
 # trained costs its training time). Keys missing from a config (a caller's partial dict) are skipped.
-POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau")
+POSITIVE = ("learning_rate", "kd_lr", "kd_latent_lr", "kd_other_lr", "kd_tau", "block_lr", "block_latent_lr")
 AT_LEAST_ONE = ("max_iters", "batch_size", "ckpt_interval", "eval_batches", "calib_batches", "kd_steps",
                 "kd_batch_size", "kd_ckpt_interval", "n_layer", "n_head", "n_embd", "block_size",  # None: preset
                 "block_batch_size", "teacher_text_seqs")
@@ -982,7 +985,8 @@ DISTILL_KEYS = ("bits", "group_size", "a_bits", "calib_batches", "kd_steps", "kd
                 "kd_latent_lr", "kd_other_lr", "kd_tau", "kd_ce", "kd_warmup", "kd_train_norms", "lcd_init", "compensate",
                 "progressive_p", "final_frac", "speculative_every", "reassign_every", "smoothing", "seed",
                 "kd_mode", "block_steps", "block_batch_size", "block_size", "batch_size", "distill_data",
-                "teacher_text_seqs", "teacher_text_seed", "block_seqs", "extra_bits", "block_loss")
+                "teacher_text_seqs", "teacher_text_seed", "block_seqs", "extra_bits", "block_loss", "block_lr",
+                "block_latent_lr")
 
 
 def model_digest(model):
@@ -994,7 +998,7 @@ def model_digest(model):
     return digest.hexdigest()[:16]
 
 
-RESUME_MAY_CHANGE = ("kd_lr", "kd_latent_lr", "kd_other_lr")   # a diverged run resumes with lower rates
+RESUME_MAY_CHANGE = ("kd_lr", "kd_latent_lr", "kd_other_lr", "block_lr", "block_latent_lr")  # a diverged run resumes with lower rates
 
 
 def check_fingerprint(stored, wanted, path, method):
@@ -1042,6 +1046,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
         saved.update(parts)
 
     blocks_history, blocks_seconds = None, 0.0
+    stage = "block"     # the rates a divergence names: --block_lr while blocks train, then --kd_lr
     try:
         if settings["kd_mode"] == "blocks" and state is None:      # stage 6a: one block at a time
             n_blocks = len(lcd.find_blocks(teacher)[1])
@@ -1052,11 +1057,12 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             student, blocks_history = lcd.reconstruct_blocks(
                 teacher, student, block_calibration(train, config, T, calib), config["block_steps"],
                 batch_size=config["block_batch_size"],
-                lr=config["kd_lr"], latent_lr=config["kd_latent_lr"], other_lr=config["kd_other_lr"],
+                lr=config["block_lr"], latent_lr=config["block_latent_lr"], other_lr=config["kd_other_lr"],
                 train_norms=config["kd_train_norms"], reassign_every=config["reassign_every"], ddp=world > 1,
                 state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
                 on_step=progress.update, loss=config["block_loss"])
             blocks_seconds = time.time() - t_blocks
+        stage = "kd"
         progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
                             start=state["step"] if state else 0, log_interval=config["log_interval"])
         t_e2e = time.time()
@@ -1075,9 +1081,9 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             kept = f"{path} (block {saved['blocks']['block']} done) is kept"
         else:
             kept = "no checkpoint was written yet"
-        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower --kd_lr (now {config['kd_lr']}) "
-                           f"and --kd_latent_lr (now {config['kd_latent_lr']}), e.g. ten times lower, resumes "
-                           "from it") from None
+        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower --{stage}_lr (now "
+                           f"{config[stage + '_lr']}) and --{stage}_latent_lr (now {config[stage + '_latent_lr']}), "
+                           "e.g. ten times lower, resumes from it") from None
     except KeyboardInterrupt:
         if saved.get("state"):
             where = f"{method}'s distillation progress is saved in {path} (step {saved['state']['step']} of " \

@@ -89,6 +89,33 @@ def test_block_wise_distillation_resumes_after_its_last_finished_block(llama_dir
         assert torch.equal(a, b), name
 
 
+def test_block_wise_and_end_to_end_stages_take_their_own_learning_rates(llama_dir, tiny_data, tmp_path, monkeypatch):
+    data_dir, meta = tiny_data
+    config = train_kd.parse_config([f"--init_from={llama_dir}", f"--dataset={data_dir}", f"--out_dir={tmp_path}",
+                                    "--block_size=16", "--batch_size=2", "--calib_batches=2", "--block_steps=2",
+                                    "--kd_steps=2", "--kd_batch_size=2", "--speculative_every=0", "--device=cpu",
+                                    "--block_lr=2e-3", "--block_latent_lr=3e-3", "--kd_lr=4e-4", "--kd_latent_lr=5e-4"])
+    teacher = train_kd.load_pretrained_teacher(llama_dir, meta, log=None)
+    train = train_kd.load_tokens(meta["dir"], "train")
+    calib, calib_x = train_kd.calibration_data(train, config, 16)
+    seen, real_blocks, real_distill = [], train_kd.lcd.reconstruct_blocks, train_kd.lcd.distill
+
+    def recorded(stage, real):
+        def run(*args, lr, latent_lr, **kw):
+            seen.append((stage, lr, latent_lr))
+            return real(*args, lr=lr, latent_lr=latent_lr, **kw)
+        return run
+    monkeypatch.setattr(train_kd.lcd, "reconstruct_blocks", recorded("blocks", real_blocks))
+    monkeypatch.setattr(train_kd.lcd, "distill", recorded("e2e", real_distill))
+    train_kd.run_distillation("lcd", teacher, config, train, calib, calib_x, 0, 1, "cpu")
+    assert seen == [("blocks", 2e-3, 3e-3), ("e2e", 4e-4, 5e-4)]
+
+    config.update(out_dir=str(tmp_path / "diverges"), block_lr=1e30, block_latent_lr=1e30, kd_other_lr=1e30,
+                  block_steps=30)      # a divergence while the blocks train names the block-wise rates
+    with pytest.raises(train_kd.lcd.Diverged, match=r"lower --block_lr \(now 1e\+30\) and --block_latent_lr"):
+        train_kd.run_distillation("lcd", teacher, config, train, calib, calib_x, 0, 1, "cpu")
+
+
 def test_block_wise_pipeline_under_torchrun(llama_dir, tiny_data, tmp_path):
     data_dir, _ = tiny_data
     with socket.socket() as s:                                  # a free port: other runs may share the host

@@ -57,6 +57,7 @@ def test_describe_config_reads_name_value_comment_lines(tmp_path):
     ("--group_size=7", "multiple of 16.*9.1 bits a weight"), ("--group_size=40", "multiple of 16"),
     ("--kd_tau=0", "--kd_tau must be > 0"), ("--kd_tau=-1", "--kd_tau must be > 0"),
     ("--learning_rate=0", "--learning_rate must be > 0"), ("--kd_lr=1e999", "finite"),
+    ("--block_lr=0", "--block_lr must be > 0"), ("--block_latent_lr=-1e-3", "--block_latent_lr must be > 0"),
     ("--batch_size=0", "--batch_size must be >= 1"), ("--calib_batches=0", "--calib_batches must be >= 1"),
     ("--eval_batches=0", "--eval_batches must be >= 1"), ("--max_iters=0", "--max_iters must be >= 1"),
     ("--kd_steps=0", "--kd_steps must be >= 1"), ("--n_layer=0", "--n_layer must be >= 1"),
