@@ -71,7 +71,7 @@ def test_block_wise_distillation_resumes_after_its_last_finished_block(llama_dir
     straight, _, _, _ = train_kd.run_distillation("lcd", teacher, config, train, calib, calib_x, 0, 1, "cpu")
     config["out_dir"] = str(tmp_path / "killed")                       # a fresh directory: no checkpoint yet
 
-    real, calls = train_kd.lcd.reconstruct_blocks, []
+    real = train_kd.lcd.reconstruct_blocks
 
     def dies_in_block_1(*args, checkpoint=None, **kw):   # killed while block 1 trains: block 0 is checkpointed
         def checkpoint_then_die(state):
