@@ -130,12 +130,12 @@ PRETRAINED_DEFAULTS = dict(block_size=256, batch_size=8, eval_batches=4, calib_b
                            distill_data="mix", kd_baseline=0,   # mix: measured best across both held-out sets (RESULTS.md)
                            compensate=1, extra_bits=0.15, block_seqs=320, teacher_text_seqs=256,
                            kd_lr=3e-4, kd_latent_lr=3e-4)   # end-to-end rates after the block-wise stage (RESULTS.md)
-# the fifth line at b = 2 (RESULTS.md, "Bits where the error is"): plays x1.54 -> x1.32, general English x2.97 -> x2.09
-# (x2.14 with the last line, level within the seed spread),
-# at 2.243 bits per weight (<= 2.25, llama.cpp Q2_0's budget). It costs time: 38.4 minutes on 2 idle cores with
-# the teacher's text cached (about 8 more to write it on a first run), against 25.3 (29.5) before. The end-to-end
-# rates (the last line; the block-wise stage keeps --block_lr=1e-3): better by 0.05 nats on the tuning split from
-# one block-wise checkpoint, level at the defaults (RESULTS.md, "The end-to-end stage's own learning rate").
+# The fifth line at b = 2 (RESULTS.md, "Bits where the error is"): plays x1.54 -> x1.32, general English x2.97 -> x2.09,
+# at 2.243 bits per weight (<= 2.25, llama.cpp Q2_0's budget); 38.4 minutes on 2 idle cores with the teacher's text
+# cached (about 8 more to write it on a first run), against 25.3 (29.5) before.
+# The last line, the end-to-end rates (the block-wise stage keeps --block_lr=1e-3): 0.05 nats better on the tuning
+# split from one block-wise checkpoint, level at the defaults (x1.32 / x2.14; RESULTS.md, "The end-to-end stage's own
+# learning rate").
 # GPTQ and the published methods (baselines.py) on SmolLM2 are bench.py --quality --model=smollm2 (minutes each, not in every run);
 # plain KD doubles a run's time and is one flag away (--kd_baseline=1; --ablate=1 runs it too)
 NAMED_CHECKPOINT_DEFAULTS = {"smollm2": dict(tokenizer="smollm2", dataset="shakespeare_smollm2")}
@@ -1049,7 +1049,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
         saved.update(parts)
 
     blocks_history, blocks_seconds = None, 0.0
-    stage = "block"     # the rates a divergence names: --block_lr while blocks train, then --kd_lr
+    rates = ("block_lr", "block_latent_lr")    # the flags a divergence names: the stage's own rates
     try:
         if settings["kd_mode"] == "blocks" and state is None:      # stage 6a: one block at a time
             n_blocks = len(lcd.find_blocks(teacher)[1])
@@ -1065,7 +1065,7 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
                 state=ckpt.get("blocks"), checkpoint=lambda blocks: save(blocks=blocks), log=log,
                 on_step=progress.update, loss=config["block_loss"])
             blocks_seconds = time.time() - t_blocks
-        stage = "kd"
+        rates = ("kd_lr", "kd_latent_lr")
         progress = Progress(method, config["kd_steps"], config["kd_batch_size"] * T * world, enabled=rank == 0,
                             start=state["step"] if state else 0, log_interval=config["log_interval"])
         t_e2e = time.time()
@@ -1084,9 +1084,9 @@ def run_distillation(method, teacher, config, train, calib, calib_x, rank, world
             kept = f"{path} (block {saved['blocks']['block']} done) is kept"
         else:
             kept = "no checkpoint was written yet"
-        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower --{stage}_lr (now "
-                           f"{config[stage + '_lr']}) and --{stage}_latent_lr (now {config[stage + '_latent_lr']}), "
-                           "e.g. ten times lower, resumes from it") from None
+        lower = " and ".join(f"--{k} (now {config[k]})" for k in rates)
+        raise lcd.Diverged(f"{e}\n{method}: {kept}; the same command with a lower {lower}, e.g. ten times lower, "
+                           "resumes from it") from None
     except KeyboardInterrupt:
         if saved.get("state"):
             where = f"{method}'s distillation progress is saved in {path} (step {saved['state']['step']} of " \
